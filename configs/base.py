@@ -1,0 +1,60 @@
+"""Defaults shared by every training config; the other configs start from `get_config()`.
+
+Not a runnable experiment on its own terms, but it runs:
+  python -m experiments.train --config=configs/base.py --workdir=runs/base
+trains a one-hidden-layer MLP on the embedded digits.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"
+    c.data.data_dir = ""          # local raw files; empty: TFDS (or embedded for digits)
+    c.data.tfds_data_dir = ""     # where TFDS keeps prepared data; empty: TFDS's default
+    c.data.subset_fraction = 1.0  # stratified fraction of the training split
+    c.data.pad_to = 0             # zero-pad to this square size (0: off)
+    c.data.image_size = 0         # bilinear resize to this square size (0: native)
+    c.data.channels = 0           # 3 repeats a grayscale channel (0: as stored)
+    c.data.normalization = "scale"  # scale | standardize | imagenet
+    c.data.random_crop = 0        # random shifts of up to this many pixels while training
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlp"
+    c.model.hidden_sizes = (128,)
+    c.model.activation = "relu"
+    c.model.dropout = 0.0
+
+    c.loss = "cross_entropy"      # cross_entropy | mse (on softmax probabilities)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adam"     # sgd | adam | adamw
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.momentum = 0.9    # sgd only
+    c.optimizer.nesterov = False
+    c.optimizer.weight_decay = 0.0  # adamw only
+    c.optimizer.schedule = "constant"  # constant | cosine
+    c.optimizer.warmup_epochs = 0.0
+    c.optimizer.grad_clip_norm = 0.0
+    c.optimizer.backbone_lr_scale = 1.0  # < 1 trains a pretrained backbone slower than the head
+    c.optimizer.frozen = ()       # top-level module names not trained, e.g. ('conv1', 'layer1')
+
+    c.batch_size = 64
+    c.eval_batch_size = 500
+    c.num_epochs = 10
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 0  # 0: once per epoch
+    c.keep_checkpoints = 3
+    c.init_checkpoint = ""        # start from ported weights (experiments.port_weights output)
+
+    c.dtype = "float32"           # float32 | bfloat16 (compute; parameters stay float32)
+    c.impl = "auto"               # auto | cpu | xla: XLA:CPU fast paths (dlassign.models.layers)
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.num_devices = 0        # 0: all devices (one CPU host device per core on a CPU)
+    c.mesh.shard_params = False   # shard parameters and optimizer state over the mesh
+    c.num_cpu_devices = 0         # CPU host devices to create (0: one per core)
+    return c

@@ -1,0 +1,135 @@
+"""Orbax checkpoints that refuse to hand back garbage.
+
+Each checkpoint holds the train state and a JSON `meta` with the config it ran and a SHA-256
+fingerprint of the state's bytes. Restoring verifies the fingerprint and falls back to the
+previous checkpoint, with a warning, when the latest is damaged; a checkpoint written for another
+model or dataset geometry is refused with the fields that differ. Orbax writes each step into a
+temporary directory and renames it when complete, so a kill mid-write leaves the last finished
+checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from dlassign.errors import CheckpointError
+
+# Config fields that fix the shapes and meaning of the state; a checkpoint must match them all.
+IDENTITY_FIELDS = ("model", "data.name", "data.pad_to", "data.image_size", "data.channels",
+                   "optimizer.name", "optimizer.frozen", "optimizer.backbone_lr_scale", "dtype")
+
+
+def fingerprint(tree: Any) -> str:
+    """SHA-256 over every leaf's dtype, shape and bytes, in `jax.tree.leaves` order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _normalise(v):
+    return json.loads(json.dumps(v)) if v is not None else None
+
+
+def config_differences(saved: dict, current: dict, fields=IDENTITY_FIELDS) -> list[str]:
+    """'field: checkpoint has X, this run has Y' for each identity field that differs."""
+    s, c = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(s) | set(c) if any(k == f or k.startswith(f + ".")
+                                                   for f in fields))
+    return [f"{k}: checkpoint has {s.get(k)!r}, this run has {c.get(k)!r}"
+            for k in keys if _normalise(s.get(k)) != _normalise(c.get(k))]
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints of a run under `directory`."""
+
+    def __init__(self, directory: str, keep: int = 3):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        meta = dict(meta, step=int(step), state_sha256=fingerprint(state))
+        self._manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
+
+    def read_meta(self, step: int) -> dict:
+        return self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores and verifies one step; raises CheckpointError when it is damaged."""
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
+            raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        state, meta = out["state"], out["meta"]
+        if meta.get("state_sha256") != fingerprint(state):
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged: its "
+                                  "contents do not match the fingerprint written with it")
+        return state, meta
+
+    def restore_latest(self, abstract_state: Any, config: dict | None = None
+                       ) -> tuple[Any, dict] | None:
+        """The newest intact checkpoint, or None when there is none.
+
+        Args:
+          abstract_state: the state's structure, shapes, dtypes and shardings.
+          config: this run's config; a checkpoint whose identity fields differ is refused.
+
+        Raises:
+          CheckpointError: the checkpoints belong to another model or config, or none is intact.
+        """
+        steps = self.steps()
+        if not steps:
+            return None
+        if config is not None:
+            diffs = config_differences(self.read_meta(steps[-1]).get("config", {}), config)
+            if diffs:
+                raise CheckpointError(
+                    f"the checkpoints in {self.directory} were written for a different run; "
+                    f"{'; '.join(diffs)}. Use a new workdir, or the config that wrote them")
+        errors = []
+        for step in reversed(steps):
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except CheckpointError as e:
+                errors.append(str(e))
+                logging.warning("%s; falling back to an earlier checkpoint", e)
+                continue
+            if errors:
+                logging.warning("resuming from checkpoint %d, the newest intact one", step)
+            return state, meta
+        raise CheckpointError("no intact checkpoint in " + self.directory + ": " +
+                              " | ".join(errors))
+
+    def close(self) -> None:
+        self._manager.close()

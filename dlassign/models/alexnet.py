@@ -1,0 +1,37 @@
+"""AlexNet in torchvision's layout (the one-GPU variant of Krizhevsky's 'one weird trick')."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dlassign.models.layers import adaptive_avg_pool, conv, flatten_chw, max_pool
+
+# (features, kernel, stride, padding, pool after) for torchvision's features.0/3/6/8/10.
+_CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False),
+          (256, 3, 1, 1, False), (256, 3, 1, 1, True))
+
+MIN_IMAGE_SIZE = 63  # Smaller inputs leave nothing for the third 3x3/2 max pool.
+
+
+class AlexNet(nn.Module):
+    """Conv 11/4, 5, 3, 3, 3 with 3x3/2 max pools, adaptive 6x6 average pool, 3 dense layers."""
+
+    num_classes: int
+    dropout: float = 0.5
+    dtype: jnp.dtype | None = None
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x: [N, H, W, 3] with H, W >= 63 -> logits float32[N, num_classes]."""
+        for i, (f, k, s, p, pool) in enumerate(_CONVS):
+            x = nn.relu(conv(f, k, s, p, impl=self.impl, dtype=self.dtype, name=f"conv{i + 1}")(x))
+            if pool:
+                x = max_pool(x, 3, 2, impl=self.impl)
+        x = flatten_chw(adaptive_avg_pool(x, (6, 6)))
+        for name in ("fc1", "fc2"):
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = nn.relu(nn.Dense(4096, dtype=self.dtype, name=name)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)

@@ -1,0 +1,179 @@
+"""Building blocks with torch's semantics, and XLA:CPU fast paths that compute the same numbers.
+
+XLA:CPU has two slow spots that dominate small-image training on a laptop:
+
+* the gradient of `lax.reduce_window` max pooling (select-and-scatter). Non-overlapping windows
+  become a reshape and a `max` over two axes; overlapping ones (ResNet's 3x3/2) a `maximum` over
+  the k*k strided slices of the -inf-padded input.
+* convolutions on feature maps of a few pixels. They become im2col: pad, take the kh*kw shifted
+  (strided) slices, concatenate them along channels and do one matmul.
+
+Both are exact rewrites (the same sums and maxima, only the summation order of the matmul differs)
+and are checked against the plain operations, values and gradients, in float64 by the tests.
+`impl='auto'` uses them when JAX's default backend is the CPU; 'xla' and 'cpu' force a choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from dlassign.errors import one_of
+
+IMPLS = ("auto", "cpu", "xla")
+
+Padding = Sequence[tuple[int, int]]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+    "gelu": nn.gelu,
+    "elu": nn.elu,
+    "silu": nn.silu,
+    "leaky_relu": nn.leaky_relu,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise one_of("activation", name, ACTIVATIONS)
+    return ACTIVATIONS[name]
+
+
+def use_cpu_kernels(impl: str) -> bool:
+    """Whether the CPU rewrites apply; decided at trace time from JAX's default backend."""
+    if impl not in IMPLS:
+        raise one_of("impl", impl, IMPLS)
+    return impl == "cpu" or (impl == "auto" and jax.default_backend() == "cpu")
+
+
+def max_pool(
+    x: jax.Array, window: int, stride: int, padding: int = 0, impl: str = "auto"
+) -> jax.Array:
+    """torch.nn.MaxPool2d(window, stride, padding) on NHWC input (floor mode, -inf padding).
+
+    Args:
+      x: [N, H, W, C].
+      window, stride, padding: square, as in torch.
+      impl: 'auto', 'cpu' or 'xla' (see module docstring).
+    """
+    pads = ((padding, padding), (padding, padding))
+    if not use_cpu_kernels(impl):
+        return nn.max_pool(x, (window, window), (stride, stride), pads)
+    n, h, w, c = x.shape
+    if window == stride and padding == 0:
+        ho, wo = h // window, w // window
+        x = x[:, : ho * window, : wo * window]
+        return x.reshape(n, ho, window, wo, window, c).max(axis=(2, 4))
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    ho, wo = (x.shape[1] - window) // stride + 1, (x.shape[2] - window) // stride + 1
+    out = None
+    for a in range(window):
+        for b in range(window):
+            s = x[:, a: a + stride * (ho - 1) + 1: stride, b: b + stride * (wo - 1) + 1: stride]
+            out = s if out is None else jnp.maximum(out, s)
+    return out
+
+
+def _im2col_conv(lhs, rhs, window_strides, padding):
+    """NHWC x HWIO convolution as one matmul over the kh*kw shifted slices."""
+    kh, kw, ci, co = rhs.shape
+    x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    sh, sw = window_strides
+    ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    if kh == kw == 1:
+        patches = x[:, : sh * (ho - 1) + 1: sh, : sw * (wo - 1) + 1: sw]
+    else:
+        patches = jnp.concatenate(
+            [x[:, i: i + sh * (ho - 1) + 1: sh, j: j + sw * (wo - 1) + 1: sw]
+             for i in range(kh) for j in range(kw)], axis=-1)
+    out = jnp.dot(patches.reshape(-1, kh * kw * ci), rhs.reshape(kh * kw * ci, co))
+    return out.reshape(lhs.shape[0], ho, wo, co)
+
+
+_NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def cpu_conv_general_dilated(
+    lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+    dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+    preferred_element_type=None,
+):
+    """`lax.conv_general_dilated`'s signature; im2col for plain 2-D NHWC convolutions.
+
+    Anything im2col does not cover (dilation, groups, other layouts) goes to XLA unchanged.
+    """
+    plain = (
+        lhs.ndim == 4
+        and not isinstance(padding, str)
+        and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and feature_group_count == 1 and batch_group_count == 1
+        and dimension_numbers is not None
+        and tuple(map(tuple, dimension_numbers)) == _NHWC
+    )
+    if not plain:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type)
+    return _im2col_conv(lhs, rhs, window_strides, padding)
+
+
+def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, *, impl: str = "auto",
+         use_bias: bool = True, dtype=None, name: str | None = None) -> nn.Conv:
+    """A square `nn.Conv` with torch's explicit symmetric padding (never 'SAME' with stride 2)."""
+    kwargs = {"conv_general_dilated": cpu_conv_general_dilated} if use_cpu_kernels(impl) else {}
+    return nn.Conv(features, (kernel, kernel), (stride, stride),
+                   padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+                   dtype=dtype, name=name, **kwargs)
+
+
+def batch_norm(train: bool, dtype=None, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm with torch's defaults: running-average momentum 0.9 (torch's 0.1), eps 1e-5.
+
+    Flax updates the running variance with the biased batch variance; torch uses the unbiased
+    one. Evaluation is identical; the running variance drifts by a factor (m-1)/m while training.
+    """
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        use_fast_variance=False, dtype=dtype, name=name)
+
+
+def _adaptive_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """torch's AdaptiveAvgPool bins: output j averages [floor(j*I/O), ceil((j+1)*I/O))."""
+    m = np.zeros((size_out, size_in))
+    for j in range(size_out):
+        lo, hi = (j * size_in) // size_out, -(-((j + 1) * size_in) // size_out)
+        m[j, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
+    """torch.nn.AdaptiveAvgPool2d on NHWC input, at any input size (also upsampling 1x1 to 7x7).
+
+    Args:
+      x: [N, H, W, C].
+      output_size: (OH, OW).
+
+    Returns:
+      [N, OH, OW, C].
+    """
+    n, h, w, c = x.shape
+    oh, ow = output_size
+    if (h, w) == (oh, ow):
+        return x
+    if (oh, ow) == (1, 1):
+        return x.mean(axis=(1, 2), keepdims=True)
+    mh = jnp.asarray(_adaptive_matrix(h, oh), x.dtype)
+    mw = jnp.asarray(_adaptive_matrix(w, ow), x.dtype)
+    return jnp.einsum("oh,nhwc,pw->nopc", mh, x, mw)
+
+
+def flatten_chw(x: jax.Array) -> jax.Array:
+    """Flattens NHWC in torch's C, H, W order, so ported Linear weights apply unchanged."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)

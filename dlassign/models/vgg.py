@@ -1,0 +1,45 @@
+"""VGG in torchvision's layout, with or without BatchNorm."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dlassign.models.layers import adaptive_avg_pool, batch_norm, conv, flatten_chw, max_pool
+
+# torchvision's configuration 'D' (VGG-16): channels of each 3x3 conv, 'M' a 2x2/2 max pool.
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                512, 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """Convs named conv0..conv12 (bn0..bn12 with batch_norm), adaptive 7x7 pool, fc1, fc2, head."""
+
+    num_classes: int
+    layers: Sequence[int | str] = VGG16_LAYERS
+    batch_norm: bool = False
+    dropout: float = 0.5
+    dtype: jnp.dtype | None = None
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x: [N, H, W, 3] with H, W >= 32 -> logits float32[N, num_classes]."""
+        i = 0
+        for layer in self.layers:
+            if layer == "M":
+                x = max_pool(x, 2, 2, impl=self.impl)
+                continue
+            x = conv(layer, 3, 1, 1, impl=self.impl, dtype=self.dtype, name=f"conv{i}")(x)
+            if self.batch_norm:
+                x = batch_norm(train, self.dtype, name=f"bn{i}")(x)
+            x = nn.relu(x)
+            i += 1
+        x = flatten_chw(adaptive_avg_pool(x, (7, 7)))
+        for name in ("fc1", "fc2"):
+            x = nn.relu(nn.Dense(4096, dtype=self.dtype, name=name)(x))
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)

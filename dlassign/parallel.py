@@ -1,0 +1,124 @@
+"""Data parallelism with JAX's own sharding: a 1-D `Mesh` named 'data' over the devices.
+
+One code path for one device, several GPUs, TPU cores, or CPU host devices: the batch is sharded
+along its leading axis, parameters and optimizer state are replicated, or with `shard_params`
+split along their largest divisible axis (ZeRO-3/FSDP style, for models that do not fit one
+device). XLA inserts the collectives. Multi-host runs call `jax.distributed.initialize()` first
+(see README); each process then feeds its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dlassign.errors import ConfigError
+
+DATA = "data"
+
+
+def cpu_core_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_cpu_devices(num: int = 0) -> None:
+    """Asks JAX for `num` CPU host devices (0: one per core) before its backend starts.
+
+    XLA:CPU runs one device's program on one stream, so a single device leaves cores idle on
+    small models; data parallel over one host device per core uses them. Has no effect on GPU or
+    TPU runs (they use their accelerators), and none once JAX's backend is up.
+    """
+    num = num or cpu_core_count()
+    try:
+        jax.config.update("jax_num_cpu_devices", num)
+    except RuntimeError as e:  # the backend is already initialised
+        logging.warning("could not set %d CPU devices (%s); continuing with %d", num, e,
+                        jax.local_device_count())
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D mesh over the first `num_devices` devices (0: all of them)."""
+    devices = jax.devices()
+    if num_devices < 0 or num_devices > len(devices):
+        raise ConfigError(f"mesh.num_devices={num_devices} but {len(devices)} devices exist; "
+                          f"use 0 (all) or 1..{len(devices)}")
+    devices = devices[: num_devices or len(devices)]
+    return Mesh(np.asarray(devices), (DATA,))
+
+
+def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
+    """Shards axis `leading_axes` of every batch array (1 for vmapped folds [K, B, ...])."""
+    return NamedSharding(mesh, P(*([None] * leading_axes), DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_divisible(batch_size: int, mesh: Mesh, field: str) -> None:
+    n = mesh.devices.size
+    if batch_size % n:
+        raise ConfigError(f"{field}={batch_size} is not divisible by the {n} devices of the mesh; "
+                          f"use a multiple of {n} or set mesh.num_devices")
+
+
+def param_sharding(mesh: Mesh, shape: tuple[int, ...], shard: bool, min_size: int = 2**14
+                   ) -> NamedSharding:
+    """Replicated, or with `shard` split along the largest axis the mesh size divides."""
+    n = mesh.devices.size
+    if not shard or n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return replicated(mesh)
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % n == 0:
+            spec = [None] * len(shape)
+            spec[axis] = DATA
+            return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+
+def state_shardings(mesh: Mesh, abstract_state, shard_params: bool = False):
+    """A sharding for every leaf of a (possibly abstract) train state."""
+    return jax.tree.map(lambda x: param_sharding(mesh, tuple(x.shape), shard_params),
+                        abstract_state)
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, leading_axes: int = 0
+                 ) -> dict[str, jax.Array]:
+    """Puts one global batch on the mesh.
+
+    Single-process, `batch` is the whole global batch. Multi-process, every process passes the
+    same global batch and contributes the rows its devices hold.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+
+    def local(x):
+        per = x.shape[leading_axes] // jax.process_count()
+        start = jax.process_index() * per
+        sl = (slice(None),) * leading_axes + (slice(start, start + per),)
+        return jax.make_array_from_process_local_data(sharding, x[sl])
+
+    return jax.tree.map(local, batch)
+
+
+def to_host(tree):
+    """Fetches a pytree (replicated or sharded) to numpy on this host."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if isinstance(x, jax.Array)
+                        else x, tree)
+
+
+def tree_size(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+__all__ = ["DATA", "batch_sharding", "check_divisible", "configure_cpu_devices", "global_batch",
+           "make_mesh", "param_sharding", "replicated", "state_shardings", "to_host",
+           "tree_size"]

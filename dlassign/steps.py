@@ -1,0 +1,115 @@
+"""Pure train and eval steps: `(state, batch) -> (state, metrics)`, the same on CPU, GPU and TPU.
+
+`make_train_step` closes over the static parts (loss, normaliser, augmentation, dtype) and
+returns a pure function; `compile_steps` jit-compiles it with a donated state and explicit
+shardings. Batches hold uint8 images; scaling and augmentation happen inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dlassign.data.preprocess import Normalizer, random_crop
+from dlassign.losses import get_loss
+from dlassign.train_state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The static parts of a step.
+
+    Attributes:
+      loss: 'cross_entropy' or 'mse'.
+      normalizer: uint8 -> float mapping.
+      random_crop: largest random shift in pixels while training (0: none).
+      dtype: input dtype handed to the model (bfloat16 for mixed precision).
+    """
+
+    loss: str
+    normalizer: Normalizer
+    random_crop: int = 0
+    dtype: jnp.dtype = jnp.float32
+
+
+def _forward(state: TrainState, params, images, train: bool, rng=None):
+    variables = {"params": params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    if train and state.batch_stats:
+        logits, updates = state.apply_fn(variables, images, train=True,
+                                         rngs={"dropout": rng}, mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+    rngs = {"dropout": rng} if train else {}
+    return state.apply_fn(variables, images, train=train, rngs=rngs), state.batch_stats
+
+
+def make_train_step(cfg: StepConfig) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Builds `train_step(state, batch) -> (state, metrics)`.
+
+    batch: `image` uint8[B, H, W, C], `label` int32[B].
+    metrics: loss, accuracy, grad_norm (float32[]), finite (bool[]), and leaf_finite (bool[P], one
+    flag per parameter leaf in `jax.tree.leaves` order). A step whose loss or gradients are not
+    finite leaves the state unchanged, so a NaN never reaches a checkpoint; the host raises on it.
+    """
+    loss_fn = get_loss(cfg.loss)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        crop_rng, dropout_rng = jax.random.split(rng)
+        images = batch["image"]
+        if cfg.random_crop:
+            images = random_crop(crop_rng, images, cfg.random_crop)
+        images = cfg.normalizer(images, cfg.dtype)
+
+        def objective(params):
+            logits, batch_stats = _forward(state, params, images, True, dropout_rng)
+            return loss_fn(logits, batch["label"]).mean(), (logits, batch_stats)
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params)
+        leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+        # A non-finite step keeps the old values but still counts, so the host can name it.
+        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+        new = new.replace(params=keep(new.params, state.params),
+                          batch_stats=keep(new.batch_stats, state.batch_stats),
+                          opt_state=keep(new.opt_state, state.opt_state))
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+            "grad_norm": optax.global_norm(grads),
+            "finite": finite,
+            "leaf_finite": leaf_finite,
+        }
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(cfg: StepConfig) -> Callable[[TrainState, dict], dict]:
+    """Builds `eval_step(state, batch) -> metrics` (BatchNorm on running statistics, no dropout).
+
+    batch: `image` uint8[B, ...], `label` int32[B], `mask` bool[B] (False on padding rows).
+    metrics: loss_sum and count over the real rows, and `pred` int32[B] for every row.
+    """
+    loss_fn = get_loss(cfg.loss)
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        logits, _ = _forward(state, state.params, cfg.normalizer(batch["image"], cfg.dtype),
+                             False)
+        mask = batch["mask"]
+        return {
+            "loss_sum": jnp.sum(jnp.where(mask, loss_fn(logits, batch["label"]), 0.0)),
+            "count": jnp.sum(mask),
+            "pred": jnp.argmax(logits, -1).astype(jnp.int32),
+        }
+
+    return eval_step

@@ -1,0 +1,311 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, resumable and sharded.
+
+The loop is thin: batches are a pure function of (seed, step), the step is a pure jitted function,
+and the state lives in Orbax checkpoints under `workdir/checkpoints`. A run started in a workdir
+that holds checkpoints continues from the newest intact one and ends with the same parameters as a
+run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from dlassign import parallel
+from dlassign.checkpoint import Checkpointer
+from dlassign.config_validation import validate_train_config
+from dlassign.data import Dataset, Split, eval_batches, prepare, steps_per_epoch, train_batches
+from dlassign.errors import CheckpointError, NumericalError
+from dlassign.metrics import classification_metrics, prediction_collapse
+from dlassign.models import get_model
+from dlassign.optim import make_optimizer
+from dlassign.steps import StepConfig, make_eval_step, make_train_step
+from dlassign.train_state import TrainState, create_train_state
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+HEADS = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "resnet101": "fc", "lenet5": "fc3"}
+
+
+def head_name(model_name: str) -> str:
+    """Top-level module name of a model's classification head."""
+    return HEADS.get(model_name, "head")
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The model of `config.model` (its `name` plus the module's own fields)."""
+    kwargs = {k: v for k, v in config.model.items() if k != "name"}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return get_model(config.model.name, num_classes=num_classes,
+                     dtype=DTYPES[config.get("dtype", "float32")],
+                     impl=config.get("impl", "auto"), **kwargs)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything static about one training run."""
+
+    config: ml_collections.ConfigDict
+    dataset: Dataset
+    model: object
+    mesh: Mesh
+    step_config: StepConfig
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.config.batch_size, *self.dataset.image_shape)
+
+
+def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> Run:
+    """Validates the config, loads the data and builds the model and mesh; no compute yet."""
+    validate_train_config(config)
+    dataset = dataset or prepare(config.data, config.seed)
+    mesh = parallel.make_mesh(config.get("mesh", {}).get("num_devices", 0))
+    parallel.check_divisible(config.batch_size, mesh, "batch_size")
+    parallel.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
+    spe = steps_per_epoch(len(dataset.train), config.batch_size)
+    step_config = StepConfig(loss=config.loss, normalizer=dataset.normalizer,
+                             random_crop=config.data.get("random_crop", 0),
+                             dtype=DTYPES[config.get("dtype", "float32")])
+    return Run(config, dataset, build_model(config, dataset.num_classes), mesh, step_config, spe,
+               spe * config.num_epochs)
+
+
+def make_state(run: Run, variables: dict | None = None) -> TrainState:
+    """A fresh train state created directly with its shardings (no full copy on one device)."""
+    tx = make_optimizer(run.config.optimizer, run.total_steps, run.steps_per_epoch,
+                        head_name(run.config.model.name))
+    rng = jax.random.PRNGKey(run.config.seed)
+    make = lambda v: create_train_state(run.model, tx, rng, run.input_shape, v)
+    abstract = jax.eval_shape(make, variables)
+    shardings = parallel.state_shardings(run.mesh, abstract, run.config.mesh.get("shard_params",
+                                                                                False))
+    return jax.jit(make, out_shardings=shardings)(variables)
+
+
+def state_tree(state: TrainState) -> dict:
+    """The checkpointed part of a state, as a plain dict."""
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state, "rng": state.rng}
+
+
+def abstract_tree(state: TrainState) -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state_tree(state))
+
+
+def compile_steps(run: Run, state: TrainState):
+    """jit-compiled train and eval steps with a donated state and explicit shardings."""
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    train_step = jax.jit(make_train_step(run.step_config), donate_argnums=0,
+                         out_shardings=(state_sharding, parallel.replicated(run.mesh)))
+    eval_step = jax.jit(make_eval_step(run.step_config))
+    return train_step, eval_step
+
+
+def prefetch(batches: Iterable[dict], sharding, size: int = 2) -> Iterator[dict]:
+    """Puts batches on the devices `size` steps ahead, overlapping the copy with compute."""
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(parallel.global_batch(batch, sharding))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def predict(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size: int
+            ) -> tuple[np.ndarray, float]:
+    """Predictions for every example of `split` (padded, masked last batch) and the mean loss."""
+    preds, loss_sum, count = [], 0.0, 0
+    for batch in prefetch(eval_batches(split, batch_size), parallel.batch_sharding(mesh)):
+        out = parallel.to_host(eval_step(state, batch))
+        mask = np.asarray(jax.device_get(batch["mask"]))
+        preds.append(out["pred"][mask])
+        loss_sum += float(out["loss_sum"])
+        count += int(out["count"])
+    return np.concatenate(preds), loss_sum / max(count, 1)
+
+
+def evaluate(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size: int,
+             num_classes: int) -> dict:
+    """Accuracy, macro precision/recall/F1, loss, and a collapse check over a whole split."""
+    preds, loss = predict(state, split, eval_step, mesh, batch_size)
+    metrics = classification_metrics(split.labels, preds, num_classes)
+    metrics["loss"] = loss
+    metrics["collapse"] = prediction_collapse(preds, num_classes)
+    metrics["confusion_matrix"] = np.bincount(
+        split.labels.astype(np.int64) * num_classes + preds,
+        minlength=num_classes**2).reshape(num_classes, num_classes).tolist()
+    if metrics["collapse"]["collapsed"]:
+        c = metrics["collapse"]
+        logging.warning("PREDICTIONS COLLAPSED: %.1f%% of %d predictions fall in classes %s; "
+                        "the model is not separating the classes", 100 * c["share"], len(preds),
+                        c["top_classes"])
+    return metrics
+
+
+def _leaf_names(params) -> list[str]:
+    return ["/".join(map(str, k)) for k in traverse_util.flatten_dict(params)]
+
+
+def _check_finite(host_metrics: list[dict], first_step: int, params) -> None:
+    for i, m in enumerate(host_metrics):
+        if not bool(m["finite"]):
+            bad = [n for n, ok in zip(_leaf_names(params), m["leaf_finite"]) if not ok]
+            where = f"; non-finite gradients in {', '.join(bad[:5])}" if bad else ""
+            raise NumericalError(
+                f"training diverged at step {first_step + i + 1}: loss {float(m['loss'])}"
+                f"{where}. The state was not updated by that step; the last checkpoint is "
+                "intact. Lower optimizer.learning_rate or set optimizer.grad_clip_norm")
+
+
+def write_json(path: str, obj) -> None:
+    """Writes JSON atomically: a crash leaves the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_variables(path: str) -> dict:
+    """{"params", "batch_stats"} from a `port_weights` output or a training workdir."""
+    directory = os.path.join(path, "checkpoints") if os.path.isdir(
+        os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"init_checkpoint {path!r} is not a directory")
+    ckpt = Checkpointer(directory)
+    steps = ckpt.steps()
+    if not steps:
+        raise CheckpointError(f"init_checkpoint {path!r} holds no checkpoint")
+    import orbax.checkpoint as ocp
+
+    tree = ckpt._manager.restore(steps[-1], args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+    ckpt.close()
+    return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
+
+
+def _format_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def run_meta(run: Run, history: list, train_time: float) -> dict:
+    return {"config": run.config.to_dict(), "history": history, "train_time_s": train_time,
+            "dataset": run.dataset.name, "image_shape": list(run.dataset.image_shape)}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       dataset: Dataset | None = None) -> dict:
+    """Trains (resuming from `workdir` when it holds checkpoints), evaluates the test split.
+
+    Writes `workdir/results.json`: the config, test metrics (accuracy, precision_macro,
+    recall_macro, f1_macro as fractions), a collapse check, parameter count, training time and
+    the logged history.
+
+    Args:
+      config: a training config (see configs/).
+      workdir: where checkpoints and results go.
+      dataset: an already prepared dataset (tests and tuning pass one to skip loading).
+
+    Returns:
+      The results dict.
+    """
+    run = setup(config, dataset)
+    os.makedirs(workdir, exist_ok=True)
+    variables = None
+    if config.get("init_checkpoint"):
+        variables = load_variables(config.init_checkpoint)
+    state = make_state(run, variables)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.get("keep_checkpoints", 3))
+    history, train_time = [], 0.0
+    restored = ckpt.restore_latest(abstract_tree(state), config.to_dict())
+    if restored is not None:
+        tree, meta = restored
+        state = state.replace(**tree)
+        history, train_time = meta.get("history", []), meta.get("train_time_s", 0.0)
+        logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+    train_step, eval_step = compile_steps(run, state)
+    n_params = parallel.tree_size(state.params)
+    logging.info("%s: %d parameters, %d train / %d test examples, %d steps (%d per epoch), "
+                 "%d devices", config.model.name, n_params, len(run.dataset.train),
+                 len(run.dataset.test), run.total_steps, run.steps_per_epoch,
+                 run.mesh.devices.size)
+
+    start = int(state.step)
+    log_every = config.get("log_every_steps", 100) or run.steps_per_epoch
+    ckpt_every = config.get("checkpoint_every_steps", 0) or run.steps_per_epoch
+    pending, pending_start = [], start
+    interval_start, interval_step = time.perf_counter(), start
+    batches = prefetch(train_batches(run.dataset.train, config.batch_size, config.seed, start,
+                                     run.total_steps - start),
+                       parallel.batch_sharding(run.mesh))
+    step = start
+    try:
+        for step in range(start + 1, run.total_steps + 1):
+            state, metrics = train_step(state, next(batches))
+            pending.append(metrics)
+            is_ckpt = step % ckpt_every == 0 or step == run.total_steps
+            if step % log_every == 0 or is_ckpt:
+                host = jax.device_get(pending)
+                _check_finite(host, pending_start, state.params)
+                now = time.perf_counter()
+                rate = (step - interval_step) / max(now - interval_start, 1e-9)
+                train_time += now - interval_start
+                entry = {"step": step, "epoch": step / run.steps_per_epoch,
+                         "loss": float(np.mean([m["loss"] for m in host])),
+                         "accuracy": float(np.mean([m["accuracy"] for m in host])),
+                         "grad_norm": float(np.mean([m["grad_norm"] for m in host]))}
+                history.append(entry)
+                logging.info("step %d/%d epoch %.2f loss %.4f acc %.4f %.0f ex/s ETA %s", step,
+                             run.total_steps, entry["epoch"], entry["loss"], entry["accuracy"],
+                             rate * config.batch_size,
+                             _format_eta((run.total_steps - step) / max(rate, 1e-9)))
+                pending, pending_start = [], step
+                if is_ckpt:
+                    ckpt.save(step, state_tree(state), run_meta(run, history, train_time))
+                interval_start, interval_step = time.perf_counter(), step
+    except KeyboardInterrupt:
+        # Keep the finished steps: checkpoint the last good state before leaving.
+        host = jax.device_get(pending)
+        _check_finite(host, pending_start, state.params)
+        if int(state.step) > (ckpt.steps() or [0])[-1]:
+            ckpt.save(int(state.step), state_tree(state), run_meta(run, history, train_time))
+            logging.warning("interrupted: saved step %d; rerun the same command to resume",
+                            int(state.step))
+        ckpt.close()
+        raise
+
+    test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
+                    run.dataset.num_classes)
+    ckpt.close()
+    logging.info("test accuracy %.4f, macro F1 %.4f", test["accuracy"], test["f1_macro"])
+    results = {
+        "config": config.to_dict(),
+        "model": config.model.name,
+        "dataset": run.dataset.name,
+        "num_params": n_params,
+        "num_devices": int(run.mesh.devices.size),
+        "steps": int(state.step),
+        "train_time_s": train_time,
+        "test": test,
+        "prediction_collapse": test["collapse"],
+        "history": history,
+    }
+    write_json(os.path.join(workdir, "results.json"), results)
+    return results

@@ -1,0 +1,1 @@
+"""absl entry points; each `python -m experiments.<name> --helpfull` lists its flags."""
