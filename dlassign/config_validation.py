@@ -13,7 +13,7 @@ from dlassign.data.preprocess import NORMALIZATIONS
 from dlassign.data.sources import DATASETS, dataset_info
 from dlassign.errors import ConfigError, one_of
 from dlassign.losses import LOSSES
-from dlassign.models import MIN_IMAGE_SIZE, MODELS, model_class
+from dlassign.models import MODELS, min_image_size, model_class
 from dlassign.models.layers import ACTIVATIONS, IMPLS
 from dlassign.optim import OPTIMIZERS, SCHEDULES
 
@@ -122,8 +122,24 @@ def validate_data(data_cfg) -> None:
     check_data_dir(data_cfg.name, data_cfg.get("data_dir", ""))
 
 
-def validate_train_config(config) -> None:
-    """Raises ConfigError on the first field that cannot work."""
+def check_image_size(model_cfg, size: int) -> None:
+    need = min_image_size(model_cfg.name, model_cfg.get("padding", "valid"))
+    if size < need:
+        raise ConfigError(f"image size {size} is too small for model {model_cfg.name!r}, "
+                          f"which needs at least {need}x{need}; set data.image_size>={need}")
+    if model_cfg.name == "lenet5" and size != 32:
+        raise ConfigError(f"model 'lenet5' takes 32x32 inputs; the data gives {size}x{size} "
+                          "(set data.pad_to=32 for MNIST or data.image_size=32)")
+
+
+def validate_train_config(config, image_size: int | None = None) -> None:
+    """Raises ConfigError on the first field that cannot work.
+
+    Args:
+      config: a training config.
+      image_size: the side length of already prepared images; by default derived from the
+        config's dataset and geometry fields.
+    """
     _required(config, "seed", "model.name", "data.name", "loss", "optimizer.name",
               "optimizer.learning_rate", "batch_size", "eval_batch_size", "num_epochs")
     _number("seed", config.seed, low=0, integer=True)
@@ -147,14 +163,7 @@ def validate_train_config(config) -> None:
     _choice("impl", config.get("impl", "auto"), IMPLS)
     _number("mesh.num_devices", config.get("mesh", {}).get("num_devices", 0), low=0,
             integer=True)
-    size = final_image_size(config.data)
-    need = MIN_IMAGE_SIZE.get(config.model.name, 1)
-    if size < need:
-        raise ConfigError(f"image size {size} is too small for model {config.model.name!r}, "
-                          f"which needs at least {need}x{need}; set data.image_size>={need}")
-    if config.model.name == "lenet5" and size != 32:
-        raise ConfigError(f"model 'lenet5' takes 32x32 inputs; the data gives {size}x{size} "
-                          "(set data.pad_to=32 for MNIST or data.image_size=32)")
+    check_image_size(config.model, image_size or final_image_size(config.data))
     if config.get("init_checkpoint") and not os.path.isdir(config.init_checkpoint):
         raise ConfigError(f"init_checkpoint={config.init_checkpoint!r} is not a directory; "
                           "expected the output of experiments.port_weights or a training workdir")

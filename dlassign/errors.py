@@ -6,7 +6,7 @@ class DlassignError(Exception):
 
 
 class ConfigError(DlassignError, ValueError):
-    """A config field holds a value that cannot work; the message names field, value and valid set."""
+    """A config field holds a value that cannot work; the message names field, value, valid set."""
 
 
 class DataError(DlassignError):

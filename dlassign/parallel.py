@@ -9,6 +9,7 @@ device). XLA inserts the collectives. Multi-host runs call `jax.distributed.init
 
 from __future__ import annotations
 
+import collections
 import os
 
 import jax
@@ -115,10 +116,30 @@ def to_host(tree):
                         else x, tree)
 
 
+class DispatchLimiter:
+    """Keeps at most `depth` dispatched computations in flight.
+
+    XLA:CPU with several host devices can deadlock when many programs that contain collectives
+    are queued at once (an all-reduce waits for a peer that never gets a thread; seen with
+    jaxlib 0.10 on 2 cores). Blocking on the output of the step `depth` steps back keeps the
+    pipeline full without an unbounded queue; on GPUs and TPUs it costs nothing measurable.
+    """
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        self._queue = collections.deque()
+
+    def __call__(self, token) -> None:
+        """Registers the output of a just-dispatched computation."""
+        self._queue.append(token)
+        if len(self._queue) > self.depth:
+            jax.block_until_ready(self._queue.popleft())
+
+
 def tree_size(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-__all__ = ["DATA", "batch_sharding", "check_divisible", "configure_cpu_devices", "global_batch",
-           "make_mesh", "param_sharding", "replicated", "state_shardings", "to_host",
-           "tree_size"]
+__all__ = ["DATA", "DispatchLimiter", "batch_sharding", "check_divisible", "configure_cpu_devices",
+           "global_batch", "make_mesh", "param_sharding", "replicated", "state_shardings",
+           "to_host", "tree_size"]

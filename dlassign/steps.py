@@ -85,7 +85,7 @@ def make_train_step(cfg: StepConfig) -> Callable[[TrainState, dict], tuple[Train
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "finite": finite,
             "leaf_finite": leaf_finite,
         }

@@ -71,7 +71,7 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> Run:
     """Validates the config, loads the data and builds the model and mesh; no compute yet."""
-    validate_train_config(config)
+    validate_train_config(config, dataset.image_shape[0] if dataset else None)
     dataset = dataset or prepare(config.data, config.seed)
     mesh = parallel.make_mesh(config.get("mesh", {}).get("num_devices", 0))
     parallel.check_divisible(config.batch_size, mesh, "batch_size")
@@ -84,11 +84,14 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
                spe * config.num_epochs)
 
 
+def make_tx(run: Run):
+    return make_optimizer(run.config.optimizer, run.total_steps, run.steps_per_epoch,
+                          head_name(run.config.model.name))
+
+
 def make_state(run: Run, variables: dict | None = None) -> TrainState:
     """A fresh train state created directly with its shardings (no full copy on one device)."""
-    tx = make_optimizer(run.config.optimizer, run.total_steps, run.steps_per_epoch,
-                        head_name(run.config.model.name))
-    rng = jax.random.PRNGKey(run.config.seed)
+    tx, rng = make_tx(run), jax.random.PRNGKey(run.config.seed)
     make = lambda v: create_train_state(run.model, tx, rng, run.input_shape, v)
     abstract = jax.eval_shape(make, variables)
     shardings = parallel.state_shardings(run.mesh, abstract, run.config.mesh.get("shard_params",
@@ -255,10 +258,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batches = prefetch(train_batches(run.dataset.train, config.batch_size, config.seed, start,
                                      run.total_steps - start),
                        parallel.batch_sharding(run.mesh))
-    step = start
+    limiter = parallel.DispatchLimiter()
     try:
         for step in range(start + 1, run.total_steps + 1):
             state, metrics = train_step(state, next(batches))
+            limiter(metrics["loss"])
             pending.append(metrics)
             is_ckpt = step % ckpt_every == 0 or step == run.total_steps
             if step % log_every == 0 or is_ckpt:

@@ -26,7 +26,7 @@ class _QuietLibraries(logging.logging.Filter):
 
 
 def clean_errors(main):
-    """Reports a DlassignError (bad config, missing data, damaged checkpoint) as one line, exit 2."""
+    """Reports a DlassignError (bad config, missing data, bad checkpoint) as one line, exit 2."""
 
     @functools.wraps(main)
     def wrapped(argv):

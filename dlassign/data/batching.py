@@ -27,7 +27,7 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def train_batch(split: Split, batch_size: int, seed: int, step: int) -> dict[str, np.ndarray]:
-    """The training batch for global `step` (0-based): `image` uint8[B, H, W, C], `label` int32[B]."""
+    """The training batch of `step` (0-based): `image` uint8[B, H, W, C], `label` int32[B]."""
     spe = steps_per_epoch(len(split), batch_size)
     epoch, i = divmod(step, spe)
     idx = epoch_permutation(len(split), seed, epoch)[i * batch_size:(i + 1) * batch_size]

@@ -20,7 +20,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("scale", "standardize", "imagenet")
 
 
-def transform_geometry(split: Split, pad_to: int = 0, image_size: int = 0, channels: int = 0) -> Split:
+def transform_geometry(split: Split, pad_to: int = 0, image_size: int = 0,
+                       channels: int = 0) -> Split:
     """Pads, resizes and repeats channels, in that order; 0 leaves a step out.
 
     Args:

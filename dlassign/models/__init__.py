@@ -33,6 +33,13 @@ MODELS = {
 MIN_IMAGE_SIZE = {"alexnet": 63, "lenet5": 32, "vgg16": 32, "vgg16_bn": 32, "cnn": 10}
 
 
+def min_image_size(name: str, padding: str = "valid") -> int:
+    """Smallest square input of a model; the CNN with 'same' padding only needs its two pools."""
+    if name == "cnn" and padding == "same":
+        return 4
+    return MIN_IMAGE_SIZE.get(name, 1)
+
+
 def model_class(name: str) -> type[nn.Module]:
     if name not in MODELS:
         raise one_of("model", name, MODELS)
@@ -60,5 +67,5 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MODELS", "MIN_IMAGE_SIZE", "AlexNet", "CNN", "DeepLinear", "LeNet5",
+__all__ = ["MODELS", "MIN_IMAGE_SIZE", "min_image_size", "AlexNet", "CNN", "DeepLinear", "LeNet5",
            "LogisticRegression", "MLP", "ResNet", "VGG", "get_model", "model_class"]

@@ -1,0 +1,36 @@
+"""Evaluates a checkpoint of a training workdir on the test split.
+
+  python -m experiments.evaluate --workdir=runs/mnist_cnn [--step=N] [--data_dir=PATH]
+
+Prints the metrics as JSON and writes eval.json, eval_per_class.md and confusion_matrix.png.
+"""
+
+import json
+
+from absl import app, flags
+
+from experiments.common import clean_errors, prepare_platform
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
+flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest intact one.")
+flags.DEFINE_string("data_dir", None, "Where the dataset's raw files are now, if they moved.")
+flags.mark_flag_as_required("workdir")
+
+
+@clean_errors
+def main(argv):
+    del argv
+    prepare_platform()
+    from dlassign.evaluation import evaluate_checkpoint
+
+    overrides = {"data.data_dir": FLAGS.data_dir} if FLAGS.data_dir else None
+    result = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, overrides)
+    test = {k: result["test"][k] for k in ("accuracy", "precision_macro", "recall_macro",
+                                           "f1_macro", "loss", "num_examples")}
+    print(json.dumps({"step": result["step"], "test": test,
+                      "collapse": result["test"]["collapse"]}, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,127 @@
+"""Model registry, parameter counts, and the CPU fast paths against the plain XLA operations."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlassign.errors import ConfigError
+from dlassign.models import get_model
+from dlassign.models.layers import adaptive_avg_pool, conv, max_pool
+
+
+def n_params(model, shape):
+    v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v["params"]))
+
+
+@pytest.mark.parametrize("name,kwargs,shape,count", [
+    ("mlp", {"hidden_sizes": (128,)}, (1, 28, 28, 1), 784 * 128 + 128 + 128 * 10 + 10),
+    ("mlp", {"hidden_sizes": (1024, 1024)}, (1, 28, 28, 1), 1_863_690),
+    # conv 3x3x1x32 + 3x3x32x64 + dense 5*5*64 -> 128 -> 10 ('valid': 28-26-13-11-5).
+    ("cnn", {}, (1, 28, 28, 1), 320 + 18_496 + 1600 * 128 + 128 + 1290),
+    ("lenet5", {}, (1, 32, 32, 3), 62_006),
+    # torchvision's counts with a 10-class head: resnet18 11,689,512 - 513,000 + 5,130.
+    ("resnet18", {}, (1, 32, 32, 3), 11_181_642),
+    ("resnet50", {}, (1, 32, 32, 3), 23_528_522),
+    ("resnet101", {}, (1, 32, 32, 3), 42_520_650),
+    ("alexnet", {}, (1, 63, 63, 3), 57_044_810),
+    ("vgg16", {}, (1, 32, 32, 3), 134_301_514),
+    ("vgg16_bn", {}, (1, 32, 32, 3), 134_309_962),
+])
+def test_parameter_counts(name, kwargs, shape, count):
+    assert n_params(get_model(name, num_classes=10, **kwargs), shape) == count
+
+
+def test_registry_errors_list_valid_names():
+    with pytest.raises(ConfigError, match="unknown model 'resnet19'; expected one of alexnet, "
+                                          "cnn, lenet5, mlp, resnet101"):
+        get_model("resnet19", num_classes=10)
+    with pytest.raises(ConfigError, match="has no field 'widths'"):
+        get_model("mlp", num_classes=10, widths=(3,))
+    with pytest.raises(ConfigError, match="unknown activation 'relu6'"):
+        get_model("mlp", num_classes=3, activation="relu6").init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 4)))
+
+
+def test_mlp_activations_and_dropout():
+    x = jnp.ones((4, 6, 6, 1))
+    for act in ("relu", "tanh", "sigmoid", "gelu"):
+        m = get_model("mlp", num_classes=3, hidden_sizes=(8, 8), activation=act, dropout=0.5)
+        v = m.init(jax.random.PRNGKey(0), x)
+        a = m.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+        b = m.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+        assert a.shape == (4, 3) and not np.allclose(a, b)  # dropout is on while training
+        np.testing.assert_array_equal(m.apply(v, x), m.apply(v, x))  # and off at evaluation
+
+
+# ---------------------------------------------------------------- CPU fast paths, float64
+
+
+def _check_equal(f_fast, f_ref, x, atol=1e-12):
+    np.testing.assert_allclose(f_fast(x), f_ref(x), rtol=0, atol=atol)
+    w = jax.random.normal(jax.random.PRNGKey(9), f_ref(x).shape, x.dtype)
+    g_fast = jax.grad(lambda x: jnp.sum(w * f_fast(x)))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(w * f_ref(x)))(x)
+    np.testing.assert_allclose(g_fast, g_ref, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("window,stride,padding,size", [
+    (2, 2, 0, 8), (2, 2, 0, 13), (3, 2, 1, 16), (3, 2, 1, 7), (3, 2, 0, 15), (3, 3, 0, 9),
+])
+def test_max_pool_fast_path_equals_reduce_window(window, stride, padding, size):
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size + 1, 3), jnp.float64)
+        _check_equal(lambda x: max_pool(x, window, stride, padding, impl="cpu"),
+                     lambda x: max_pool(x, window, stride, padding, impl="xla"), x)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size,cin,cout", [
+    (3, 1, 1, 4, 8, 16), (3, 1, 0, 13, 3, 5), (7, 2, 3, 32, 3, 8), (1, 2, 0, 8, 4, 6),
+    (5, 1, 0, 14, 6, 16), (11, 4, 2, 63, 3, 4), (3, 2, 1, 2, 4, 4),
+])
+def test_conv_fast_path_equals_xla(kernel, stride, padding, size, cin, cout):
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, cin), jnp.float64)
+        fast = conv(cout, kernel, stride, padding, impl="cpu")
+        ref = conv(cout, kernel, stride, padding, impl="xla")
+        v = ref.init(jax.random.PRNGKey(1), x)
+        v = jax.tree.map(lambda a: a.astype(jnp.float64), v)
+        _check_equal(lambda x: fast.apply(v, x), lambda x: ref.apply(v, x), x, atol=1e-11)
+        gw_fast = jax.grad(lambda v: jnp.sum(fast.apply(v, x) ** 2))(v)
+        gw_ref = jax.grad(lambda v: jnp.sum(ref.apply(v, x) ** 2))(v)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-10),
+                     gw_fast, gw_ref)
+
+
+def test_whole_models_agree_across_impls():
+    with jax.enable_x64(True):
+        for name, shape, kw in (("cnn", (2, 28, 28, 1), {}),
+                                ("resnet50", (2, 32, 32, 3), {"stage_sizes": (1, 1, 1, 1)})):
+            x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
+            fast = get_model(name, 10, impl="cpu", **kw)
+            ref = get_model(name, 10, impl="xla", **kw)
+            v = jax.tree.map(lambda a: a.astype(jnp.float64),
+                             ref.init(jax.random.PRNGKey(1), x.astype(jnp.float32)))
+            np.testing.assert_allclose(fast.apply(v, x), ref.apply(v, x), rtol=1e-10,
+                                       atol=1e-10)
+
+
+@pytest.mark.parametrize("size_in,size_out", [(13, 6), (1, 7), (32, 7), (6, 6), (5, 3)])
+def test_adaptive_avg_pool_matches_torch_bins(size_in, size_out):
+    x = np.random.default_rng(0).normal(size=(1, size_in, size_in, 2))
+    with jax.enable_x64(True):
+        out = np.asarray(adaptive_avg_pool(jnp.asarray(x), (size_out, size_out)))
+    for i in range(size_out):
+        for j in range(size_out):
+            h0, h1 = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
+            w0, w1 = (j * size_in) // size_out, -(-((j + 1) * size_in) // size_out)
+            np.testing.assert_allclose(out[0, i, j], x[0, h0:h1, w0:w1].mean((0, 1)), rtol=1e-12)
+
+
+def test_conv_uses_explicit_symmetric_padding():
+    m = conv(4, 7, 2, 3, impl="xla")
+    v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    assert isinstance(m, nn.Conv) and m.padding == ((3, 3), (3, 3))
+    assert m.apply(v, jnp.zeros((1, 32, 32, 3))).shape == (1, 16, 16, 4)

@@ -1,0 +1,142 @@
+"""Training, checkpoints, resume, evaluation and k-fold tuning on small synthetic or real data."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dlassign.checkpoint import Checkpointer
+from dlassign.data import stratified_kfold
+from dlassign.errors import NumericalError
+from dlassign.evaluation import evaluate_checkpoint
+from dlassign.train import abstract_tree, make_state, setup, state_tree, train_and_evaluate
+from dlassign.tune import cross_validate, tune
+from tests.helpers import synthetic_dataset, tiny_config
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_mlp_learns_synthetic_task(tmp_path):
+    results = train_and_evaluate(tiny_config(), str(tmp_path), synthetic_dataset())
+    assert results["test"]["accuracy"] >= 0.95
+    assert results["num_devices"] == 8
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+        assert 0.0 <= on_disk["test"][key] <= 1.0
+    assert on_disk["config"]["model"]["hidden_sizes"] == [32]
+    assert on_disk["prediction_collapse"]["collapsed"] is False
+
+
+def test_cnn_learns_synthetic_task(tmp_path):
+    config = tiny_config({"num_epochs": 4})
+    config.model = {"name": "cnn", "conv_features": (4, 8), "dense_width": 16, "padding": "same"}
+    results = train_and_evaluate(config, str(tmp_path), synthetic_dataset(size=12))
+    assert results["test"]["accuracy"] >= 0.95
+
+
+def test_checkpoint_restores_identical_state(tmp_path):
+    run = setup(tiny_config(), synthetic_dataset())
+    state = make_state(run)
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(0, state_tree(state), {"config": run.config.to_dict()})
+    restored, meta = ckpt.restore(0, abstract_tree(state))
+    for a, b in zip(leaves(state_tree(state)), leaves(restored)):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    assert meta["step"] == 0 and len(meta["state_sha256"]) == 64
+
+
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
+    data = synthetic_dataset()
+    full = tmp_path / "full"
+    train_and_evaluate(tiny_config(), str(full), data)
+
+    # Interrupt the second run after 10 steps (KeyboardInterrupt checkpoints the last state).
+    import dlassign.train as train_module
+
+    real_compile = train_module.compile_steps
+
+    def interrupting_compile(run, state):
+        train_step, eval_step = real_compile(run, state)
+        calls = {"n": 0}
+
+        def step(state, batch):
+            calls["n"] += 1
+            if calls["n"] > 10:
+                raise KeyboardInterrupt
+            return train_step(state, batch)
+
+        return step, eval_step
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(train_module, "compile_steps", interrupting_compile)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(tiny_config(), str(resumed), data)
+    assert Checkpointer(str(resumed / "checkpoints")).steps()[-1] == 10
+    monkeypatch.setattr(train_module, "compile_steps", real_compile)
+    result = train_and_evaluate(tiny_config(), str(resumed), data)
+
+    run = setup(tiny_config(), data)
+    abstract = abstract_tree(make_state(run))
+    final_steps = Checkpointer(str(full / "checkpoints")).steps()[-1]
+    a, _ = Checkpointer(str(full / "checkpoints")).restore(final_steps, abstract)
+    b, _ = Checkpointer(str(resumed / "checkpoints")).restore(final_steps, abstract)
+    for x, y in zip(leaves(a), leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    full_result = json.loads((full / "results.json").read_text())
+    assert result["test"]["accuracy"] == full_result["test"]["accuracy"]
+
+
+def test_non_finite_loss_stops_with_step(tmp_path):
+    config = tiny_config({"optimizer.learning_rate": 1e30, "optimizer.name": "sgd"})
+    with pytest.raises(NumericalError, match=r"diverged at step \d+"):
+        train_and_evaluate(config, str(tmp_path), synthetic_dataset())
+    # Every checkpoint written before the error is finite.
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    run = setup(config, synthetic_dataset())
+    for step in ckpt.steps():
+        tree, _ = ckpt.restore(step, abstract_tree(make_state(run)))
+        assert all(np.all(np.isfinite(x)) for x in leaves(tree["params"]))
+
+
+def test_evaluate_checkpoint_reproduces_training_metrics(tmp_path):
+    config = tiny_config()
+    results = train_and_evaluate(config, str(tmp_path))  # embedded digits, loaded for real
+    out = evaluate_checkpoint(str(tmp_path))
+    assert out["test"]["accuracy"] == results["test"]["accuracy"]
+    assert out["test"]["num_examples"] == 450  # every test image, none dropped
+    for name in ("eval.json", "eval_per_class.md", "confusion_matrix.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+
+
+def test_vmapped_folds_match_sequential_folds():
+    data = synthetic_dataset(n_train=240)
+    folds = stratified_kfold(data.train.labels, 3, seed=0)
+    config = tiny_config({"num_epochs": 2})
+    vmapped = cross_validate(config, data, folds)
+    sequential = cross_validate(config, data, folds, sequential=True)
+    np.testing.assert_allclose(vmapped["fold_accuracies"], sequential["fold_accuracies"],
+                               atol=1.0 / 80 + 1e-9)
+    assert vmapped["mean"] > 0.9
+
+
+def test_tune_writes_table_heatmap_and_best_test_metrics(tmp_path):
+    config = tiny_config({"num_epochs": 2, "log_every_steps": 0})
+    with config.unlocked():
+        config.tune = {"num_folds": 2, "sequential": False,
+                       "grid": {"model": {"activation": ["relu", "tanh"]}}}
+    results = tune(config, str(tmp_path))
+    assert len(results["cells"]) == 2
+    for cell in results["cells"]:
+        assert len(cell["fold_accuracies"]) == 2
+        assert cell["mean"] == pytest.approx(np.mean(cell["fold_accuracies"]))
+        assert cell["std"] == pytest.approx(np.std(cell["fold_accuracies"]))
+    best = max(results["cells"], key=lambda c: c["mean"])
+    assert results["best"]["params"] == best["params"]
+    assert 0.5 < results["test"]["accuracy"] <= 1.0 and results["test"]["num_examples"] == 450
+    assert "**(best)**" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "heatmap.png").stat().st_size > 1000
