@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import adaptive_avg_pool, conv, flatten_chw, max_pool
+from dlassign.models.layers import adaptive_avg_pool, conv, flatten_chw, logits, max_pool
 
 # (features, kernel, stride, padding, pool after) for torchvision's features.0/3/6/8/10.
 _CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False),
@@ -34,4 +34,4 @@ class AlexNet(nn.Module):
         for name in ("fc1", "fc2"):
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
             x = nn.relu(nn.Dense(4096, dtype=self.dtype, name=name)(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import activation, conv, max_pool
+from dlassign.models.layers import activation, conv, logits, max_pool
 
 
 class CNN(nn.Module):
@@ -51,4 +51,4 @@ class CNN(nn.Module):
                                                  name="dense")(x))
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))

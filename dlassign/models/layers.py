@@ -177,3 +177,8 @@ def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
 def flatten_chw(x: jax.Array) -> jax.Array:
     """Flattens NHWC in torch's C, H, W order, so ported Linear weights apply unchanged."""
     return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+def logits(x: jax.Array) -> jax.Array:
+    """Output logits in float32 at least: bfloat16 compute returns float32, float64 stays."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import conv, flatten_chw, max_pool
+from dlassign.models.layers import conv, flatten_chw, logits, max_pool
 
 
 class LeNet5(nn.Module):
@@ -29,4 +29,4 @@ class LeNet5(nn.Module):
         x = flatten_chw(x)
         x = nn.relu(nn.Dense(120, dtype=self.dtype, name="fc1")(x))
         x = nn.relu(nn.Dense(84, dtype=self.dtype, name="fc2")(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc3")(x).astype(jnp.float32)
+        return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc3")(x))

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import activation
+from dlassign.models.layers import activation, logits
 
 
 class MLP(nn.Module):
@@ -38,4 +38,4 @@ class MLP(nn.Module):
             x = act(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(x))
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import batch_norm, conv, max_pool
+from dlassign.models.layers import batch_norm, conv, logits, max_pool
 
 # blocks per stage, and whether the blocks are bottlenecks (expansion 4).
 RESNET_LAYOUTS: dict[int, tuple[tuple[int, int, int, int], bool]] = {
@@ -70,4 +70,4 @@ class ResNet(nn.Module):
                 x = Block(64 * 2**s, 2 if (s > 0 and b == 0) else 1, bottleneck, self.dtype,
                           self.impl, name=f"layer{s + 1}_{b}")(x, train)
         x = x.mean(axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
+        return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x))

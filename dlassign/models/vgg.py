@@ -8,7 +8,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import adaptive_avg_pool, batch_norm, conv, flatten_chw, max_pool
+from dlassign.models.layers import (
+    adaptive_avg_pool,
+    batch_norm,
+    conv,
+    flatten_chw,
+    logits,
+    max_pool,
+)
 
 # torchvision's configuration 'D' (VGG-16): channels of each 3x3 conv, 'M' a 2x2/2 max pool.
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
@@ -42,4 +49,4 @@ class VGG(nn.Module):
         for name in ("fc1", "fc2"):
             x = nn.relu(nn.Dense(4096, dtype=self.dtype, name=name)(x))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))

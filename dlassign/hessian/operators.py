@@ -1,0 +1,104 @@
+"""Hessian-vector products on flattened parameters, and the exact Hessian for small models.
+
+The Hessian is never materialised for real models: `hvp` is forward-over-reverse (`jax.jvp` of
+`jax.grad`), which costs a small constant times one gradient. Parameters are flattened with
+`ravel_pytree`, so every operator here maps float[P] -> float[P].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from dlassign.data.preprocess import Normalizer
+from dlassign.losses import get_loss
+
+MatVec = Callable[[jax.Array], jax.Array]
+
+
+def flatten_loss(loss_fn: Callable, params) -> tuple[Callable, jax.Array, Callable]:
+    """Turns `loss_fn(params) -> scalar` into a function of a flat vector.
+
+    Returns:
+      (flat_loss, x0, unravel): flat_loss(x) = loss_fn(unravel(x)), x0 = ravel(params).
+    """
+    x0, unravel = ravel_pytree(params)
+    return lambda x: loss_fn(unravel(x)), x0, unravel
+
+
+def hvp(f: Callable[[jax.Array], jax.Array], x: jax.Array, v: jax.Array) -> jax.Array:
+    """H(x) v for a scalar function of a flat vector, forward-over-reverse."""
+    return jax.jvp(jax.grad(f), (x,), (v,))[1]
+
+
+def exact_hessian(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """The dense Hessian float[P, P] (small models only: P^2 memory)."""
+    return jax.hessian(f)(x)
+
+
+def model_batch_loss(model, variables: dict, loss: str, normalizer: Normalizer | None = None,
+                     binary: bool = False) -> Callable:
+    """`(params, batch) -> (sum of per-example losses over real rows, row count)`.
+
+    Evaluation mode throughout: BatchNorm uses its running statistics (held fixed in
+    `variables`) and dropout is off, so the loss is a deterministic function of the parameters.
+
+    Args:
+      model: a Flax module taking (x, train).
+      variables: the model's variables; only "batch_stats" is used (params are the argument).
+      loss: 'cross_entropy' or 'mse'.
+      normalizer: maps uint8 images to floats; None when batches already hold floats.
+      binary: scalar-logit models (logistic regression, deep linear networks).
+    """
+    loss_fn = get_loss(loss, binary=binary)
+    fixed = {k: v for k, v in variables.items() if k != "params"}
+
+    def batch_loss(params, batch):
+        x = batch["image"]
+        x = normalizer(x, jnp.result_type(*jax.tree.leaves(params))) if normalizer else x
+        logits = model.apply({"params": params, **fixed}, x, train=False)
+        per_example = loss_fn(logits, batch["label"])
+        mask = batch.get("mask")
+        if mask is None:
+            return per_example.sum(), per_example.shape[0]
+        return jnp.where(mask, per_example, 0.0).sum(), mask.sum()
+
+    return batch_loss
+
+
+def dataset_hvp(batch_loss: Callable, params, batches: Iterable[dict],
+                on_dispatch: Callable | None = None) -> tuple[MatVec, jax.Array, Callable]:
+    """The Hessian of the mean loss over a fixed set of batches, as a matvec.
+
+    H v = (1 / N) sum_b H_b v, where H_b is the Hessian of batch b's summed loss and N counts the
+    real (unmasked) rows, so a padded last batch is weighted exactly.
+
+    Args:
+      batch_loss: `(params, batch) -> (loss sum, count)`, e.g. from `model_batch_loss`.
+      params: the point at which the Hessian is taken.
+      batches: a re-iterable collection (a list) of batches already on the devices.
+      on_dispatch: called with each partial product (e.g. a `DispatchLimiter`).
+
+    Returns:
+      (matvec, x0, unravel): matvec maps float[P] to float[P].
+    """
+    batches = list(batches)
+    x0, unravel = ravel_pytree(params)
+    total = sum(int(jax.device_get(batch_loss(params, b)[1])) for b in batches)
+
+    @jax.jit
+    def batch_hvp(x, v, batch):
+        return hvp(lambda y: batch_loss(unravel(y), batch)[0], x, v)
+
+    def matvec(v: jax.Array) -> jax.Array:
+        out = jnp.zeros_like(v)
+        for b in batches:
+            out = out + batch_hvp(x0, v, b)
+            if on_dispatch is not None:
+                on_dispatch(out)
+        return out / total
+
+    return matvec, x0, unravel

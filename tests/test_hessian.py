@@ -1,0 +1,110 @@
+"""The Hessian toolkit in float64 against exact Hessians of small models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlassign.hessian import (
+    dataset_hvp,
+    exact_hessian,
+    flatten_loss,
+    hutchinson_trace,
+    hvp,
+    lanczos,
+    model_batch_loss,
+    power_iteration,
+    ritz,
+    slq_density,
+)
+from dlassign.models import get_model
+from tests.helpers import synthetic_split
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    """A tanh MLP (P = 8*3*... parameters) on synthetic data, its batches and its exact Hessian."""
+    with jax.enable_x64(True):
+        split = synthetic_split(50, num_classes=3, size=3)
+        model = get_model("mlp", num_classes=3, hidden_sizes=(4,), activation="tanh")
+        x = jnp.asarray(split.images, jnp.float64) / 255.0
+        params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                              model.init(jax.random.PRNGKey(0), x)["params"])
+        batch_loss = model_batch_loss(model, {}, "cross_entropy")
+        # 50 examples in batches of 16: the last batch is padded and masked.
+        batches = []
+        for s in range(0, 50, 16):
+            idx = np.arange(s, s + 16) % 50
+            batches.append({"image": x[idx], "label": jnp.asarray(split.labels[idx]),
+                            "mask": jnp.asarray(np.arange(s, s + 16) < 50)})
+        full = {"image": x, "label": jnp.asarray(split.labels)}
+        mean_loss = lambda p: batch_loss(p, full)[0] / 50
+        f, x0, _ = flatten_loss(mean_loss, params)
+        h = np.asarray(exact_hessian(f, x0))
+        matvec, _, _ = dataset_hvp(batch_loss, params, batches)
+        yield {"f": f, "x0": x0, "h": h, "matvec": matvec, "dim": x0.size}
+
+
+def test_hessian_is_symmetric_and_hvp_matches(small_problem):
+    p = small_problem
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(p["h"], p["h"].T, atol=1e-12)
+        v = jax.random.normal(jax.random.PRNGKey(1), (p["dim"],), jnp.float64)
+        np.testing.assert_allclose(hvp(p["f"], p["x0"], v), p["h"] @ np.asarray(v), rtol=1e-10,
+                                   atol=1e-12)
+        # The dataset HVP over padded, masked batches equals the full-data Hessian times v.
+        np.testing.assert_allclose(p["matvec"](v), p["h"] @ np.asarray(v), rtol=1e-10,
+                                   atol=1e-12)
+
+
+def test_lanczos_to_full_order_recovers_every_eigenvalue(small_problem):
+    p = small_problem
+    with jax.enable_x64(True):
+        t, basis = lanczos(p["matvec"], p["dim"], p["dim"], jax.random.PRNGKey(2), jnp.float64)
+        exact = np.linalg.eigvalsh(p["h"])
+        np.testing.assert_allclose(np.linalg.eigvalsh(t), exact, atol=1e-10 * np.abs(exact).max())
+        np.testing.assert_allclose(basis @ basis.T, np.eye(p["dim"]), atol=1e-10)
+
+
+def test_lanczos_extremes_converge_before_full_order(small_problem):
+    p = small_problem
+    with jax.enable_x64(True):
+        t, _ = lanczos(p["matvec"], p["dim"], 20, jax.random.PRNGKey(3), jnp.float64)
+        values, weights = ritz(t)
+        exact = np.linalg.eigvalsh(p["h"])
+        assert values[-1] == pytest.approx(exact[-1], rel=1e-6)
+        assert weights.sum() == pytest.approx(1.0)
+
+
+def test_power_iteration_top_k(small_problem):
+    p = small_problem
+    with jax.enable_x64(True):
+        values, vectors = power_iteration(p["matvec"], p["dim"], 3, jax.random.PRNGKey(4),
+                                          max_iters=2000, tol=1e-12, dtype=jnp.float64)
+        exact = np.linalg.eigvalsh(p["h"])
+        top = exact[np.argsort(-np.abs(exact))][:3]
+        np.testing.assert_allclose(values, top, rtol=1e-6)
+        for value, vec in zip(values, vectors):
+            np.testing.assert_allclose(p["h"] @ vec, value * vec, atol=1e-4 * abs(top[0]))
+
+
+def test_hutchinson_trace_within_three_standard_errors(small_problem):
+    p = small_problem
+    with jax.enable_x64(True):
+        mean, se = hutchinson_trace(p["matvec"], p["dim"], 200, jax.random.PRNGKey(5),
+                                    jnp.float64)
+        exact = np.trace(p["h"])
+        assert abs(mean - exact) <= 3 * se
+        assert se < abs(exact)  # the estimate is informative, not just wide
+
+
+def test_slq_density_integrates_to_one_and_covers_the_spectrum(small_problem):
+    p = small_problem
+    with jax.enable_x64(True):
+        d = slq_density(p["matvec"], p["dim"], p["dim"], 3, jax.random.PRNGKey(6),
+                        dtype=jnp.float64)
+        exact = np.linalg.eigvalsh(p["h"])
+        assert np.trapezoid(d.density, d.grid) == pytest.approx(1.0, abs=1e-2)
+        assert d.grid[0] <= exact[0] and d.grid[-1] >= exact[-1]
+        # At full order each draw's weights put mass exactly on H's eigenvalues.
+        np.testing.assert_allclose(np.sort(d.ritz_values[0]), exact, atol=1e-9)
