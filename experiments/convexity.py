@@ -1,0 +1,47 @@
+"""Questions 1 and 2: Hessian evidence that CE (not MSE) makes logistic regression convex, and
+that neither loss makes a deep linear network convex.
+
+  python -m experiments.convexity --config=configs/convexity.py --workdir=runs/convexity
+
+Writes results.json, report.md and the figures into --workdir.
+"""
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.common import clean_errors, prepare_platform
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Convexity config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for results, report and figures.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config, workdir: str) -> dict:
+    from dlassign import convexity_report
+    from dlassign.convexity import run_study
+    from dlassign.train import write_json
+
+    os.makedirs(workdir, exist_ok=True)
+    results = run_study(config)
+    results["config"] = config.to_dict()
+    write_json(os.path.join(workdir, "results.json"), results)
+    files = convexity_report.figures(results, workdir)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(convexity_report.section(results, files))
+    return results
+
+
+@clean_errors
+def main(argv):
+    del argv
+    prepare_platform(1)
+    results = run(FLAGS.config, FLAGS.workdir)
+    print(json.dumps(results["answers"]))
+
+
+if __name__ == "__main__":
+    app.run(main)
