@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-3
     c.optimizer.momentum = 0.9    # sgd only
     c.optimizer.nesterov = False
-    c.optimizer.weight_decay = 0.0  # adamw only
+    c.optimizer.weight_decay = 0.0  # sgd: L2 on the gradient; adamw: decoupled; adam: unused
     c.optimizer.schedule = "constant"  # constant | cosine
     c.optimizer.warmup_epochs = 0.0
     c.optimizer.grad_clip_norm = 0.0
@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 0  # 0: once per epoch
     c.keep_checkpoints = 3
     c.init_checkpoint = ""        # start from ported weights (experiments.port_weights output)
+    c.torchvision_weights = ""    # e.g. IMAGENET1K_V1: download through torchvision and port
 
     c.dtype = "float32"           # float32 | bfloat16 (compute; parameters stay float32)
     c.impl = "auto"               # auto | cpu | xla: XLA:CPU fast paths (dlassign.models.layers)

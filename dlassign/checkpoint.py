@@ -27,12 +27,26 @@ IDENTITY_FIELDS = ("model", "data.name", "data.pad_to", "data.image_size", "data
                    "optimizer.name", "optimizer.frozen", "optimizer.backbone_lr_scale", "dtype")
 
 
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
 def fingerprint(tree: Any) -> str:
-    """SHA-256 over every leaf's dtype, shape and bytes, in `jax.tree.leaves` order."""
+    """SHA-256 over every leaf's path, dtype, shape and bytes.
+
+    Leaves are taken in the order of their paths with container types erased (a namedtuple
+    field and the dict key Orbax restores it as have the same name), so a tree restored
+    without its target structure has the fingerprint it was saved with.
+    """
     h = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    named = sorted(("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves)
+    for name, leaf in named:
         a = np.ascontiguousarray(jax.device_get(leaf))
-        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(f"{name}:{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
 
@@ -88,6 +102,20 @@ class Checkpointer:
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
+            raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        state, meta = out["state"], out["meta"]
+        if meta.get("state_sha256") != fingerprint(state):
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged: its "
+                                  "contents do not match the fingerprint written with it")
+        return state, meta
+
+    def restore_raw(self, step: int) -> tuple[Any, dict]:
+        """Restores a step as saved (numpy arrays, no target structure), verified."""
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
             raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read: "
                                   f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e

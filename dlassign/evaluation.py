@@ -34,12 +34,17 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
     if step is not None and step not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in {ckpt_dir}; steps present: "
                               f"{', '.join(map(str, steps))}")
-    config = ml_collections.ConfigDict(ckpt.read_meta(step or steps[-1])["config"])
+    first_meta = ckpt.read_meta(step or steps[-1])
+    config = ml_collections.ConfigDict(first_meta["config"])
     if overrides:
         config.update_from_flattened_dict(overrides)
     run = setup(config)
     state = make_state(run)
-    if step is None:
+    if first_meta.get("kind") == "variables":  # an experiments.port_weights output
+        abstract = {k: v for k, v in abstract_tree(state).items()
+                    if k in ("params", "batch_stats")}
+        tree, meta = ckpt.restore(step or steps[-1], abstract)
+    elif step is None:
         tree, meta = ckpt.restore_latest(abstract_tree(state), config.to_dict())
     else:
         tree, meta = ckpt.restore(step, abstract_tree(state))

@@ -30,8 +30,10 @@ def learning_rate_schedule(opt_cfg, total_steps: int, steps_per_epoch: int) -> o
 def _base(opt_cfg, schedule) -> optax.GradientTransformation:
     name = opt_cfg.name
     if name == "sgd":
-        return optax.sgd(schedule, momentum=opt_cfg.get("momentum", 0.0) or None,
-                         nesterov=opt_cfg.get("nesterov", False))
+        sgd = optax.sgd(schedule, momentum=opt_cfg.get("momentum", 0.0) or None,
+                        nesterov=opt_cfg.get("nesterov", False))
+        decay = opt_cfg.get("weight_decay", 0.0)
+        return optax.chain(optax.add_decayed_weights(decay), sgd) if decay else sgd
     if name == "adam":
         return optax.adam(schedule)
     if name == "adamw":
@@ -53,7 +55,8 @@ def make_optimizer(opt_cfg, total_steps: int, steps_per_epoch: int, head: str | 
     """The optimizer: optional clipping and weight decay, backbone LR scaling, frozen layers.
 
     Args:
-      opt_cfg: name ('sgd', 'adam', 'adamw'), learning_rate, momentum, nesterov, weight_decay,
+      opt_cfg: name ('sgd', 'adam', 'adamw'), learning_rate, momentum, nesterov, weight_decay
+        (L2 added to the gradient for sgd, decoupled for adamw, unused by adam),
         schedule ('constant', 'cosine'), warmup_epochs, grad_clip_norm (0: off),
         backbone_lr_scale (1: the whole network at one rate), frozen (top-level module names whose
         parameters are not updated, e.g. ('conv1', 'bn1', 'layer1')).

@@ -184,8 +184,8 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def load_variables(path: str) -> dict:
-    """{"params", "batch_stats"} from a `port_weights` output or a training workdir."""
+def load_variables(path: str) -> tuple[dict, dict]:
+    """({"params", "batch_stats"}, meta) from a `port_weights` output or a training workdir."""
     directory = os.path.join(path, "checkpoints") if os.path.isdir(
         os.path.join(path, "checkpoints")) else path
     if not os.path.isdir(directory):
@@ -194,12 +194,49 @@ def load_variables(path: str) -> dict:
     steps = ckpt.steps()
     if not steps:
         raise CheckpointError(f"init_checkpoint {path!r} holds no checkpoint")
-    import orbax.checkpoint as ocp
-
-    tree = ckpt._manager.restore(steps[-1], args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+    tree, meta = ckpt.restore_raw(steps[-1])
     ckpt.close()
-    return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
+    return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}, meta
+
+
+def initial_variables(run: Run) -> dict | None:
+    """Starting weights: `init_checkpoint`, or torchvision's `torchvision_weights`, or None.
+
+    Raises:
+      CheckpointError: the weights do not fit the configured model (names the first key).
+    """
+    config = run.config
+    if config.get("init_checkpoint"):
+        variables, meta = load_variables(config.init_checkpoint)
+        source = f"init_checkpoint {config.init_checkpoint!r}"
+        arch = meta.get("arch") or meta.get("config", {}).get("model", {}).get("name")
+        if arch and arch != config.model.name:
+            raise CheckpointError(f"{source} holds {arch!r} weights; this run's model is "
+                                  f"{config.model.name!r}")
+    elif config.get("torchvision_weights"):
+        from dlassign.porting import torch_to_flax, torchvision_state_dict
+
+        state_dict = torchvision_state_dict(config.model.name, config.torchvision_weights)
+        variables = torch_to_flax(state_dict, config.model.name, run.dataset.num_classes,
+                                  replace_head=True, rng=jax.random.PRNGKey(config.seed))
+        source = f"torchvision {config.model.name} {config.torchvision_weights}"
+    else:
+        return None
+    want = jax.eval_shape(lambda: run.model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *run.dataset.image_shape)), train=False))
+    want = traverse_util.flatten_dict(dict(want))
+    have = traverse_util.flatten_dict(variables)
+    for key, spec in want.items():
+        if key not in have:
+            raise CheckpointError(f"{source} lacks {'/'.join(key)} that {config.model.name} "
+                                  "needs")
+        if tuple(np.shape(have[key])) != tuple(spec.shape):
+            raise CheckpointError(f"{source}: {'/'.join(key)} has shape "
+                                  f"{tuple(np.shape(have[key]))}, the model needs "
+                                  f"{tuple(spec.shape)}")
+    cast = lambda a, s: jnp.asarray(a, s.dtype)
+    logging.info("starting from %s", source)
+    return traverse_util.unflatten_dict({k: cast(have[k], want[k]) for k in want})
 
 
 def _format_eta(seconds: float) -> str:
@@ -231,10 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """
     run = setup(config, dataset)
     os.makedirs(workdir, exist_ok=True)
-    variables = None
-    if config.get("init_checkpoint"):
-        variables = load_variables(config.init_checkpoint)
-    state = make_state(run, variables)
+    state = make_state(run, initial_variables(run))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.get("keep_checkpoints", 3))
     history, train_time = [], 0.0
     restored = ckpt.restore_latest(abstract_tree(state), config.to_dict())
