@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"           # float32 | bfloat16 (compute; parameters stay float32)
     c.impl = "auto"               # auto | cpu | xla: XLA:CPU fast paths (dlassign.models.layers)
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.num_devices = 0        # 0: all devices (one CPU host device per core on a CPU)
+    c.mesh.num_devices = 0        # 0: all (on CPU host devices: all for small models, else 1)
+    c.mesh.cpu_data_parallel_max_params = 1_000_000  # see dlassign.parallel.auto_num_devices
     c.mesh.shard_params = False   # shard parameters and optimizer state over the mesh
     c.num_cpu_devices = 0         # CPU host devices to create (0: one per core)
     return c

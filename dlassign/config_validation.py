@@ -163,6 +163,8 @@ def validate_train_config(config, image_size: int | None = None) -> None:
     _choice("impl", config.get("impl", "auto"), IMPLS)
     _number("mesh.num_devices", config.get("mesh", {}).get("num_devices", 0), low=0,
             integer=True)
+    _number("mesh.cpu_data_parallel_max_params",
+            config.get("mesh", {}).get("cpu_data_parallel_max_params", 0), low=0, integer=True)
     check_image_size(config.model, image_size or final_image_size(config.data))
     if config.get("init_checkpoint") and not os.path.isdir(config.init_checkpoint):
         raise ConfigError(f"init_checkpoint={config.init_checkpoint!r} is not a directory; "
@@ -174,6 +176,7 @@ def validate_tune_config(config) -> None:
     validate_train_config(config)
     _required(config, "tune.grid", "tune.num_folds")
     _number("tune.num_folds", config.tune.num_folds, low=2, integer=True)
+    _choice("tune.mode", config.tune.get("mode", "auto"), ("auto", "vmap", "sequential"))
     grid = config.tune.grid
     if not grid:
         raise ConfigError("tune.grid is empty; expected e.g. {'model': {'dense_width': [32, 64]}}")

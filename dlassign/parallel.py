@@ -45,6 +45,20 @@ def configure_cpu_devices(num: int = 0) -> None:
                         jax.local_device_count())
 
 
+def auto_num_devices(num_params: int, cpu_max_params: int) -> int:
+    """How many devices `mesh.num_devices = 0` uses.
+
+    On GPUs and TPUs: all of them. On CPU host devices, data parallelism pays only for small
+    models: every step all-reduces the gradients through an in-process rendezvous, and one
+    device already spreads a large model's matmuls over all cores (measured with
+    benchmarks/throughput.py on 2 cores: the MNIST CNN and LeNet-5 run faster on 2 devices,
+    the 1.9M-parameter MLP and ResNet-18 on 1). Models above `cpu_max_params` use one device.
+    """
+    if jax.default_backend() != "cpu" or num_params <= cpu_max_params:
+        return jax.device_count()
+    return 1
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D mesh over the first `num_devices` devices (0: all of them)."""
     devices = jax.devices()

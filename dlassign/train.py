@@ -73,15 +73,23 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
     """Validates the config, loads the data and builds the model and mesh; no compute yet."""
     validate_train_config(config, dataset.image_shape[0] if dataset else None)
     dataset = dataset or prepare(config.data, config.seed)
-    mesh = parallel.make_mesh(config.get("mesh", {}).get("num_devices", 0))
+    model = build_model(config, dataset.num_classes)
+    mesh_cfg = config.get("mesh", {})
+    num_devices = mesh_cfg.get("num_devices", 0)
+    if num_devices == 0:
+        abstract = jax.eval_shape(lambda: model.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, *dataset.image_shape)), train=False))
+        num_devices = parallel.auto_num_devices(
+            parallel.tree_size(abstract["params"]),
+            mesh_cfg.get("cpu_data_parallel_max_params", 1_000_000))
+    mesh = parallel.make_mesh(num_devices)
     parallel.check_divisible(config.batch_size, mesh, "batch_size")
     parallel.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
     spe = steps_per_epoch(len(dataset.train), config.batch_size)
     step_config = StepConfig(loss=config.loss, normalizer=dataset.normalizer,
                              random_crop=config.data.get("random_crop", 0),
                              dtype=DTYPES[config.get("dtype", "float32")])
-    return Run(config, dataset, build_model(config, dataset.num_classes), mesh, step_config, spe,
-               spe * config.num_epochs)
+    return Run(config, dataset, model, mesh, step_config, spe, spe * config.num_epochs)
 
 
 def make_tx(run: Run):

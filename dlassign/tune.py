@@ -7,7 +7,8 @@ from its own seeded permutation, so the folds see equally many examples. `sequen
 the same folds one after another with the same batches (the baseline of the benchmark).
 
 Normalisation statistics ('standardize') come from the whole training split, not each fold's
-training part; with 'scale' (the MNIST configs) there are no statistics to leak.
+training part; with 'scale' (the MNIST configs) there are no statistics to leak. `tune.mode`
+chooses vmapped or sequential folds (see `sequential_folds`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dlassign import parallel
 from dlassign.config_validation import flatten_grid, validate_tune_config
 from dlassign.data import Dataset, Split, prepare, stratified_kfold
 from dlassign.data.batching import epoch_permutation
-from dlassign.errors import DlassignError
+from dlassign.errors import DlassignError, one_of
 from dlassign.steps import make_eval_step, make_train_step
 from dlassign.train import make_tx, setup, train_and_evaluate, write_json
 from dlassign.train_state import create_train_state
@@ -146,6 +147,21 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
             "train_time_s": train_time}
 
 
+FOLD_MODES = ("auto", "vmap", "sequential")
+
+
+def sequential_folds(mode: str) -> bool:
+    """'auto' trains folds one after another on CPUs and as one vmapped program elsewhere.
+
+    On a 2-core CPU the vmapped program was not faster (benchmarks/kfold.py: 0.7-0.96x of
+    sequential on MNIST): the cores are already busy, and batched matmuls over the fold axis
+    run less efficiently than plain ones. An accelerator has the idle width that vmap fills.
+    """
+    if mode not in FOLD_MODES:
+        raise one_of("tune.mode", mode, FOLD_MODES)
+    return mode == "sequential" or (mode == "auto" and jax.default_backend() == "cpu")
+
+
 def _without_grid(config: dict) -> str:
     config = copy.deepcopy(config)
     config.get("tune", {}).pop("grid", None)
@@ -181,7 +197,7 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
             continue
         logging.info("cell %d/%d %s", i + 1, len(grid_cells(config.tune.grid)), overrides)
         cv = cross_validate(apply_overrides(config, overrides), dataset, folds,
-                            sequential=config.tune.get("sequential", False))
+                            sequential=sequential_folds(config.tune.get("mode", "auto")))
         logging.info("  fold accuracies %s mean %.4f std %.4f (%.1fs)",
                      ", ".join(f"{a:.4f}" for a in cv["fold_accuracies"]), cv["mean"], cv["std"],
                      cv["train_time_s"])

@@ -84,7 +84,7 @@ def test_max_pool_fast_path_equals_reduce_window(window, stride, padding, size):
 def test_conv_fast_path_equals_xla(kernel, stride, padding, size, cin, cout):
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, cin), jnp.float64)
-        fast = conv(cout, kernel, stride, padding, impl="cpu")
+        fast = conv(cout, kernel, stride, padding, impl="im2col")
         ref = conv(cout, kernel, stride, padding, impl="xla")
         v = ref.init(jax.random.PRNGKey(1), x)
         v = jax.tree.map(lambda a: a.astype(jnp.float64), v)
@@ -100,7 +100,7 @@ def test_whole_models_agree_across_impls():
         for name, shape, kw in (("cnn", (2, 28, 28, 1), {}),
                                 ("resnet50", (2, 32, 32, 3), {"stage_sizes": (1, 1, 1, 1)})):
             x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
-            fast = get_model(name, 10, impl="cpu", **kw)
+            fast = get_model(name, 10, impl="im2col", **kw)
             ref = get_model(name, 10, impl="xla", **kw)
             v = jax.tree.map(lambda a: a.astype(jnp.float64),
                              ref.init(jax.random.PRNGKey(1), x.astype(jnp.float32)))
@@ -125,3 +125,14 @@ def test_conv_uses_explicit_symmetric_padding():
     v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     assert isinstance(m, nn.Conv) and m.padding == ((3, 3), (3, 3))
     assert m.apply(v, jnp.zeros((1, 32, 32, 3))).shape == (1, 16, 16, 4)
+
+
+def test_im2col_heuristic_picks_measured_winners():
+    from dlassign.models.layers import im2col_pays
+
+    # (input shape, kernel shape, stride, padding) -> measured winner (benchmarks/conv_paths.py)
+    assert im2col_pays((128, 2, 2, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1)))
+    assert im2col_pays((128, 8, 8, 64), (1, 1, 64, 128), (2, 2), ((0, 0), (0, 0)))
+    assert im2col_pays((128, 13, 13, 32), (3, 3, 32, 64), (1, 1), ((0, 0), (0, 0)))
+    assert not im2col_pays((128, 32, 32, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)))
+    assert not im2col_pays((128, 8, 8, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))

@@ -127,7 +127,7 @@ def test_vmapped_folds_match_sequential_folds():
 def test_tune_writes_table_heatmap_and_best_test_metrics(tmp_path):
     config = tiny_config({"num_epochs": 2, "log_every_steps": 0})
     with config.unlocked():
-        config.tune = {"num_folds": 2, "sequential": False,
+        config.tune = {"num_folds": 2, "mode": "vmap",
                        "grid": {"model": {"activation": ["relu", "tanh"]}}}
     results = tune(config, str(tmp_path))
     assert len(results["cells"]) == 2

@@ -11,6 +11,7 @@ XLA:CPU has two slow spots that dominate small-image training on a laptop:
 Both are exact rewrites (the same sums and maxima, only the summation order of the matmul differs)
 and are checked against the plain operations, values and gradients, in float64 by the tests.
 `impl='auto'` uses them when JAX's default backend is the CPU; 'xla' and 'cpu' force a choice.
+Pooling always takes the rewrite on the CPU; convolutions take im2col where `im2col_pays`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jax import lax
 
 from dlassign.errors import one_of
 
-IMPLS = ("auto", "cpu", "xla")
+IMPLS = ("auto", "cpu", "xla", "im2col")
 
 Padding = Sequence[tuple[int, int]]
 
@@ -48,10 +49,14 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def use_cpu_kernels(impl: str) -> bool:
-    """Whether the CPU rewrites apply; decided at trace time from JAX's default backend."""
+    """Whether the CPU rewrites apply; decided at trace time from JAX's default backend.
+
+    'auto': on the CPU; 'cpu': always; 'im2col': always, and im2col for every plain convolution
+    (for tests and benchmarks); 'xla': never.
+    """
     if impl not in IMPLS:
         raise one_of("impl", impl, IMPLS)
-    return impl == "cpu" or (impl == "auto" and jax.default_backend() == "cpu")
+    return impl in ("cpu", "im2col") or (impl == "auto" and jax.default_backend() == "cpu")
 
 
 def max_pool(
@@ -101,34 +106,58 @@ def _im2col_conv(lhs, rhs, window_strides, padding):
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
-def cpu_conv_general_dilated(
-    lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-    dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-    preferred_element_type=None,
-):
-    """`lax.conv_general_dilated`'s signature; im2col for plain 2-D NHWC convolutions.
-
-    Anything im2col does not cover (dilation, groups, other layouts) goes to XLA unchanged.
+def im2col_pays(lhs_shape, rhs_shape, window_strides, padding) -> bool:
+    """Where im2col beats XLA:CPU's convolution (forward plus both gradients), as measured by
+    benchmarks/conv_paths.py on 2 cores with jaxlib 0.10: 1x1 kernels (a plain matmul),
+    outputs of at most 2x2 pixels (5-15x faster), and small contractions of small kernels
+    (the MNIST CNN and LeNet-5 layers, 1.1-1.6x). XLA keeps ResNet's 7x7 stem and 3x3 layers
+    on 4x4 and larger maps, where its own convolution is faster.
     """
-    plain = (
-        lhs.ndim == 4
-        and not isinstance(padding, str)
-        and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        and feature_group_count == 1 and batch_group_count == 1
-        and dimension_numbers is not None
-        and tuple(map(tuple, dimension_numbers)) == _NHWC
-    )
-    if not plain:
+    kh, kw, cin, _ = rhs_shape
+    ho = (lhs_shape[1] + sum(padding[0]) - kh) // window_strides[0] + 1
+    wo = (lhs_shape[2] + sum(padding[1]) - kw) // window_strides[1] + 1
+    return kh * kw == 1 or ho * wo <= 4 or (kh * kw <= 25 and cin * kh * kw <= 288)
+
+
+def _is_plain(lhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+              batch_group_count) -> bool:
+    return (lhs.ndim == 4
+            and not isinstance(padding, str)
+            and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+            and feature_group_count == 1 and batch_group_count == 1
+            and dimension_numbers is not None
+            and tuple(map(tuple, dimension_numbers)) == _NHWC)
+
+
+def _conv_general_dilated(force: bool):
+    def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                             rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                             batch_group_count=1, precision=None, preferred_element_type=None):
+        if _is_plain(lhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, batch_group_count) and (
+                force or im2col_pays(lhs.shape, rhs.shape, window_strides, padding)):
+            return _im2col_conv(lhs, rhs, window_strides, padding)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)
-    return _im2col_conv(lhs, rhs, window_strides, padding)
+
+    return conv_general_dilated
+
+
+# `lax.conv_general_dilated`'s signature. The first uses im2col where `im2col_pays`, the second
+# for every plain 2-D NHWC convolution (the tests compare it with XLA's). Dilated, grouped or
+# other-layout convolutions always go to XLA unchanged.
+cpu_conv_general_dilated = _conv_general_dilated(force=False)
+im2col_conv_general_dilated = _conv_general_dilated(force=True)
 
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, *, impl: str = "auto",
          use_bias: bool = True, dtype=None, name: str | None = None) -> nn.Conv:
     """A square `nn.Conv` with torch's explicit symmetric padding (never 'SAME' with stride 2)."""
-    kwargs = {"conv_general_dilated": cpu_conv_general_dilated} if use_cpu_kernels(impl) else {}
+    kwargs = {}
+    if use_cpu_kernels(impl):
+        kwargs["conv_general_dilated"] = (im2col_conv_general_dilated if impl == "im2col"
+                                          else cpu_conv_general_dilated)
     return nn.Conv(features, (kernel, kernel), (stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=use_bias,
                    dtype=dtype, name=name, **kwargs)

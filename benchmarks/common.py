@@ -1,0 +1,87 @@
+"""Shared pieces: the models under test in both frameworks, timing, and the JAX set-up."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# (name, input shape HWC, dlassign model config) for the training-throughput table.
+MODELS = {
+    "mlp": ((28, 28, 1), {"name": "mlp", "hidden_sizes": (1024, 1024), "dropout": 0.2}),
+    "cnn": ((28, 28, 1), {"name": "cnn", "dropout": 0.3}),
+    "lenet5": ((32, 32, 3), {"name": "lenet5"}),
+    "resnet18": ((32, 32, 3), {"name": "resnet18"}),
+    "resnet50": ((32, 32, 3), {"name": "resnet50"}),
+}
+
+
+def parse(description: str, extra=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--models", default="mlp,cnn,lenet5,resnet18")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--steps", type=int, default=10, help="steps per round")
+    p.add_argument("--cpu_devices", type=int, default=0, help="0: one per core")
+    p.add_argument("--json", default="", help="also write the results here")
+    if extra:
+        extra(p)
+    return p.parse_args()
+
+
+def start_jax(cpu_devices: int):
+    """JAX with one CPU host device per core (or `cpu_devices`), as the entry points do."""
+    from dlassign.parallel import configure_cpu_devices
+
+    configure_cpu_devices(cpu_devices)
+    import jax
+
+    return jax
+
+
+def median_rate(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def timed(run_steps, steps: int) -> float:
+    """Seconds taken by run_steps(steps), which must block until its work is done."""
+    t = time.perf_counter()
+    run_steps(steps)
+    return time.perf_counter() - t
+
+
+def torch_model(name: str, num_classes: int = 10):
+    """The PyTorch twin of MODELS[name]."""
+    import torch
+    from torch import nn
+
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Dropout(0.2),
+                             nn.Linear(1024, 1024), nn.ReLU(), nn.Dropout(0.2),
+                             nn.Linear(1024, num_classes))
+    if name == "cnn":
+        return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(1600, 128), nn.ReLU(), nn.Dropout(0.3),
+                             nn.Linear(128, num_classes))
+    from dlassign.porting.torch_models import build
+
+    del torch
+    return build(name, num_classes)
+
+
+def report(rows: list[dict], columns: list[tuple[str, str, str]], path: str = "") -> None:
+    """Prints rows as a markdown table of (header, key, format) columns; optionally as JSON."""
+    print("| " + " | ".join(h for h, _, _ in columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for r in rows:
+        print("| " + " | ".join(fmt.format(r[k]) for _, k, fmt in columns) + " |")
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=2)

@@ -1,0 +1,86 @@
+"""Each convolution and pooling layer of our models: XLA's kernel against the CPU rewrites.
+
+  python benchmarks/conv_paths.py [--cpu_devices=2]
+
+Forward plus both gradients, batch 128 sharded over the CPU host devices, for the layer shapes
+of the MNIST CNN, LeNet-5 and ResNet-18 at 32x32. 'chosen' is what `impl='auto'` picks
+(dlassign.models.layers.im2col_pays); the table is the evidence for that rule.
+"""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks.common import parse, report, start_jax
+
+CONVS = [  # (name, H, Cin, Cout, kernel, stride, padding)
+    ("cnn conv0", 28, 1, 32, 3, 1, 0), ("cnn conv1", 13, 32, 64, 3, 1, 0),
+    ("lenet conv1", 32, 3, 6, 5, 1, 0), ("lenet conv2", 14, 6, 16, 5, 1, 0),
+    ("resnet stem", 32, 3, 64, 7, 2, 3), ("resnet layer1", 8, 64, 64, 3, 1, 1),
+    ("resnet layer2 s2", 8, 64, 128, 3, 2, 1), ("resnet layer2", 4, 128, 128, 3, 1, 1),
+    ("resnet downsample", 8, 64, 128, 1, 2, 0), ("resnet layer3 s2", 4, 128, 256, 3, 2, 1),
+    ("resnet layer3", 2, 256, 256, 3, 1, 1), ("resnet layer4 s2", 2, 256, 512, 3, 2, 1),
+    ("resnet layer4", 1, 512, 512, 3, 1, 1),
+]
+POOLS = [("cnn pool0", 26, 32, 2, 2, 0), ("cnn pool1", 11, 64, 2, 2, 0),
+         ("lenet pool1", 28, 6, 2, 2, 0), ("resnet pool", 16, 64, 3, 2, 1)]
+
+
+def main():
+    args = parse(__doc__)
+    jax = start_jax(args.cpu_devices)
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dlassign.models.layers import conv, im2col_pays, max_pool
+
+    mesh = Mesh(np.asarray(jax.devices()), ("d",))
+    data, rep = NamedSharding(mesh, P("d")), NamedSharding(mesh, P())
+    b = args.batch_size
+
+    def best_ms(fn, *a):
+        jax.block_until_ready(fn(*a))
+        times = []
+        for _ in range(args.rounds):
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                out = fn(*a)
+            jax.block_until_ready(out)
+            times.append((time.perf_counter() - t) / args.steps)
+        return 1e3 * min(times)
+
+    rows = []
+    for name, h, cin, cout, k, s, p in CONVS:
+        x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (b, h, h, cin)), data)
+        ms = {}
+        for impl in ("xla", "im2col"):
+            layer = conv(cout, k, s, p, impl=impl)
+            v = jax.device_put(layer.init(jax.random.PRNGKey(1), x[:1]), rep)
+            grad = jax.jit(jax.grad(lambda v, x, layer=layer: jnp.sum(layer.apply(v, x) ** 2),
+                                    argnums=(0, 1)))
+            ms[impl] = best_ms(grad, v, x)
+        chosen = "im2col" if im2col_pays((b, h, h, cin), (k, k, cin, cout), (s, s),
+                                         ((p, p), (p, p))) else "xla"
+        rows.append({"layer": name, "shape": f"{h}x{h}x{cin}->{cout} k{k}/{s}",
+                     "xla": ms["xla"], "fast": ms["im2col"], "ratio": ms["xla"] / ms["im2col"],
+                     "chosen": chosen})
+    for name, h, c, w, s, p in POOLS:
+        x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (b, h, h, c)), data)
+        ms = {}
+        for impl in ("xla", "cpu"):
+            grad = jax.jit(jax.grad(lambda x, impl=impl: jnp.sum(
+                max_pool(x, w, s, p, impl=impl) ** 2)))
+            ms[impl] = best_ms(grad, x)
+        rows.append({"layer": name, "shape": f"{h}x{h}x{c} max {w}/{s}", "xla": ms["xla"],
+                     "fast": ms["cpu"], "ratio": ms["xla"] / ms["cpu"], "chosen": "rewrite"})
+    print(f"\nbatch {b}, forward + gradients, {jax.device_count()} CPU devices\n")
+    report(rows, [("layer", "layer", "{}"), ("shape", "shape", "{}"),
+                  ("XLA ms", "xla", "{:.2f}"), ("rewrite ms", "fast", "{:.2f}"),
+                  ("XLA / rewrite", "ratio", "{:.2f}x"), ("auto picks", "chosen", "{}")],
+           args.json)
+
+
+if __name__ == "__main__":
+    main()

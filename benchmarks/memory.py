@@ -1,0 +1,92 @@
+"""Peak memory of one training step, ours against PyTorch, each in a fresh process.
+
+  python benchmarks/memory.py [--models=mlp,cnn,lenet5,resnet18]
+
+Reports the peak resident set size of a process that builds the model and runs 5 training
+steps (baseline: the same process before the model is built), and for ours also XLA's own
+account of the step's buffers (arguments, outputs, temporaries).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from benchmarks.common import ROOT, parse, report
+
+CHILD = r"""
+import json, resource, sys
+sys.path.insert(0, {root!r})
+framework, name, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from benchmarks.common import start_jax
+jax = start_jax(0)
+import torch
+import numpy as np
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = {{}}
+if framework == "ours":
+    from benchmarks.throughput import ours
+    run_steps, devices, split = ours(jax, name, batch)
+    run_steps(5)
+else:
+    from benchmarks.throughput import theirs
+    from benchmarks.common import MODELS
+    shape = MODELS[name][0]
+    rng = np.random.default_rng(0)
+    from dlassign.data import Split
+    split = Split(rng.integers(0, 256, (batch, *shape), dtype=np.uint8),
+                  rng.integers(0, 10, batch).astype(np.int32))
+    theirs(torch, name, split)(5)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"baseline_mb": base / 1024, "peak_mb": peak / 1024}}))
+"""
+
+
+def measure(framework: str, name: str, batch: int) -> dict:
+    code = CHILD.format(root=ROOT)
+    out = subprocess.run([sys.executable, "-c", code, framework, name, str(batch)],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def xla_buffers(name: str, batch: int) -> float:
+    code = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+            "from benchmarks.common import start_jax\njax = start_jax(0)\n"
+            "from benchmarks.throughput import ours\n"
+            "import dlassign.train as t\n"
+            "orig = t.compile_steps\nbox = {}\n"
+            "def spy(run, state):\n"
+            "    step, ev = orig(run, state)\n    box['step'] = step\n    box['state'] = state\n"
+            "    return step, ev\n"
+            "t.compile_steps = spy\n"
+            f"import benchmarks.throughput as b\nb.compile_steps = spy\n"
+            f"run_steps, d, split = ours(jax, {name!r}, {batch})\n"
+            "from dlassign import parallel\nimport numpy as np\n"
+            "batch = {'image': split.images, 'label': split.labels}\n"
+            "m = box['step'].lower(box['state'], batch).compile().memory_analysis()\n"
+            "print((m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes"
+            " - m.alias_size_in_bytes) / 2**20)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    args = parse(__doc__)
+    rows = []
+    for name in args.models.split(","):
+        ours = measure("ours", name, args.batch_size)
+        torch = measure("torch", name, args.batch_size)
+        rows.append({"model": name, "ours_mb": ours["peak_mb"] - ours["baseline_mb"],
+                     "torch_mb": torch["peak_mb"] - torch["baseline_mb"],
+                     "xla_mb": xla_buffers(name, args.batch_size)})
+        print(rows[-1], flush=True)
+    print(f"\nbatch {args.batch_size}: peak RSS above each process's baseline (MiB)\n")
+    report(rows, [("model", "model", "{}"), ("dlassign MiB", "ours_mb", "{:.0f}"),
+                  ("XLA step buffers MiB", "xla_mb", "{:.0f}"),
+                  ("PyTorch MiB", "torch_mb", "{:.0f}")], args.json)
+
+
+if __name__ == "__main__":
+    main()

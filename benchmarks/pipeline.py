@@ -1,0 +1,82 @@
+"""A whole MNIST epoch through the input pipeline against the train step alone.
+
+  python benchmarks/pipeline.py [--data_dir=PATH/TO/MNIST] [--model=cnn]
+
+'step alone' feeds one batch already on the devices; 'epoch' draws every batch from the
+seeded permutation, gathers the uint8 rows on the host and prefetches them to the devices, as
+experiments.train does. A ratio near 1 means the pipeline is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from benchmarks.common import parse, report, start_jax
+
+
+def main():
+    args = parse(__doc__, lambda p: (p.add_argument("--data_dir", default=""),
+                                     p.add_argument("--model", default="cnn")))
+    jax = start_jax(args.cpu_devices)
+    import importlib
+
+    from dlassign import parallel
+    from dlassign.data import Dataset, Normalizer, Split, train_batches
+    from dlassign.train import compile_steps, make_state, prefetch, setup
+
+    config = importlib.import_module(f"configs.mnist_{args.model}").get_config()
+    config.batch_size = args.batch_size
+    if args.data_dir:
+        config.data.data_dir = args.data_dir
+        data, source = None, "MNIST"
+    else:
+        rng = np.random.default_rng(0)
+        split = Split(rng.integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8),
+                      rng.integers(0, 10, 60000).astype(np.int32))
+        data = Dataset("mnist", 10, split, split, Normalizer((0.0,), (1.0,)))
+        source = "synthetic MNIST-shaped data"
+    run = setup(config, data)
+    state = make_state(run)
+    step, _ = compile_steps(run, state)
+    sharding = parallel.batch_sharding(run.mesh)
+    n = run.steps_per_epoch
+    fixed = jax.device_put(next(train_batches(run.dataset.train, args.batch_size, 0, 0, 1)),
+                           sharding)
+    state, m = step(state, fixed)
+    jax.block_until_ready(m)
+
+    def alone():
+        nonlocal state
+        limiter = parallel.DispatchLimiter()
+        for _ in range(n):
+            state, metrics = step(state, fixed)
+            limiter(metrics["loss"])
+        jax.block_until_ready(metrics["loss"])
+
+    def epoch():
+        nonlocal state
+        limiter = parallel.DispatchLimiter()
+        for batch in prefetch(train_batches(run.dataset.train, args.batch_size, 0, 0, n),
+                              sharding):
+            state, metrics = step(state, batch)
+            limiter(metrics["loss"])
+        jax.block_until_ready(metrics["loss"])
+
+    rows = []
+    for name, fn in (("step alone", alone), ("epoch with pipeline", epoch)):
+        t = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t
+        rows.append({"what": name, "seconds": seconds, "rate": n * args.batch_size / seconds})
+    rows.append({"what": "pipeline / step", "seconds": rows[1]["seconds"] / rows[0]["seconds"],
+                 "rate": rows[1]["rate"] / rows[0]["rate"]})
+    print(f"\n{args.model} on {source}: {n} steps of {args.batch_size}, "
+          f"{run.mesh.devices.size} devices\n")
+    report(rows, [("", "what", "{}"), ("seconds (ratio)", "seconds", "{:.2f}"),
+                  ("examples/s (ratio)", "rate", "{:.2f}")], args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Training-step throughput: dlassign against the same model in PyTorch eager, interleaved.
+
+  python benchmarks/throughput.py [--models=mlp,cnn,lenet5,resnet18] [--batch_size=128]
+
+Same architecture, batch, optimizer (Adam, lr 1e-3) and precision (float32) in both; each round
+times `--steps` training steps of ours, then of PyTorch's, and the table gives the medians over
+`--rounds` rounds. Ours is the library's jitted, donated train step on its default mesh (see
+dlassign.parallel.auto_num_devices) fed uint8 batches; PyTorch uses its default threads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.common import MODELS, median_rate, parse, report, start_jax, timed, torch_model
+
+
+def ours(jax, name: str, batch_size: int):
+    from configs import base
+    from dlassign import parallel
+    from dlassign.data import Dataset, Normalizer, Split
+    from dlassign.train import compile_steps, make_state, setup
+
+    shape, model_cfg = MODELS[name]
+    c = base.get_config()
+    c.model = dict(model_cfg)
+    c.batch_size = batch_size
+    c.eval_batch_size = batch_size
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),
+                  rng.integers(0, 10, batch_size).astype(np.int32))
+    data = Dataset("digits", 10, split, split, Normalizer((0.0,) * shape[-1], (1.0,) * shape[-1]))
+    run = setup(c, data)
+    state = make_state(run)
+    step, _ = compile_steps(run, state)
+    batch = jax.device_put({"image": split.images, "label": split.labels},
+                           parallel.batch_sharding(run.mesh))
+    box = {"state": state}
+
+    def run_steps(n: int) -> None:
+        limiter = parallel.DispatchLimiter()
+        for _ in range(n):
+            box["state"], metrics = step(box["state"], batch)
+            limiter(metrics["loss"])
+        jax.block_until_ready(metrics["loss"])
+
+    return run_steps, int(run.mesh.devices.size), split
+
+
+def theirs(torch, name: str, split):
+    model = torch_model(name)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x = torch.from_numpy((split.images.astype(np.float32) / 255.0).transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(split.labels.astype(np.int64))
+
+    def run_steps(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    return run_steps
+
+
+def main():
+    args = parse(__doc__)
+    jax = start_jax(args.cpu_devices)
+    import torch
+
+    rows = []
+    for name in args.models.split(","):
+        mine, devices, split = ours(jax, name, args.batch_size)
+        ref = theirs(torch, name, split)
+        mine(2), ref(2)  # compile and warm up
+        a, b = [], []
+        for _ in range(args.rounds):
+            a.append(args.batch_size * args.steps / timed(mine, args.steps))
+            b.append(args.batch_size * args.steps / timed(ref, args.steps))
+        ours_rate, torch_rate = median_rate(a), median_rate(b)
+        rows.append({"model": name, "devices": devices, "ours": ours_rate, "torch": torch_rate,
+                     "ratio": ours_rate / torch_rate, "torch_threads": torch.get_num_threads()})
+        print(f"{name}: ours {ours_rate:.0f} ex/s, torch {torch_rate:.0f} ex/s", flush=True)
+    print(f"\nbatch {args.batch_size}, float32, Adam; jax {jax.__version__} on "
+          f"{jax.device_count()} {jax.default_backend()} devices, torch {torch.__version__}\n")
+    report(rows, [("model", "model", "{}"), ("mesh devices", "devices", "{}"),
+                  ("dlassign ex/s", "ours", "{:.0f}"), ("PyTorch ex/s", "torch", "{:.0f}"),
+                  ("ratio", "ratio", "{:.2f}x")], args.json)
+
+
+if __name__ == "__main__":
+    main()
