@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from dlassign import faults
 from dlassign.errors import CheckpointError
 
 # Config fields that fix the shapes and meaning of the state; a checkpoint must match them all.
@@ -71,8 +72,8 @@ def config_differences(saved: dict, current: dict, fields=IDENTITY_FIELDS) -> li
     s, c = _flatten(saved), _flatten(current)
     keys = sorted(k for k in set(s) | set(c) if any(k == f or k.startswith(f + ".")
                                                    for f in fields))
-    return [f"{k}: checkpoint has {s.get(k)!r}, this run has {c.get(k)!r}"
-            for k in keys if _normalise(s.get(k)) != _normalise(c.get(k))]
+    pairs = [(k, _normalise(s.get(k)), _normalise(c.get(k))) for k in keys]
+    return [f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, a, b in pairs if a != b]
 
 
 class Checkpointer:
@@ -89,6 +90,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         meta = dict(meta, step=int(step), state_sha256=fingerprint(state))
+        faults.during_checkpoint_write(int(step), self.directory)
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from dlassign import parallel
+from dlassign import faults, parallel
 from dlassign.checkpoint import Checkpointer
 from dlassign.config_validation import validate_train_config
 from dlassign.data import Dataset, Split, eval_batches, prepare, steps_per_epoch, train_batches
@@ -306,6 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             state, metrics = train_step(state, next(batches))
             limiter(metrics["loss"])
             pending.append(metrics)
+            faults.after_step(step)
             is_ckpt = step % ckpt_every == 0 or step == run.total_steps
             if step % log_every == 0 or is_ckpt:
                 host = jax.device_get(pending)

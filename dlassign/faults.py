@@ -1,0 +1,49 @@
+"""Failpoints: deterministic crashes for the kill-and-resume tests.
+
+Set DLASSIGN_FAILPOINT to make a run SIGKILL itself at a chosen moment, as a power cut or an
+out-of-memory kill would:
+
+* `after_step:N`       right after training step N is dispatched, before its checkpoint;
+* `checkpoint_write:N` while checkpoint N is being written (once Orbax's temporary directory
+                       exists, before it is renamed into place).
+
+Unset (the normal case), every check is a dictionary lookup that returns at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+ENV = "DLASSIGN_FAILPOINT"
+
+
+def _armed(point: str, step: int) -> bool:
+    spec = os.environ.get(ENV, "")
+    return bool(spec) and spec == f"{point}:{step}"
+
+
+def kill_now() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_step(step: int) -> None:
+    if _armed("after_step", step):
+        kill_now()
+
+
+def during_checkpoint_write(step: int, directory: str) -> None:
+    """Starts a watcher that kills the process once step's temporary directory appears."""
+    if not _armed("checkpoint_write", step):
+        return
+
+    def watch():
+        prefix = f"{step}.orbax-checkpoint-tmp"
+        while True:
+            if any(name.startswith(prefix) for name in os.listdir(directory)):
+                kill_now()
+            time.sleep(0.0005)
+
+    threading.Thread(target=watch, daemon=True).start()

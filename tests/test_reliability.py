@@ -1,0 +1,187 @@
+"""Runs survive SIGKILL, damaged checkpoints are caught, bad input fails fast and clearly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import base
+from dlassign.checkpoint import Checkpointer
+from dlassign.errors import CheckpointError
+from dlassign.train import abstract_tree, make_state, setup, train_and_evaluate
+from tests.helpers import synthetic_dataset, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, "-m", "experiments.train", "--config=configs/base.py",
+         "--config.num_epochs=3", "--config.checkpoint_every_steps=10",
+         "--config.log_every_steps=10", "--config.num_cpu_devices=2"]
+
+
+def train_cli(workdir, failpoint=None, extra=()):
+    env = dict(os.environ)
+    env.pop("DLASSIGN_FAILPOINT", None)
+    if failpoint:
+        env["DLASSIGN_FAILPOINT"] = failpoint
+    return subprocess.run(TRAIN + [f"--workdir={workdir}", *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def final_state(workdir):
+    ckpt = Checkpointer(str(Path(workdir) / "checkpoints"))
+    step = ckpt.steps()[-1]
+    return step, ckpt.read_meta(step)["state_sha256"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    out = train_cli(workdir)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return workdir
+
+
+@pytest.mark.parametrize("failpoint", ["after_step:15", "checkpoint_write:30", "after_step:42"])
+def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(reference, tmp_path, failpoint):
+    killed = train_cli(tmp_path, failpoint)
+    assert killed.returncode == -signal.SIGKILL
+    steps_left = Checkpointer(str(tmp_path / "checkpoints")).steps()
+    kill_step = int(failpoint.split(":")[1])
+    assert steps_left and max(steps_left) < kill_step  # the killed step's checkpoint never landed
+    resumed = train_cli(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step" in resumed.stderr
+    assert final_state(tmp_path) == final_state(reference)  # same step, same SHA-256 of state
+    a = json.loads((tmp_path / "results.json").read_text())["test"]
+    b = json.loads((reference / "results.json").read_text())["test"]
+    assert a == b
+
+
+def test_same_seed_same_metrics(reference, tmp_path):
+    again = train_cli(tmp_path)
+    assert again.returncode == 0
+    assert final_state(tmp_path) == final_state(reference)
+
+
+def _damage_latest(workdir) -> int:
+    ckpt_dir = Path(workdir) / "checkpoints"
+    latest = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    # One flipped byte in the middle of every data file of the state (OCDBT's d/ folders).
+    files = [p for p in (ckpt_dir / str(latest) / "state").rglob("*")
+             if p.is_file() and p.parent.name == "d"]
+    assert files
+    for victim in files:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    return latest
+
+
+def test_damaged_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
+    data = synthetic_dataset()
+    config = tiny_config()
+    train_and_evaluate(config, str(tmp_path), data)
+    latest = _damage_latest(tmp_path)
+    run = setup(config, data)
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    state, meta = ckpt.restore_latest(abstract_tree(make_state(run)), config.to_dict())
+    assert meta["step"] < latest
+    assert any("falling back" in r.getMessage() for r in caplog.records)
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
+    data = synthetic_dataset()
+    config = tiny_config({"keep_checkpoints": 1})
+    train_and_evaluate(config, str(tmp_path), data)
+    _damage_latest(tmp_path)
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        train_and_evaluate(config, str(tmp_path), data)
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    data = synthetic_dataset()
+    train_and_evaluate(tiny_config(), str(tmp_path), data)
+    other = tiny_config({"model.hidden_sizes": (64,), "model.activation": "tanh"})
+    with pytest.raises(CheckpointError) as e:
+        train_and_evaluate(other, str(tmp_path), data)
+    msg = str(e.value)
+    assert "model.hidden_sizes: checkpoint has [32], this run has [64]" in msg
+    assert "model.activation: checkpoint has 'relu', this run has 'tanh'" in msg
+
+
+def test_one_vs_eight_devices_agree(tmp_path):
+    data = synthetic_dataset()
+    one = train_and_evaluate(tiny_config({"mesh.num_devices": 1}), str(tmp_path / "one"), data)
+    eight = train_and_evaluate(tiny_config({"mesh.num_devices": 8}), str(tmp_path / "eight"), data)
+    assert (one["num_devices"], eight["num_devices"]) == (1, 8)
+    np.testing.assert_allclose([h["loss"] for h in one["history"]],
+                               [h["loss"] for h in eight["history"]], rtol=1e-5)
+    run = setup(tiny_config(), data)
+    abstract = abstract_tree(make_state(run))
+    a, _ = Checkpointer(str(tmp_path / "one" / "checkpoints")).restore_latest(abstract)
+    b, _ = Checkpointer(str(tmp_path / "eight" / "checkpoints")).restore_latest(abstract)
+    for x, y in zip(jax_leaves(a["params"]), jax_leaves(b["params"])):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_sharded_checkpoint_restores_on_one_device(tmp_path):
+    data = synthetic_dataset()
+    config = tiny_config({"mesh.num_devices": 8, "mesh.shard_params": True,
+                          "mesh.cpu_data_parallel_max_params": 10**9})
+    config.model.hidden_sizes = (64,)
+    train_and_evaluate(config, str(tmp_path), data)
+    single = tiny_config({"mesh.num_devices": 1, "mesh.shard_params": True})
+    single.model.hidden_sizes = (64,)
+    run = setup(single, data)
+    state = make_state(run)
+    tree, _ = Checkpointer(str(tmp_path / "checkpoints")).restore_latest(abstract_tree(state))
+    kernel = tree["params"]["dense0"]["kernel"]
+    assert len(kernel.sharding.device_set) == 1
+    assert np.all(np.isfinite(np.asarray(kernel)))
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--config.optimizer.learning_rate=-1.0", "optimizer.learning_rate=-1.0 is invalid"),
+    ("--config.model.name=resnet19", "unknown model.name 'resnet19'; expected one of"),
+    ("--config.data.subset_fraction=1.5", "data.subset_fraction=1.5 is invalid"),
+])
+def test_cli_bad_flag_is_one_line_exit_2(tmp_path, flag, needle):
+    out = subprocess.run(TRAIN + [f"--workdir={tmp_path}", flag], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "checkpoints").exists()  # failed before any work
+
+
+def test_local_files_with_wrong_contents(tmp_path):
+    from dlassign.data import load_split
+    from dlassign.errors import DataError
+
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((5, 32, 32), np.uint8),
+             y_train=np.zeros(5), x_test=np.zeros((2, 28, 28), np.float32), y_test=np.zeros(2))
+    with pytest.raises(DataError, match=r"images have shape \(5, 32, 32, 1\); expected "
+                                        r"\(N, 28, 28, 1\)"):
+        load_split("mnist", "train", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="images have dtype float32; expected uint8"):
+        load_split("mnist", "test", data_dir=str(tmp_path))
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((0, 28, 28), np.uint8),
+             y_train=np.zeros(0, np.int64), x_test=np.zeros((2, 28, 28), np.uint8),
+             y_test=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match="mnist train split from data_dir .* is empty"):
+        load_split("mnist", "train", data_dir=str(tmp_path))
+
+
+def test_base_config_is_the_cli_default():
+    assert base.get_config().data.name == "digits"
