@@ -30,6 +30,8 @@ def parse(description: str, extra=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="steps per round")
     p.add_argument("--cpu_devices", type=int, default=0, help="0: one per core")
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--image_size", type=int, default=0,
+                   help="input size for the ImageNet-style models (0: their default 32)")
     if extra:
         extra(p)
     return p.parse_args()
@@ -54,6 +56,28 @@ def timed(run_steps, steps: int) -> float:
     t = time.perf_counter()
     run_steps(steps)
     return time.perf_counter() - t
+
+
+def input_shape(name: str, image_size: int = 0) -> tuple[int, int, int]:
+    shape = MODELS[name][0]
+    if image_size and shape[-1] == 3:
+        return (image_size, image_size, 3)
+    return shape
+
+
+def torch_device(torch):
+    """CUDA when PyTorch sees a GPU, with TF32 allowed as JAX's default float32 precision does."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def torch_sync(torch):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def torch_model(name: str, num_classes: int = 10):

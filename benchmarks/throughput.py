@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.common import MODELS, median_rate, parse, report, start_jax, timed, torch_model
+from benchmarks.common import (
+    MODELS,
+    input_shape,
+    median_rate,
+    parse,
+    report,
+    start_jax,
+    timed,
+    torch_device,
+    torch_model,
+    torch_sync,
+)
 
 
-def ours(jax, name: str, batch_size: int):
+def ours(jax, name: str, batch_size: int, image_size: int = 0):
     from configs import base
     from dlassign import parallel
     from dlassign.data import Dataset, Normalizer, Split
     from dlassign.train import compile_steps, make_state, setup
 
-    shape, model_cfg = MODELS[name]
+    _, model_cfg = MODELS[name]
+    shape = input_shape(name, image_size)
     c = base.get_config()
     c.model = dict(model_cfg)
     c.batch_size = batch_size
@@ -48,17 +60,19 @@ def ours(jax, name: str, batch_size: int):
 
 
 def theirs(torch, name: str, split):
-    model = torch_model(name)
+    device = torch_device(torch)
+    model = torch_model(name).to(device)
     model.train()
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     x = torch.from_numpy((split.images.astype(np.float32) / 255.0).transpose(0, 3, 1, 2).copy())
-    y = torch.from_numpy(split.labels.astype(np.int64))
+    x, y = x.to(device), torch.from_numpy(split.labels.astype(np.int64)).to(device)
 
     def run_steps(n: int) -> None:
         for _ in range(n):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+        torch_sync(torch)
 
     return run_steps
 
@@ -70,7 +84,7 @@ def main():
 
     rows = []
     for name in args.models.split(","):
-        mine, devices, split = ours(jax, name, args.batch_size)
+        mine, devices, split = ours(jax, name, args.batch_size, args.image_size)
         ref = theirs(torch, name, split)
         mine(2), ref(2)  # compile and warm up
         a, b = [], []
@@ -78,12 +92,15 @@ def main():
             a.append(args.batch_size * args.steps / timed(mine, args.steps))
             b.append(args.batch_size * args.steps / timed(ref, args.steps))
         ours_rate, torch_rate = median_rate(a), median_rate(b)
-        rows.append({"model": name, "devices": devices, "ours": ours_rate, "torch": torch_rate,
+        rows.append({"model": name, "size": input_shape(name, args.image_size)[0],
+                     "devices": devices, "ours": ours_rate, "torch": torch_rate,
                      "ratio": ours_rate / torch_rate, "torch_threads": torch.get_num_threads()})
         print(f"{name}: ours {ours_rate:.0f} ex/s, torch {torch_rate:.0f} ex/s", flush=True)
     print(f"\nbatch {args.batch_size}, float32, Adam; jax {jax.__version__} on "
-          f"{jax.device_count()} {jax.default_backend()} devices, torch {torch.__version__}\n")
-    report(rows, [("model", "model", "{}"), ("mesh devices", "devices", "{}"),
+          f"{jax.device_count()} {jax.devices()[0].device_kind} devices, torch "
+          f"{torch.__version__} on {torch_device(torch)}\n")
+    report(rows, [("model", "model", "{}"), ("input", "size", "{}px"),
+                  ("mesh devices", "devices", "{}"),
                   ("dlassign ex/s", "ours", "{:.0f}"), ("PyTorch ex/s", "torch", "{:.0f}"),
                   ("ratio", "ratio", "{:.2f}x")], args.json)
 

@@ -140,3 +140,18 @@ def test_tune_writes_table_heatmap_and_best_test_metrics(tmp_path):
     assert 0.5 < results["test"]["accuracy"] <= 1.0 and results["test"]["num_examples"] == 450
     assert "**(best)**" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "heatmap.png").stat().st_size > 1000
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
+    import jax.numpy as jnp
+
+    from dlassign.train import build_model
+
+    config = tiny_config({"dtype": "bfloat16", "num_epochs": 4})
+    results = train_and_evaluate(config, str(tmp_path), synthetic_dataset())
+    assert results["test"]["accuracy"] >= 0.95
+    model = build_model(config, 4)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1), jnp.bfloat16))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+    logits = model.apply(variables, jnp.zeros((2, 8, 8, 1), jnp.bfloat16))
+    assert logits.dtype == jnp.float32
