@@ -218,3 +218,22 @@ def section(results: dict, files: dict[str, str], prefix: str = "") -> str:
          "midpoint: L(a) / L(b) / L(mid)"], rows))
     lines.append(f"\n![midpoint]({prefix}{files['midpoint']})\n")
     return "\n".join(lines) + "\n"
+
+
+def run_and_report(config, workdir: str, prefix: str = "") -> dict:
+    """Runs the study and writes results.json, the figures and report.md into `workdir`.
+
+    Returns the results with the report section under "section" (figure links get `prefix`).
+    """
+    from dlassign.convexity import run_study
+    from dlassign.train import write_json
+
+    os.makedirs(workdir, exist_ok=True)
+    results = run_study(config)
+    results["config"] = config.to_dict()
+    write_json(os.path.join(workdir, "results.json"), results)
+    files = figures(results, workdir)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(section(results, files))
+    results["section"] = section(results, files, prefix)
+    return results

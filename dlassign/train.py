@@ -34,7 +34,10 @@ from dlassign.optim import make_optimizer
 from dlassign.steps import StepConfig, make_eval_step, make_train_step
 from dlassign.train_state import TrainState, create_train_state
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Compute dtypes. float32 leaves Flax's promotion alone (so float64 parameters, for Hessians and
+# parity checks, compute in float64); bfloat16 computes in bfloat16 with float32 parameters.
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+INPUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HEADS = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "resnet101": "fc", "lenet5": "fc3"}
 
 
@@ -88,7 +91,7 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
     spe = steps_per_epoch(len(dataset.train), config.batch_size)
     step_config = StepConfig(loss=config.loss, normalizer=dataset.normalizer,
                              random_crop=config.data.get("random_crop", 0),
-                             dtype=DTYPES[config.get("dtype", "float32")])
+                             dtype=INPUT_DTYPES[config.get("dtype", "float32")])
     return Run(config, dataset, model, mesh, step_config, spe, spe * config.num_epochs)
 
 

@@ -7,7 +7,6 @@ Writes results.json, report.md and the figures into --workdir.
 """
 
 import json
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -20,26 +19,13 @@ flags.DEFINE_string("workdir", None, "Directory for results, report and figures.
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run(config, workdir: str) -> dict:
-    from dlassign import convexity_report
-    from dlassign.convexity import run_study
-    from dlassign.train import write_json
-
-    os.makedirs(workdir, exist_ok=True)
-    results = run_study(config)
-    results["config"] = config.to_dict()
-    write_json(os.path.join(workdir, "results.json"), results)
-    files = convexity_report.figures(results, workdir)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(convexity_report.section(results, files))
-    return results
-
-
 @clean_errors
 def main(argv):
     del argv
     prepare_platform(1)
-    results = run(FLAGS.config, FLAGS.workdir)
+    from dlassign.convexity_report import run_and_report
+
+    results = run_and_report(FLAGS.config, FLAGS.workdir)
     print(json.dumps(results["answers"]))
 
 

@@ -33,7 +33,7 @@ CASES = [
     ("num_epochs", 0, "num_epochs=0 is invalid; expected an integer >= 1"),
     ("keep_checkpoints", 0, "keep_checkpoints=0 is invalid"),
     ("dtype", "float16", "unknown dtype 'float16'; expected one of bfloat16, float32"),
-    ("impl", "gpu", "unknown impl 'gpu'; expected one of auto, cpu, xla"),
+    ("impl", "gpu", "unknown impl 'gpu'; expected one of auto, cpu, im2col, xla"),
     ("mesh.num_devices", -1, "mesh.num_devices=-1 is invalid"),
     ("seed", -3, "seed=-3 is invalid"),
 ]

@@ -1,0 +1,27 @@
+"""The main job: every question's study on embedded data, one report.
+
+  python -m experiments.main --workdir=runs/main
+
+Runs offline (scikit-learn's digits; no download). Each block is a complete config of its own
+experiment and can be overridden, e.g. --config.tune_mlp.data.name=mnist
+--config.tune_mlp.data.data_dir=PATH/TO/MNIST.
+"""
+
+import ml_collections
+
+from configs import convexity, digits32, tune_digits_cnn, tune_digits_mlp
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.convexity = convexity.get_config()
+    c.tune_mlp = tune_digits_mlp.get_config()
+    c.tune_cnn = tune_digits_cnn.get_config()
+    c.spectrum = ml_collections.ConfigDict(dict(
+        num_examples=1024, batch_size=256, lanczos_order=60, num_draws=2, top_k=3,
+        power_iters=50, trace_samples=50, seed=0))
+    c.transfer = ml_collections.ConfigDict(dict(lenet5=digits32.get_config("lenet5"),
+                                                resnet18=digits32.get_config("resnet18")))
+    c.transfer.resnet18.num_epochs = 8
+    c.num_cpu_devices = 0
+    return c

@@ -1,0 +1,147 @@
+"""The main job: all four questions on embedded data, written up in WORKDIR/report.md.
+
+  python -m experiments.main --workdir=runs/main [--config=configs/main.py]
+
+Question 1 and 2: the convexity study. Question 3: the dense and convolutional grids with 3-fold
+cross-validation, the best models on the test split, and the Hessian spectrum of the best CNN.
+Question 4: LeNet-5 and ResNet-18 on the digits at 32x32x3, compared; the weight porting checked
+by a round trip (and, with PyTorch installed, against torchvision). A few minutes on 2 cores.
+"""
+
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments.common import clean_errors, prepare_platform
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/main.py", "Main-job config.",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "Where the report, figures and every run go.")
+flags.mark_flag_as_required("workdir")
+
+
+def question3(config, workdir: str) -> str:
+    from dlassign.hessian.study import checkpoint_spectrum, density_plot
+    from dlassign.report import grid_table
+    from dlassign.tune import tune
+
+    parts = ["## Question 3: dense and convolutional networks, tuned by k-fold CV\n"]
+    for key, title in (("tune_mlp", "Dense network"), ("tune_cnn", "Convolutional network")):
+        cfg = config[key]
+        results = tune(cfg, os.path.join(workdir, key))
+        model = cfg.model.to_dict()
+        parts.append(f"### {title} on {cfg.data.name}\n")
+        parts.append(f"Model {model}; {cfg.optimizer.name} lr {cfg.optimizer.learning_rate}, "
+                     f"batch {cfg.batch_size}, {cfg.num_epochs} epochs; preprocessing: pixels "
+                     f"scaled to [0, 1] ({cfg.data.normalization}). {results['num_folds']}-fold "
+                     "stratified CV per cell, then the best cell retrained on the whole training "
+                     "split and scored on the test split.\n")
+        parts.append(grid_table(results))
+        parts.append(f"\n![{key}]({key}/heatmap.png)\n")
+    s = config.spectrum
+    spec = checkpoint_spectrum(os.path.join(workdir, "tune_cnn", "best"), s.num_examples,
+                               s.batch_size, s.lanczos_order, s.num_draws, s.top_k,
+                               s.power_iters, s.trace_samples, s.seed)
+    density_plot(spec, os.path.join(workdir, "tune_cnn", "best", "hessian_density.png"))
+    parts.append("### Hessian spectrum of the best CNN\n")
+    parts.append(
+        f"On {spec['num_examples']} training examples ({spec['num_params']} parameters): top "
+        f"eigenvalues {', '.join(f'{v:.4g}' for v in spec['top_eigenvalues'])} (power "
+        f"iteration with deflation); Lanczos range [{spec['lanczos_min']:.4g}, "
+        f"{spec['lanczos_max']:.4g}], so the most negative eigenvalue is "
+        f"{abs(spec['most_negative_to_top_ratio']):.2%} of the largest in size; trace "
+        f"{spec['trace']:.4g} +- {spec['trace_standard_error']:.2g} (Hutchinson, "
+        f"{spec['trace_samples']} probes). A trained network sits where the loss is almost "
+        "convex but not quite: a few large positive directions, a bulk near zero, small "
+        "negative ones.\n")
+    parts.append("![spectrum](tune_cnn/best/hessian_density.png)\n")
+    return "\n".join(parts)
+
+
+def question4(config, workdir: str) -> str:
+    import numpy as np
+
+    from dlassign.compare import compare
+    from dlassign.evaluation import restore_run
+    from dlassign.porting import flax_to_torch, torch_to_flax
+    from dlassign.train import train_and_evaluate
+
+    dirs = []
+    for arch in ("lenet5", "resnet18"):
+        d = os.path.join(workdir, f"transfer_{arch}")
+        train_and_evaluate(config.transfer[arch], d)
+        dirs.append(d)
+    cmp = compare(dirs, os.path.join(workdir, "comparison"))
+    parts = ["## Question 4: SVHN models, pretrained PyTorch weights in Flax\n",
+             "**Not measured here:** SVHN and torchvision's ImageNet weights cannot be "
+             "downloaded on this machine, so this report trains LeNet-5 and ResNet-18 from "
+             "scratch on the digits resized to 32x32x3, through the same models, pipeline, "
+             "collapse check and comparison that `configs/svhn.py` uses. The SVHN runs are one "
+             "command each for a user with internet (see the README).\n",
+             cmp["markdown"], "\n![comparison](comparison/comparison.png)\n"]
+    run, state, _ = restore_run(dirs[1])
+    variables = state.variables
+    sd = flax_to_torch(variables, "resnet18")
+    back = torch_to_flax(sd, "resnet18")
+    import jax
+
+    same = all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(jax.tree.map(np.asarray, variables)), jax.tree.leaves(back)))
+    parts.append(f"Porting check: the trained ResNet-18 exported to a torch state dict "
+                 f"({len(sd)} tensors, torchvision names) and ported back is "
+                 f"{'bit-for-bit identical' if same else 'NOT identical'}.")
+    try:
+        import torch
+
+        from dlassign.porting.torch_models import build
+
+        model = build("resnet18", 10).double().eval()
+        model.load_state_dict({k: torch.from_numpy(v if v.dtype == np.int64 else
+                                                   v.astype(np.float64)) for k, v in sd.items()})
+        x = np.random.default_rng(0).normal(size=(4, 3, 32, 32))
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        with jax.enable_x64(True):
+            v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+            out = np.asarray(run.model.apply(v64, x.transpose(0, 2, 3, 1)))
+        parts[-1] += (f" Loaded into torchvision's ResNet-18, it gives the same logits as the "
+                      f"Flax model to {np.abs(out - ref).max():.1e} in float64.\n")
+    except ImportError:
+        parts[-1] += (" (PyTorch is not installed, so the torchvision comparison is skipped; "
+                      "`pip install -e '.[torch]'` adds it.)\n")
+    return "\n".join(parts)
+
+
+@clean_errors
+def main(argv):
+    del argv
+    prepare_platform(FLAGS.config.get("num_cpu_devices", 0))
+    import jax
+
+    from dlassign.convexity_report import run_and_report
+
+    workdir = FLAGS.workdir
+    os.makedirs(workdir, exist_ok=True)
+    start = time.time()
+    sections = []
+    logging.info("questions 1 and 2: convexity")
+    results = run_and_report(FLAGS.config.convexity, os.path.join(workdir, "convexity"),
+                             prefix="convexity/")
+    sections.append(results["section"])
+    logging.info("question 3: tuning")
+    sections.append(question3(FLAGS.config, workdir))
+    logging.info("question 4: the SVHN models on the digits")
+    sections.append(question4(FLAGS.config, workdir))
+    minutes = (time.time() - start) / 60
+    header = (f"# dlassign report\n\nMain job on embedded data, {minutes:.1f} minutes on "
+              f"{jax.device_count()} {jax.default_backend()} devices (jax {jax.__version__}).\n\n")
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(header + "\n".join(sections))
+    print(f"wrote {os.path.join(workdir, 'report.md')} in {minutes:.1f} minutes")
+
+
+if __name__ == "__main__":
+    app.run(main)
