@@ -136,3 +136,15 @@ def test_im2col_heuristic_picks_measured_winners():
     assert im2col_pays((128, 13, 13, 32), (3, 3, 32, 64), (1, 1), ((0, 0), (0, 0)))
     assert not im2col_pays((128, 32, 32, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)))
     assert not im2col_pays((128, 8, 8, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize("window,stride,padding,size", [(3, 2, 1, 16), (3, 2, 0, 15), (3, 2, 1, 7)])
+def test_overlapping_pool_breaks_ties_like_select_and_scatter(window, stride, padding, size):
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(0).integers(0, 2, (2, size, size, 3)), jnp.float64)
+        g = jax.random.normal(jax.random.PRNGKey(1),
+                              max_pool(x, window, stride, padding, impl="xla").shape, jnp.float64)
+        grads = [jax.grad(lambda x, i=impl: jnp.sum(g * max_pool(x, window, stride, padding,
+                                                                  impl=i)))(x)
+                 for impl in ("cpu", "xla")]
+        np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=1e-12)

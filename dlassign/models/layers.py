@@ -3,8 +3,9 @@
 XLA:CPU has two slow spots that dominate small-image training on a laptop:
 
 * the gradient of `lax.reduce_window` max pooling (select-and-scatter). Non-overlapping windows
-  become a reshape and a `max` over two axes; overlapping ones (ResNet's 3x3/2) a `maximum` over
-  the k*k strided slices of the -inf-padded input.
+  become a reshape and a `max` over two axes; overlapping ones (ResNet's 3x3/2) a `maximum`
+  over the k*k strided slices of the -inf-padded input, with a custom gradient that sends each
+  window's gradient to its first maximum (select-and-scatter's and torch's rule).
 * convolutions on feature maps of a few pixels. They become im2col: pad, take the kh*kw shifted
   (strided) slices, concatenate them along channels and do one matmul.
 
@@ -16,6 +17,7 @@ Pooling always takes the rewrite on the CPU; convolutions take im2col where `im2
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -72,19 +74,67 @@ def max_pool(
     pads = ((padding, padding), (padding, padding))
     if not use_cpu_kernels(impl):
         return nn.max_pool(x, (window, window), (stride, stride), pads)
-    n, h, w, c = x.shape
     if window == stride and padding == 0:
+        # A reshape and a max; JAX's gradient of max shares a tie equally between the tied
+        # elements (torch gives it all to the first), which only matters on exact ties.
+        n, h, w, c = x.shape
         ho, wo = h // window, w // window
         x = x[:, : ho * window, : wo * window]
         return x.reshape(n, ho, window, wo, window, c).max(axis=(2, 4))
-    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    return _tap_max_pool(x, window, stride, padding)
+
+
+def _taps(x: jax.Array, window: int, stride: int, padding: int):
+    """-inf-padded x and the strided slice of every window tap, in row-major tap order."""
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                constant_values=-jnp.inf)
     ho, wo = (x.shape[1] - window) // stride + 1, (x.shape[2] - window) // stride + 1
+    index = [(a, b, (slice(None), slice(a, a + stride * (ho - 1) + 1, stride),
+                     slice(b, b + stride * (wo - 1) + 1, stride)))
+             for a in range(window) for b in range(window)]
+    return x, index
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _tap_max_pool(x, window, stride, padding):
+    """Max over the strided slices of the window taps; no reduce_window, no select-and-scatter.
+
+    The gradient goes to the first maximum of each window in row-major order, exactly as
+    XLA's select-and-scatter (and torch) break ties.
+    """
+    xp, index = _taps(x, window, stride, padding)
     out = None
-    for a in range(window):
-        for b in range(window):
-            s = x[:, a: a + stride * (ho - 1) + 1: stride, b: b + stride * (wo - 1) + 1: stride]
-            out = s if out is None else jnp.maximum(out, s)
+    for _, _, sl in index:
+        out = xp[sl] if out is None else jnp.maximum(out, xp[sl])
     return out
+
+
+def _tap_max_pool_fwd(x, window, stride, padding):
+    out = _tap_max_pool(x, window, stride, padding)
+    return out, (x, out)
+
+
+def _tap_max_pool_bwd(window, stride, padding, residual, g):
+    x, out = residual
+    xp, index = _taps(x, window, stride, padding)
+    taken = jnp.zeros(out.shape, bool)
+    grad = jnp.zeros(xp.shape, g.dtype)
+    hp, wp = xp.shape[1], xp.shape[2]
+    zero = jnp.zeros((), g.dtype)
+    for a, b, sl in index:
+        first = (xp[sl] == out) & ~taken
+        taken = taken | first
+        contribution = jnp.where(first, g, zero)
+        ho, wo = contribution.shape[1], contribution.shape[2]
+        # Strided placement of this tap's share: interior padding puts stride-1 zeros between.
+        grad = grad + lax.pad(contribution, zero, (
+            (0, 0, 0), (a, hp - a - (stride * (ho - 1) + 1), stride - 1),
+            (b, wp - b - (stride * (wo - 1) + 1), stride - 1), (0, 0, 0)))
+    h, w = x.shape[1], x.shape[2]
+    return (grad[:, padding:padding + h, padding:padding + w],)
+
+
+_tap_max_pool.defvjp(_tap_max_pool_fwd, _tap_max_pool_bwd)
 
 
 def _im2col_conv(lhs, rhs, window_strides, padding):
