@@ -14,7 +14,8 @@ sys.path.insert(0, ROOT)
 
 # (name, input shape HWC, dlassign model config) for the training-throughput table.
 MODELS = {
-    "mlp": ((28, 28, 1), {"name": "mlp", "hidden_sizes": (1024, 1024), "dropout": 0.2}),
+    "mlp": ((28, 28, 1), {"name": "mlp", "hidden_sizes": (1024, 1024)}),
+    "mlp_dropout": ((28, 28, 1), {"name": "mlp", "hidden_sizes": (1024, 1024), "dropout": 0.2}),
     "cnn": ((28, 28, 1), {"name": "cnn", "dropout": 0.3}),
     "lenet5": ((32, 32, 3), {"name": "lenet5"}),
     "resnet18": ((32, 32, 3), {"name": "resnet18"}),
@@ -24,7 +25,7 @@ MODELS = {
 
 def parse(description: str, extra=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--models", default="mlp,cnn,lenet5,resnet18")
+    p.add_argument("--models", default="mlp,mlp_dropout,cnn,lenet5,resnet18")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--steps", type=int, default=10, help="steps per round")
@@ -85,9 +86,10 @@ def torch_model(name: str, num_classes: int = 10):
     import torch
     from torch import nn
 
-    if name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Dropout(0.2),
-                             nn.Linear(1024, 1024), nn.ReLU(), nn.Dropout(0.2),
+    if name in ("mlp", "mlp_dropout"):
+        rate = 0.2 if name == "mlp_dropout" else 0.0
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Dropout(rate),
+                             nn.Linear(1024, 1024), nn.ReLU(), nn.Dropout(rate),
                              nn.Linear(1024, num_classes))
     if name == "cnn":
         return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),

@@ -1,6 +1,6 @@
 """Each convolution and pooling layer of our models: XLA's kernel against the CPU rewrites.
 
-  python benchmarks/conv_paths.py [--cpu_devices=2]
+  python -m benchmarks.conv_paths [--cpu_devices=2]
 
 Forward plus both gradients, batch 128 sharded over the CPU host devices, for the layer shapes
 of the MNIST CNN, LeNet-5 and ResNet-18 at 32x32. 'chosen' is what `impl='auto'` picks

@@ -1,7 +1,7 @@
 """A few hundred training steps of ResNet-18 on MNIST (32x32, three channels), ours against
 PyTorch on the same batches, then both on the whole test split.
 
-  python benchmarks/finetune.py --data_dir=PATH/TO/MNIST [--steps=300] [--arch=resnet18]
+  python -m benchmarks.finetune --data_dir=PATH/TO/MNIST [--steps=300] [--arch=resnet18]
 
 Same architecture, initial weights (ported from the PyTorch model), batches, SGD with momentum
 and float32 in both. Reports wall time of the steps and test accuracy.

@@ -1,6 +1,6 @@
 """Cost of a Hessian-vector product over a gradient, and ours against PyTorch's HVP.
 
-  python benchmarks/hessian.py [--models=cnn,resnet18] [--batch_size=128]
+  python -m benchmarks.hessian [--models=cnn,resnet18] [--batch_size=128]
 
 Ours: forward-over-reverse (`jax.jvp` of `jax.grad`) on flattened parameters, BatchNorm on
 running statistics. PyTorch: double backward (`autograd.grad` with create_graph=True, then the
@@ -74,7 +74,8 @@ def measure(jax, torch, name: str, args) -> dict:
 
 def main():
     args = parse(__doc__)
-    args.models = args.models if args.models != "mlp,cnn,lenet5,resnet18" else "cnn,resnet18"
+    args.models = args.models if args.models != "mlp,mlp_dropout,cnn,lenet5,resnet18" else (
+        "cnn,resnet18")
     jax = start_jax(1)
     import torch
 

@@ -1,6 +1,6 @@
 """k-fold cross-validation: the k folds as one vmapped program against one after another.
 
-  python benchmarks/kfold.py [--data_dir=PATH/TO/MNIST] [--folds=3] [--epochs=1]
+  python -m benchmarks.kfold [--data_dir=PATH/TO/MNIST] [--folds=3] [--epochs=1]
 
 Both train the same folds with the same batches (dlassign.tune.cross_validate); without
 --data_dir, the embedded digits are used.

@@ -1,6 +1,6 @@
 """Peak memory of one training step, ours against PyTorch, each in a fresh process.
 
-  python benchmarks/memory.py [--models=mlp,cnn,lenet5,resnet18]
+  python -m benchmarks.memory [--models=mlp,cnn,lenet5,resnet18]
 
 Reports the peak resident set size of a process that builds the model and runs 5 training
 steps (baseline: the same process before the model is built), and for ours also XLA's own

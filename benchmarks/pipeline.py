@@ -1,6 +1,6 @@
 """A whole MNIST epoch through the input pipeline against the train step alone.
 
-  python benchmarks/pipeline.py [--data_dir=PATH/TO/MNIST] [--model=cnn]
+  python -m benchmarks.pipeline [--data_dir=PATH/TO/MNIST] [--model=cnn]
 
 'step alone' feeds one batch already on the devices; 'epoch' draws every batch from the
 seeded permutation, gathers the uint8 rows on the host and prefetches them to the devices, as

@@ -1,6 +1,6 @@
 """Training-step throughput: dlassign against the same model in PyTorch eager, interleaved.
 
-  python benchmarks/throughput.py [--models=mlp,cnn,lenet5,resnet18] [--batch_size=128]
+  python -m benchmarks.throughput [--models=mlp,cnn,lenet5,resnet18] [--batch_size=128]
 
 Same architecture, batch, optimizer (Adam, lr 1e-3) and precision (float32) in both; each round
 times `--steps` training steps of ours, then of PyTorch's, and the table gives the medians over

@@ -19,7 +19,7 @@ def get_config():
     c.optimizer.learning_rate = 1e-3
     c.batch_size = 128
     c.eval_batch_size = 1000
-    c.num_epochs = 5
+    c.num_epochs = 3
     c.log_every_steps = 0
     c.tune = dict(num_folds=3, mode="auto",
                   grid={"model": {"dense_width": [32, 64, 128],
