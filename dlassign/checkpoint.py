@@ -100,24 +100,18 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores and verifies one step; raises CheckpointError when it is damaged."""
-        try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
-            raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-        state, meta = out["state"], out["meta"]
-        if meta.get("state_sha256") != fingerprint(state):
-            raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged: its "
-                                  "contents do not match the fingerprint written with it")
-        return state, meta
+        """Restores and verifies one step into `abstract_state`'s structure and shardings;
+        raises CheckpointError when it is damaged."""
+        return self._restore_verified(step, ocp.args.StandardRestore(abstract_state))
 
     def restore_raw(self, step: int) -> tuple[Any, dict]:
         """Restores a step as saved (numpy arrays, no target structure), verified."""
+        return self._restore_verified(step, ocp.args.StandardRestore())
+
+    def _restore_verified(self, step: int, state_args) -> tuple[Any, dict]:
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+                state=state_args, meta=ocp.args.JsonRestore()))
         except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
             raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read: "
                                   f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from absl import logging
+from absl import app, flags, logging
 
 from dlassign.errors import DlassignError
 
@@ -39,3 +39,34 @@ def clean_errors(main):
             sys.exit(2)
 
     return wrapped
+
+
+def data_dir_override(data_dir: str | None) -> dict | None:
+    """Config overrides for a run whose dataset's raw files have moved since it was written."""
+    return {"data.data_dir": data_dir} if data_dir else None
+
+
+def _parse_flags(argv):
+    """absl's parser, with ml_collections' override errors as one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.",
+              file=sys.stderr)
+        sys.exit(2)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        # ml_collections raises these for --config.<field> overrides: an unknown field (with a
+        # "Did you mean" hint) or a value of the wrong type.
+        message = str(e.args[0] if e.args else e)
+        if isinstance(e, KeyError) and "\n" in message:
+            field, hint = message.split("\n", 1)
+            message = f"no config field {field}. {hint}"
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        print(f"error: bad config override {' '.join(bad)}: {message}".replace("\n", " "),
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def run(main) -> None:
+    """`app.run` with clean one-line errors for bad flags and config overrides."""
+    app.run(main, flags_parser=_parse_flags)

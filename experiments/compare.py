@@ -6,9 +6,9 @@
 Writes comparison.md (table and comment), comparison.png (bar chart) and comparison.json.
 """
 
-from absl import app, flags
+from absl import flags
 
-from experiments.common import clean_errors
+from experiments.common import clean_errors, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Directory for the comparison (default: the first run's "
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -8,10 +8,10 @@ Writes results.json, report.md and the figures into --workdir.
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform
+from experiments.common import clean_errors, prepare_platform, run
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Convexity config file.", lock_config=True)
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -7,9 +7,9 @@ Prints the metrics as JSON and writes eval.json, eval_per_class.md and confusion
 
 import json
 
-from absl import app, flags
+from absl import flags
 
-from experiments.common import clean_errors, prepare_platform
+from experiments.common import clean_errors, data_dir_override, prepare_platform, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
@@ -24,7 +24,7 @@ def main(argv):
     prepare_platform()
     from dlassign.evaluation import evaluate_checkpoint
 
-    overrides = {"data.data_dir": FLAGS.data_dir} if FLAGS.data_dir else None
+    overrides = data_dir_override(FLAGS.data_dir)
     result = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, overrides)
     test = {k: result["test"][k] for k in ("accuracy", "precision_macro", "recall_macro",
                                            "f1_macro", "loss", "num_examples")}
@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -9,9 +9,9 @@ hessian_spectrum.json and hessian_density.png into --workdir.
 
 import json
 
-from absl import app, flags
+from absl import flags
 
-from experiments.common import clean_errors, prepare_platform
+from experiments.common import clean_errors, data_dir_override, prepare_platform, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
@@ -34,7 +34,7 @@ def main(argv):
     prepare_platform()
     from dlassign.hessian.study import checkpoint_spectrum
 
-    overrides = {"data.data_dir": FLAGS.data_dir} if FLAGS.data_dir else None
+    overrides = data_dir_override(FLAGS.data_dir)
     r = checkpoint_spectrum(FLAGS.workdir, FLAGS.num_examples, FLAGS.batch_size,
                             FLAGS.lanczos_order, FLAGS.num_draws, FLAGS.top_k, FLAGS.power_iters,
                             FLAGS.trace_samples, FLAGS.seed, FLAGS.step, overrides)
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

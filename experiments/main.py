@@ -11,10 +11,10 @@ by a round trip (and, with PyTorch installed, against torchvision). A few minute
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform
+from experiments.common import clean_errors, prepare_platform, run
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/main.py", "Main-job config.",
@@ -144,4 +144,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -14,10 +14,10 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform
+from experiments.common import clean_errors, prepare_platform, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("arch", None, "Architecture: lenet5, alexnet, vgg16, vgg16_bn, resnet18, "
@@ -132,4 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

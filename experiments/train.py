@@ -7,10 +7,10 @@ Writes checkpoints, `results.json` (test accuracy, macro precision/recall/F1, th
 --workdir; rerunning the same command after an interruption continues where it stopped.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform
+from experiments.common import clean_errors, prepare_platform, run
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -12,9 +12,9 @@ import json
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments.common import clean_errors
+from experiments.common import clean_errors, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("arch", "lenet5", ["lenet5", "resnet18"], "Architecture.")
@@ -74,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -7,10 +7,10 @@ Writes results.json (every cell's fold accuracies, mean, std; the best cell; its
 results.md and heatmap.png into --workdir. A rerun skips the cells already finished.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform
+from experiments.common import clean_errors, prepare_platform, run
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Tuning config file.", lock_config=True)
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)
