@@ -125,7 +125,12 @@ def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, leading_
 
 
 def to_host(tree):
-    """Fetches a pytree (replicated or sharded) to numpy on this host."""
+    """Fetches a pytree (replicated or sharded) to numpy on this host; across hosts, the
+    sharded parts are gathered from every process first."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if isinstance(x, jax.Array)
                         else x, tree)
 

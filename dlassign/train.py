@@ -147,7 +147,7 @@ def predict(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size: 
     preds, loss_sum, count = [], 0.0, 0
     for batch in prefetch(eval_batches(split, batch_size), parallel.batch_sharding(mesh)):
         out = parallel.to_host(eval_step(state, batch))
-        mask = np.asarray(jax.device_get(batch["mask"]))
+        mask = parallel.to_host(batch["mask"])
         preds.append(out["pred"][mask])
         loss_sum += float(out["loss_sum"])
         count += int(out["count"])
@@ -188,7 +188,12 @@ def _check_finite(host_metrics: list[dict], first_step: int, params) -> None:
 
 
 def write_json(path: str, obj) -> None:
-    """Writes JSON atomically: a crash leaves the old file or the new one, never half of one."""
+    """Writes JSON atomically: a crash leaves the old file or the new one, never half of one.
+
+    In a multi-process run only process 0 writes.
+    """
+    if jax.process_index() != 0:
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)

@@ -9,11 +9,20 @@ from absl import app, flags, logging
 
 from dlassign.errors import DlassignError
 
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
+                  "(TPU pods and SLURM are detected; elsewhere set JAX_COORDINATOR_ADDRESS, "
+                  "JAX_NUM_PROCESSES and JAX_PROCESS_ID).")
+
 
 def prepare_platform(num_cpu_devices: int = 0) -> None:
-    """Creates one CPU host device per core (or `num_cpu_devices`) before JAX starts."""
+    """Joins a multi-host run (--distributed), and creates one CPU host device per core (or
+    `num_cpu_devices`) before JAX starts."""
+    import jax
+
     from dlassign.parallel import configure_cpu_devices
 
+    if flags.FLAGS.distributed:
+        jax.distributed.initialize()
     configure_cpu_devices(num_cpu_devices)
 
 
