@@ -26,6 +26,7 @@ from jax.flatten_util import ravel_pytree
 from scipy.special import expit
 
 from dlassign.data import load_split
+from dlassign.errors import NumericalError
 from dlassign.hessian import exact_hessian, flatten_loss
 from dlassign.losses import get_loss
 from dlassign.models import DeepLinear, LogisticRegression
@@ -83,8 +84,11 @@ def eig_extremes(hessian: np.ndarray) -> tuple[float, float]:
 
 
 def gradient_descent(f: Callable, x0: jax.Array, lr: float, steps: int, every: int,
-                     accuracy: Callable) -> dict:
+                     accuracy: Callable, lr_field: str = "lr") -> dict:
     """Full-batch gradient descent on a flat vector, as one `lax.scan`.
+
+    Raises:
+      NumericalError: the iterates became non-finite; names the step and `lr_field`.
 
     Returns:
       loss, accuracy, grad_norm per step (float64[steps + 1], index 0 is the start), and the
@@ -105,6 +109,11 @@ def gradient_descent(f: Callable, x0: jax.Array, lr: float, steps: int, every: i
                 jnp.concatenate([xs[::every], x_end[None]]))
 
     loss, acc, gnorm, snapshots = jax.device_get(run(x0))
+    bad = np.flatnonzero(~np.isfinite(loss) | ~np.isfinite(gnorm))
+    if bad.size:
+        raise NumericalError(f"gradient descent diverged at step {int(bad[0])} with "
+                             f"{lr_field}={lr}; lower it (the data's curvature is too high "
+                             "for this step size)")
     return {"loss": loss, "accuracy": acc, "grad_norm": gnorm, "snapshots": snapshots}
 
 
@@ -142,7 +151,7 @@ def logistic_study(cfg, data: BinaryData) -> dict:
 
     # The CE minimiser's direction (long GD from zero) orients slices and saturated points.
     ce = gradient_descent(losses["cross_entropy"][0], jnp.zeros(dim), cfg.lr,
-                          cfg.reference_steps, cfg.reference_steps, accuracy)
+                          cfg.reference_steps, cfg.reference_steps, accuracy, "logistic.lr")
     direction = ce["snapshots"][-1] / np.linalg.norm(ce["snapshots"][-1])
 
     # Parameter points: random at several scales, saturated along +-direction, and trajectories.
@@ -165,7 +174,7 @@ def logistic_study(cfg, data: BinaryData) -> dict:
         training[loss] = {}
         for start_name, start in starts.items():
             run = gradient_descent(f, jnp.asarray(start), cfg.lr, cfg.train_steps,
-                                   cfg.snapshot_every, accuracy)
+                                   cfg.snapshot_every, accuracy, "logistic.lr")
             training[loss][start_name] = run
             points.extend((f"trajectory:{loss}:{start_name}", float(i * cfg.snapshot_every), p)
                           for i, p in enumerate(run["snapshots"]))
@@ -295,7 +304,7 @@ def deep_linear_study(cfg, data: BinaryData) -> list[dict]:
             g_norm = float(np.linalg.norm((dl[:, None] * data.x).mean(0)))
 
             run = gradient_descent(f, x0 * cfg.init_scale, cfg.lr, cfg.train_steps,
-                                   cfg.snapshot_every, accuracy)
+                                   cfg.snapshot_every, accuracy, "deep_linear.lr")
             randoms = []
             for i, scale in enumerate(np.repeat(cfg.random_scales, cfg.points_per_scale)):
                 key = jax.random.PRNGKey(cfg.seed + 1000 * depth + i + 1)

@@ -161,3 +161,13 @@ def test_study_derives_the_answers_on_synthetic_data():
             assert lo == hi == 0.0
         m = row["midpoint"]
         assert m["loss_mid"] > (m["loss_a"] + m["loss_b"]) / 2
+
+
+def test_diverging_gradient_descent_names_the_learning_rate():
+    from dlassign.convexity import gradient_descent
+    from dlassign.errors import NumericalError
+
+    with jax.enable_x64(True):
+        f = lambda x: jnp.sum(x**4)
+        with pytest.raises(NumericalError, match=r"diverged at step \d+ with deep_linear.lr=10"):
+            gradient_descent(f, jnp.ones(3), 10.0, 50, 10, lambda x: 0.0, "deep_linear.lr")
