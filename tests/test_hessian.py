@@ -108,3 +108,25 @@ def test_slq_density_integrates_to_one_and_covers_the_spectrum(small_problem):
         assert d.grid[0] <= exact[0] and d.grid[-1] >= exact[-1]
         # At full order each draw's weights put mass exactly on H's eigenvalues.
         np.testing.assert_allclose(np.sort(d.ritz_values[0]), exact, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,shape,kwargs", [
+    ("cnn", (2, 12, 12, 1), {"conv_features": (2, 3), "dense_width": 4, "padding": "same"}),
+    ("lenet5", (2, 32, 32, 3), {}),
+    ("resnet18", (2, 16, 16, 3), {"stage_sizes": (1, 1, 1, 1)}),
+])
+def test_forward_over_reverse_hvp_through_every_layer(name, shape, kwargs):
+    """HVPs run through the CPU fast paths (pooling, im2col, BatchNorm) and agree with
+    reverse-over-reverse."""
+    with jax.enable_x64(True):
+        model = get_model(name, num_classes=3, impl="cpu", **kwargs)
+        x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
+        y = jnp.arange(shape[0]) % 3
+        variables = jax.tree.map(lambda a: a.astype(jnp.float64),
+                                 model.init(jax.random.PRNGKey(1), x.astype(jnp.float32)))
+        batch_loss = model_batch_loss(model, variables, "cross_entropy")
+        f, x0, _ = flatten_loss(lambda p: batch_loss(p, {"image": x, "label": y})[0],
+                                variables["params"])
+        v = jax.random.normal(jax.random.PRNGKey(2), x0.shape, jnp.float64)
+        reverse_over_reverse = jax.grad(lambda p: jnp.vdot(jax.grad(f)(p), v))(x0)
+        np.testing.assert_allclose(hvp(f, x0, v), reverse_over_reverse, rtol=1e-8, atol=1e-10)

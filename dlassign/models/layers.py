@@ -4,8 +4,8 @@ XLA:CPU has two slow spots that dominate small-image training on a laptop:
 
 * the gradient of `lax.reduce_window` max pooling (select-and-scatter). Non-overlapping windows
   become a reshape and a `max` over two axes; overlapping ones (ResNet's 3x3/2) a `maximum`
-  over the k*k strided slices of the -inf-padded input, with a custom gradient that sends each
-  window's gradient to its first maximum (select-and-scatter's and torch's rule).
+  over the k*k strided slices of the -inf-padded input, with a custom derivative that follows
+  each window's first maximum (select-and-scatter's and torch's rule).
 * convolutions on feature maps of a few pixels. They become im2col: pad, take the kh*kw shifted
   (strided) slices, concatenate them along channels and do one matmul.
 
@@ -95,12 +95,13 @@ def _taps(x: jax.Array, window: int, stride: int, padding: int):
     return x, index
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _tap_max_pool(x, window, stride, padding):
     """Max over the strided slices of the window taps; no reduce_window, no select-and-scatter.
 
-    The gradient goes to the first maximum of each window in row-major order, exactly as
-    XLA's select-and-scatter (and torch) break ties.
+    Derivatives follow the first maximum of each window in row-major order, exactly as XLA's
+    select-and-scatter (and torch) break ties. The rule is a JVP, so reverse mode (its
+    transpose) and forward-over-reverse Hessian-vector products both work.
     """
     xp, index = _taps(x, window, stride, padding)
     out = None
@@ -109,32 +110,19 @@ def _tap_max_pool(x, window, stride, padding):
     return out
 
 
-def _tap_max_pool_fwd(x, window, stride, padding):
+@_tap_max_pool.defjvp
+def _tap_max_pool_jvp(window, stride, padding, primals, tangents):
+    (x,), (t,) = primals, tangents
     out = _tap_max_pool(x, window, stride, padding)
-    return out, (x, out)
-
-
-def _tap_max_pool_bwd(window, stride, padding, residual, g):
-    x, out = residual
     xp, index = _taps(x, window, stride, padding)
+    tp = jnp.pad(t, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     taken = jnp.zeros(out.shape, bool)
-    grad = jnp.zeros(xp.shape, g.dtype)
-    hp, wp = xp.shape[1], xp.shape[2]
-    zero = jnp.zeros((), g.dtype)
-    for a, b, sl in index:
+    t_out = jnp.zeros(out.shape, t.dtype)
+    for _, _, sl in index:
         first = (xp[sl] == out) & ~taken
         taken = taken | first
-        contribution = jnp.where(first, g, zero)
-        ho, wo = contribution.shape[1], contribution.shape[2]
-        # Strided placement of this tap's share: interior padding puts stride-1 zeros between.
-        grad = grad + lax.pad(contribution, zero, (
-            (0, 0, 0), (a, hp - a - (stride * (ho - 1) + 1), stride - 1),
-            (b, wp - b - (stride * (wo - 1) + 1), stride - 1), (0, 0, 0)))
-    h, w = x.shape[1], x.shape[2]
-    return (grad[:, padding:padding + h, padding:padding + w],)
-
-
-_tap_max_pool.defvjp(_tap_max_pool_fwd, _tap_max_pool_bwd)
+        t_out = t_out + jnp.where(first, tp[sl], jnp.zeros((), t.dtype))
+    return out, t_out
 
 
 def _im2col_conv(lhs, rhs, window_strides, padding):
