@@ -12,13 +12,16 @@ from dlassign.report import confusion_matrix_png, per_class_table
 from dlassign.train import abstract_tree, compile_steps, evaluate, make_state, setup, write_json
 
 
-def restore_run(workdir: str, step: int | None = None, overrides: dict | None = None):
+def restore_run(workdir: str, step: int | None = None, overrides: dict | None = None,
+                dataset=None):
     """Rebuilds the run of a training workdir and restores a checkpoint into it.
 
     Args:
       workdir: a directory written by `experiments.train`.
       step: the checkpoint step (None: the newest intact one).
       overrides: config fields to change, e.g. {"data": {"data_dir": ...}} when the data moved.
+      dataset: the in-memory `Dataset` the run trained on, when it was not loaded from the
+        config's data section (None: load it from the config).
 
     Returns:
       (run, state, meta).
@@ -38,7 +41,7 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
     config = ml_collections.ConfigDict(first_meta["config"])
     if overrides:
         config.update_from_flattened_dict(overrides)
-    run = setup(config)
+    run = setup(config, dataset)
     state = make_state(run)
     if first_meta.get("kind") == "variables":  # an experiments.port_weights output
         abstract = {k: v for k, v in abstract_tree(state).items()
