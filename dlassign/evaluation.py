@@ -43,15 +43,17 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
         config.update_from_flattened_dict(overrides)
     run = setup(config, dataset)
     state = make_state(run)
-    if first_meta.get("kind") == "variables":  # an experiments.port_weights output
-        abstract = {k: v for k, v in abstract_tree(state).items()
-                    if k in ("params", "batch_stats")}
-        tree, meta = ckpt.restore(step or steps[-1], abstract)
-    elif step is None:
-        tree, meta = ckpt.restore_latest(abstract_tree(state), config.to_dict())
-    else:
-        tree, meta = ckpt.restore(step, abstract_tree(state))
-    ckpt.close()
+    try:
+        if first_meta.get("kind") == "variables":  # an experiments.port_weights output
+            abstract = {k: v for k, v in abstract_tree(state).items()
+                        if k in ("params", "batch_stats")}
+            tree, meta = ckpt.restore(step or steps[-1], abstract)
+        elif step is None:
+            tree, meta = ckpt.restore_latest(abstract_tree(state), config.to_dict())
+        else:
+            tree, meta = ckpt.restore(step, abstract_tree(state))
+    finally:
+        ckpt.close()
     return run, state.replace(**tree), meta
 
 

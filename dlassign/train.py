@@ -287,7 +287,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = make_state(run, initial_variables(run))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.get("keep_checkpoints", 3))
     history, train_time = [], 0.0
-    restored = ckpt.restore_latest(abstract_tree(state), config.to_dict())
+    try:
+        restored = ckpt.restore_latest(abstract_tree(state), config.to_dict())
+    except Exception:
+        ckpt.close()
+        raise
     if restored is not None:
         tree, meta = restored
         state = state.replace(**tree)
@@ -344,6 +348,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             logging.warning("interrupted: saved step %d; rerun the same command to resume",
                             int(state.step))
         ckpt.close()
+        raise
+    except Exception:
+        ckpt.close()  # let the checkpoints already being written finish
         raise
 
     test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
