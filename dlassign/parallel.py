@@ -18,6 +18,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dlassign import host
 from dlassign.errors import ConfigError
 
 DATA = "data"
@@ -35,8 +36,10 @@ def configure_cpu_devices(num: int = 0) -> None:
 
     XLA:CPU runs one device's program on one stream, so a single device leaves cores idle on
     small models; data parallel over one host device per core uses them. Has no effect on GPU or
-    TPU runs (they use their accelerators), and none once JAX's backend is up.
+    TPU runs (they use their accelerators), and none once JAX's backend is up. Also lets the
+    host allocator reuse freed pages across steps (`dlassign.host`).
     """
+    host.keep_freed_memory()
     num = num or cpu_core_count()
     try:
         jax.config.update("jax_num_cpu_devices", num)

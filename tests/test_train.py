@@ -155,3 +155,35 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
     logits = model.apply(variables, jnp.zeros((2, 8, 8, 1), jnp.bfloat16))
     assert logits.dtype == jnp.float32
+
+
+def test_host_allocator_keeps_freed_pages(monkeypatch):
+    """The thresholds take (so a step's buffers reuse the last step's pages), or the opt-out
+    leaves glibc alone; a large block freed and allocated again faults no new pages."""
+    import ctypes
+    import resource
+    import sys
+
+    from dlassign import host
+
+    monkeypatch.setattr(host, "_done", False)
+    monkeypatch.setenv("DLASSIGN_HOST_ALLOCATOR", "0")
+    assert not host.keep_freed_memory()
+    monkeypatch.delenv("DLASSIGN_HOST_ALLOCATOR")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert host.keep_freed_memory()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    size = 64 << 20
+
+    def touch():
+        p = libc.malloc(size)
+        ctypes.memset(p, 1, size)
+        libc.free(p)
+
+    touch()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    touch()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < (size >> 12) // 10
