@@ -15,6 +15,7 @@ sys.path.insert(0, ROOT)
 # (name, input shape HWC, dlassign model config) for the training-throughput table.
 MODELS = {
     "mlp": ((28, 28, 1), {"name": "mlp", "hidden_sizes": (1024, 1024)}),
+    "mlp128": ((28, 28, 1), {"name": "mlp", "hidden_sizes": (128,)}),
     "mlp_dropout": ((28, 28, 1), {"name": "mlp", "hidden_sizes": (1024, 1024), "dropout": 0.2}),
     "cnn": ((28, 28, 1), {"name": "cnn", "dropout": 0.3}),
     "lenet5": ((32, 32, 3), {"name": "lenet5"}),
@@ -25,7 +26,7 @@ MODELS = {
 
 def parse(description: str, extra=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--models", default="mlp,mlp_dropout,cnn,lenet5,resnet18")
+    p.add_argument("--models", default="mlp,mlp_dropout,mlp128,cnn,lenet5,resnet18")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--steps", type=int, default=10, help="steps per round")
@@ -86,6 +87,9 @@ def torch_model(name: str, num_classes: int = 10):
     import torch
     from torch import nn
 
+    if name == "mlp128":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(),
+                             nn.Linear(128, num_classes))
     if name in ("mlp", "mlp_dropout"):
         rate = 0.2 if name == "mlp_dropout" else 0.0
         return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Dropout(rate),
@@ -103,11 +107,13 @@ def torch_model(name: str, num_classes: int = 10):
 
 
 def report(rows: list[dict], columns: list[tuple[str, str, str]], path: str = "") -> None:
-    """Prints rows as a markdown table of (header, key, format) columns; optionally as JSON."""
+    """Prints rows as a markdown table of (header, key, format) columns, None as an empty cell;
+    optionally writes them as JSON."""
     print("| " + " | ".join(h for h, _, _ in columns) + " |")
     print("|" + "|".join("---" for _ in columns) + "|")
     for r in rows:
-        print("| " + " | ".join(fmt.format(r[k]) for _, k, fmt in columns) + " |")
+        print("| " + " | ".join("" if r.get(k) is None else fmt.format(r[k])
+                                for _, k, fmt in columns) + " |")
     if path:
         with open(path, "w") as f:
             json.dump(rows, f, indent=2)

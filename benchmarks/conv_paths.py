@@ -2,9 +2,10 @@
 
   python -m benchmarks.conv_paths [--cpu_devices=2]
 
-Forward plus both gradients, batch 128 sharded over the CPU host devices, for the layer shapes
-of the MNIST CNN, LeNet-5 and ResNet-18 at 32x32. 'chosen' is what `impl='auto'` picks
-(dlassign.models.layers.im2col_pays); the table is the evidence for that rule.
+Forward plus gradients, batch 128 sharded over the CPU host devices, for the layer shapes of the
+MNIST CNN, LeNet-5 and ResNet-18 at 32x32: the input layers (marked *) need only the weight
+gradient, as in a model; the others also the input gradient. 'auto picks' is what
+`impl='auto'` chooses (dlassign.models.layers.im2col_pays); the table is the evidence for it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import time
 
 from benchmarks.common import parse, report, start_jax
 
-CONVS = [  # (name, H, Cin, Cout, kernel, stride, padding)
-    ("cnn conv0", 28, 1, 32, 3, 1, 0), ("cnn conv1", 13, 32, 64, 3, 1, 0),
-    ("lenet conv1", 32, 3, 6, 5, 1, 0), ("lenet conv2", 14, 6, 16, 5, 1, 0),
-    ("resnet stem", 32, 3, 64, 7, 2, 3), ("resnet layer1", 8, 64, 64, 3, 1, 1),
+CONVS = [  # (name, H, Cin, Cout, kernel, stride, padding); '*': the model's input layer
+    ("cnn conv0*", 28, 1, 32, 3, 1, 0), ("cnn conv1", 13, 32, 64, 3, 1, 0),
+    ("lenet conv1*", 32, 3, 6, 5, 1, 0), ("lenet conv2", 14, 6, 16, 5, 1, 0),
+    ("resnet stem*", 32, 3, 64, 7, 2, 3), ("resnet layer1", 8, 64, 64, 3, 1, 1),
     ("resnet layer2 s2", 8, 64, 128, 3, 2, 1), ("resnet layer2", 4, 128, 128, 3, 1, 1),
     ("resnet downsample", 8, 64, 128, 1, 2, 0), ("resnet layer3 s2", 4, 128, 256, 3, 2, 1),
     ("resnet layer3", 2, 256, 256, 3, 1, 1), ("resnet layer4 s2", 2, 256, 512, 3, 2, 1),
@@ -58,8 +59,9 @@ def main():
         for impl in ("xla", "im2col"):
             layer = conv(cout, k, s, p, impl=impl)
             v = jax.device_put(layer.init(jax.random.PRNGKey(1), x[:1]), rep)
+            argnums = 0 if name.endswith("*") else (0, 1)
             grad = jax.jit(jax.grad(lambda v, x, layer=layer: jnp.sum(layer.apply(v, x) ** 2),
-                                    argnums=(0, 1)))
+                                    argnums=argnums))
             ms[impl] = best_ms(grad, v, x)
         chosen = "im2col" if im2col_pays((b, h, h, cin), (k, k, cin, cout), (s, s),
                                          ((p, p), (p, p))) else "xla"

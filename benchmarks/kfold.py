@@ -45,7 +45,7 @@ def main():
                          "mean_accuracy": cv["mean"]})
     rows.append({"mode": "sequential / vmapped", "seconds": rows[1]["seconds"] / rows[0]["seconds"],
                  "train_seconds": rows[1]["train_seconds"] / rows[0]["train_seconds"],
-                 "mean_accuracy": float("nan")})
+                 "mean_accuracy": None})
     print(f"\n{config.model.name} {grid_cells(config.tune.grid)[0]} on {data.name}: "
           f"{args.folds} folds x {args.epochs} epoch(s), batch {config.batch_size}\n")
     report(rows, [("", "mode", "{}"), ("seconds (ratio)", "seconds", "{:.2f}"),

@@ -135,6 +135,7 @@ def test_im2col_heuristic_picks_measured_winners():
     assert im2col_pays((128, 8, 8, 64), (1, 1, 64, 128), (2, 2), ((0, 0), (0, 0)))
     assert im2col_pays((128, 13, 13, 32), (3, 3, 32, 64), (1, 1), ((0, 0), (0, 0)))
     assert not im2col_pays((128, 32, 32, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)))
+    assert not im2col_pays((128, 28, 28, 1), (3, 3, 1, 32), (1, 1), ((0, 0), (0, 0)))
     assert not im2col_pays((128, 8, 8, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
 
 

@@ -76,6 +76,38 @@ def test_parity_and_round_trip(arch):
     assert np.abs(out32 - ref32).max() <= 1e-4 * max(1.0, np.abs(ref32).max())
 
 
+@pytest.mark.parametrize("arch", ["vgg16_bn", "resnet18"])
+def test_train_mode_batch_norm_parity(arch):
+    """Training-mode forward passes agree (batch statistics normalise), running means update
+    identically, and running variances differ only by the documented batch term: torch adds
+    the unbiased batch variance, Flax the biased one, a factor (m - 1) / m."""
+    model = randomised(arch).double().train()
+    before = state_dict_numpy(model)
+    x = np.random.default_rng(2).normal(size=(3, 3, 32, 32))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    after = state_dict_numpy(model)
+    variables = torch_to_flax(before, arch)
+    with jax.enable_x64(True):
+        out, updates = get_model(arch, num_classes=10).apply(
+            jax.tree.map(jnp.asarray, variables), jnp.asarray(x.transpose(0, 2, 3, 1)),
+            train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+    new = flax_to_torch({"params": variables["params"], "batch_stats": updates["batch_stats"]},
+                        arch, num_batches_tracked=8)
+    means = [k for k in after if k.endswith("running_mean")]
+    assert means
+    for k in means:
+        np.testing.assert_allclose(new[k], after[k], rtol=0, atol=1e-12, err_msg=k)
+        var = k.replace("running_mean", "running_var")
+        torch_batch = (after[var] - 0.9 * before[var]) / 0.1  # unbiased batch variance
+        flax_batch = (new[var] - 0.9 * before[var]) / 0.1  # biased batch variance
+        ratio = flax_batch / torch_batch
+        m = 1.0 / (1.0 - ratio.mean())  # elements per channel that the layer normalised
+        assert m > 2 and abs(m - round(m)) < 1e-6, (k, m)
+        np.testing.assert_allclose(ratio, (round(m) - 1) / round(m), rtol=1e-9, err_msg=k)
+
+
 @pytest.fixture(scope="module")
 def resnet18_sd():
     return state_dict_numpy(randomised("resnet18"))

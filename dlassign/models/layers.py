@@ -145,16 +145,20 @@ _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
 def im2col_pays(lhs_shape, rhs_shape, window_strides, padding) -> bool:
-    """Where im2col beats XLA:CPU's convolution (forward plus both gradients), as measured by
-    benchmarks/conv_paths.py on 2 cores with jaxlib 0.10: 1x1 kernels (a plain matmul),
-    outputs of at most 2x2 pixels (5-15x faster), and small contractions of small kernels
-    (the MNIST CNN and LeNet-5 layers, 1.1-1.6x). XLA keeps ResNet's 7x7 stem and 3x3 layers
-    on 4x4 and larger maps, where its own convolution is faster.
+    """Where im2col beats XLA:CPU's convolution, as measured by benchmarks/conv_paths.py and in
+    whole train steps (benchmarks/throughput.py) on 2 cores with jaxlib 0.10: 1x1 kernels (a
+    plain matmul), outputs of at most 2x2 pixels (5-15x faster), and small contractions of
+    small kernels over several input channels (the MNIST CNN's second layer and LeNet-5's).
+    XLA keeps single-channel inputs, where im2col's matmul would contract over only kh*kw
+    terms from a patch matrix kh*kw times the size of the input (the MNIST CNN's step took 30.5
+    ms with it, 26.6 ms without), and ResNet's 7x7 stem and 3x3 layers on 4x4 and larger maps,
+    where its own convolution is faster.
     """
     kh, kw, cin, _ = rhs_shape
     ho = (lhs_shape[1] + sum(padding[0]) - kh) // window_strides[0] + 1
     wo = (lhs_shape[2] + sum(padding[1]) - kw) // window_strides[1] + 1
-    return kh * kw == 1 or ho * wo <= 4 or (kh * kw <= 25 and cin * kh * kw <= 288)
+    return (kh * kw == 1 or ho * wo <= 4
+            or (kh * kw <= 25 and cin > 1 and cin * kh * kw <= 288))
 
 
 def _is_plain(lhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
