@@ -48,18 +48,45 @@ def configure_cpu_devices(num: int = 0) -> None:
                         jax.local_device_count())
 
 
-def auto_num_devices(num_params: int, cpu_max_params: int) -> int:
+def auto_num_devices(num_params: int, cpu_max_params: int, step_flops: float | None = None,
+                     cpu_min_step_flops: float = 0.0) -> int:
     """How many devices `mesh.num_devices = 0` uses.
 
-    On GPUs and TPUs: all of them. On CPU host devices, data parallelism pays only for small
-    models: every step all-reduces the gradients through an in-process rendezvous, and one
-    device already spreads a large model's matmuls over all cores (measured with
-    benchmarks/throughput.py on 2 cores: the MNIST CNN and LeNet-5 run faster on 2 devices,
-    the 1.9M-parameter MLP and ResNet-18 on 1). Models above `cpu_max_params` use one device.
+    On GPUs and TPUs: all of them. On CPU host devices, data parallelism pays only for models
+    that are small but not tiny: every step all-reduces the gradients through an in-process
+    rendezvous (about a millisecond on 2 cores), and one device already spreads a large model's
+    matmuls over all cores. Measured with benchmarks/throughput.py on 2 cores: the MNIST CNN
+    (2 GFLOP per step of 128) and LeNet-5 (0.5 GFLOP) run faster on 2 devices; the 1.9M-parameter
+    MLP and ResNet-18 (too many parameters), and the 784-128-10 MLP (0.08 GFLOP: the all-reduce
+    doubled its 1 ms step) on 1.
+
+    Args:
+      num_params: the model's parameter count.
+      cpu_max_params: above it, one CPU device.
+      step_flops: floating-point operations of one training step (3x the forward's), if known.
+      cpu_min_step_flops: below it, one CPU device.
     """
-    if jax.default_backend() != "cpu" or num_params <= cpu_max_params:
+    if jax.default_backend() != "cpu":
         return jax.device_count()
-    return 1
+    if num_params > cpu_max_params:
+        return 1
+    if step_flops is not None and step_flops < cpu_min_step_flops:
+        return 1
+    return jax.device_count()
+
+
+def forward_flops(apply_fn, abstract_variables, input_shape) -> float | None:
+    """XLA's count of the floating-point operations of one forward pass over `input_shape`
+    (None when the backend gives no cost analysis). Lowers without compiling."""
+    x = jax.ShapeDtypeStruct(tuple(input_shape), np.float32)
+    try:
+        cost = jax.jit(apply_fn).lower(abstract_variables, x).cost_analysis()
+    except Exception:  # cost analysis is best-effort on every backend
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -162,6 +189,6 @@ def tree_size(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-__all__ = ["DATA", "DispatchLimiter", "batch_sharding", "check_divisible", "configure_cpu_devices",
-           "global_batch", "make_mesh", "param_sharding", "replicated", "state_shardings",
-           "to_host", "tree_size"]
+__all__ = ["DATA", "DispatchLimiter", "auto_num_devices", "batch_sharding", "check_divisible",
+           "configure_cpu_devices", "forward_flops", "global_batch", "make_mesh",
+           "param_sharding", "replicated", "state_shardings", "to_host", "tree_size"]

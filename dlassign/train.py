@@ -82,9 +82,16 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
     if num_devices == 0:
         abstract = jax.eval_shape(lambda: model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, *dataset.image_shape)), train=False))
+        num_params = parallel.tree_size(abstract["params"])
+        max_params = mesh_cfg.get("cpu_data_parallel_max_params", 1_000_000)
+        step_flops = None
+        if jax.default_backend() == "cpu" and num_params <= max_params:
+            flops = parallel.forward_flops(lambda v, x: model.apply(v, x, train=False),
+                                           abstract, (config.batch_size, *dataset.image_shape))
+            step_flops = 3 * flops if flops else None  # forward + backward
         num_devices = parallel.auto_num_devices(
-            parallel.tree_size(abstract["params"]),
-            mesh_cfg.get("cpu_data_parallel_max_params", 1_000_000))
+            num_params, max_params, step_flops,
+            mesh_cfg.get("cpu_data_parallel_min_step_flops", 0.0))
     mesh = parallel.make_mesh(num_devices)
     parallel.check_divisible(config.batch_size, mesh, "batch_size")
     parallel.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")

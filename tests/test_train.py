@@ -21,14 +21,28 @@ def leaves(tree):
 
 
 def test_mlp_learns_synthetic_task(tmp_path):
-    results = train_and_evaluate(tiny_config(), str(tmp_path), synthetic_dataset())
+    config = tiny_config({"mesh.cpu_data_parallel_min_step_flops": 0.0})
+    results = train_and_evaluate(config, str(tmp_path), synthetic_dataset())
     assert results["test"]["accuracy"] >= 0.95
-    assert results["num_devices"] == 8
+    assert results["num_devices"] == 8  # data parallel over every CPU host device
     on_disk = json.loads((tmp_path / "results.json").read_text())
     for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
         assert 0.0 <= on_disk["test"][key] <= 1.0
     assert on_disk["config"]["model"]["hidden_sizes"] == [32]
     assert on_disk["prediction_collapse"]["collapsed"] is False
+
+
+def test_tiny_steps_run_on_one_cpu_device():
+    """A step far below mesh.cpu_data_parallel_min_step_flops is not worth an all-reduce."""
+    from dlassign.train import setup
+
+    data = synthetic_dataset()
+    assert setup(tiny_config(), data).mesh.devices.size == 1
+    big = tiny_config({"mesh.cpu_data_parallel_min_step_flops": 1.0})
+    assert setup(big, data).mesh.devices.size == 8
+    capped = tiny_config({"mesh.cpu_data_parallel_min_step_flops": 1.0,
+                          "mesh.cpu_data_parallel_max_params": 10})
+    assert setup(capped, data).mesh.devices.size == 1
 
 
 def test_cnn_learns_synthetic_task(tmp_path):
