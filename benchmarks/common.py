@@ -24,9 +24,11 @@ MODELS = {
 }
 
 
-def parse(description: str, extra=None) -> argparse.Namespace:
+def parse(description: str, extra=None,
+          models: str = "mlp,mlp_dropout,mlp128,cnn,lenet5,resnet18") -> argparse.Namespace:
+    """The shared flags; `models` is the default of --models."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--models", default="mlp,mlp_dropout,mlp128,cnn,lenet5,resnet18")
+    p.add_argument("--models", default=models)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--steps", type=int, default=10, help="steps per round")

@@ -81,7 +81,7 @@ def main():
     torch_acc = float(np.mean(preds == data.test.labels))
     rows = [{"who": "dlassign", "seconds": ours_s, "accuracy": ours_acc},
             {"who": "PyTorch", "seconds": torch_s, "accuracy": torch_acc},
-            {"who": "PyTorch / dlassign", "seconds": torch_s / ours_s, "accuracy": float("nan")}]
+            {"who": "PyTorch / dlassign", "seconds": torch_s / ours_s, "accuracy": None}]
     print(f"\n{args.arch}, {args.steps} steps of {args.batch_size} (SGD momentum 0.9, lr "
           f"{config.optimizer.learning_rate}) on {jax.devices()[0].device_kind}\n")
     report(rows, [("", "who", "{}"), ("seconds for steps 2..N (ratio)", "seconds", "{:.2f}"),

@@ -1,6 +1,6 @@
 """Cost of a Hessian-vector product over a gradient, and ours against PyTorch's HVP.
 
-  python -m benchmarks.hessian [--models=cnn,resnet18] [--batch_size=128]
+  python -m benchmarks.hessian [--models=cnn,lenet5,resnet18] [--batch_size=128]
 
 Ours: forward-over-reverse (`jax.jvp` of `jax.grad`) on flattened parameters, BatchNorm on
 running statistics. PyTorch: double backward (`autograd.grad` with create_graph=True, then the
@@ -66,16 +66,13 @@ def measure(jax, torch, name: str, args) -> dict:
             times[key].append((time.perf_counter() - t) / args.steps)
     m = {k: median_rate(v) for k, v in times.items()}
     return {"model": name, "grad_ms": 1e3 * m["grad"], "hvp_ms": 1e3 * m["hvp"],
-                 "hvp_over_grad": m["hvp"] / m["grad"],
-                 "torch_hvp_ms": 1e3 * m["torch_hvp"],
-                 "torch_hvp_over_grad": m["torch_hvp"] / m["torch_grad"],
-                 "speedup": m["torch_hvp"] / m["hvp"]}
+            "hvp_over_grad": m["hvp"] / m["grad"], "torch_hvp_ms": 1e3 * m["torch_hvp"],
+            "torch_hvp_over_grad": m["torch_hvp"] / m["torch_grad"],
+            "speedup": m["torch_hvp"] / m["hvp"]}
 
 
 def main():
-    args = parse(__doc__)
-    args.models = args.models if args.models != "mlp,mlp_dropout,cnn,lenet5,resnet18" else (
-        "cnn,resnet18")
+    args = parse(__doc__, models="cnn,lenet5,resnet18")
     jax = start_jax(1)
     import torch
 

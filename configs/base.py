@@ -61,3 +61,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.shard_params = False   # shard parameters and optimizer state over the mesh
     c.num_cpu_devices = 0         # CPU host devices to create (0: one per core)
     return c
+
+
+def writeup_tune(width_field: str) -> dict:
+    """The write-up's grid (question 3) for `c.tune`: width {32, 64, 128} x activation {relu,
+    tanh, sigmoid}, 3-fold stratified CV. `width_field` is 'hidden_sizes' (an MLP with one
+    hidden layer of that width) or 'dense_width' (the CNN's dense layer)."""
+    widths = [32, 64, 128]
+    if width_field == "hidden_sizes":
+        widths = [(w,) for w in widths]
+    return dict(num_folds=3, mode="auto",
+                grid={"model": {width_field: widths, "activation": ["relu", "tanh", "sigmoid"]}})

@@ -19,7 +19,5 @@ def get_config():
     c.eval_batch_size = 450
     c.num_epochs = 20
     c.log_every_steps = 0
-    c.tune = dict(num_folds=3, mode="auto",
-                  grid={"model": {"dense_width": [32, 64, 128],
-                                  "activation": ["relu", "tanh", "sigmoid"]}})
+    c.tune = base.writeup_tune("dense_width")
     return c

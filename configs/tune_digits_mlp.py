@@ -16,7 +16,5 @@ def get_config():
     c.batch_size = 32
     c.eval_batch_size = 500
     c.log_every_steps = 0
-    c.tune = dict(num_folds=3, mode="auto",
-                  grid={"model": {"hidden_sizes": [(32,), (64,), (128,)],
-                                  "activation": ["relu", "tanh", "sigmoid"]}})
+    c.tune = base.writeup_tune("hidden_sizes")
     return c

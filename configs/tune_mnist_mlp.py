@@ -18,7 +18,5 @@ def get_config():
     c.eval_batch_size = 1000
     c.num_epochs = 10
     c.log_every_steps = 0
-    c.tune = dict(num_folds=3, mode="auto",
-                  grid={"model": {"hidden_sizes": [(32,), (64,), (128,)],
-                                  "activation": ["relu", "tanh", "sigmoid"]}})
+    c.tune = base.writeup_tune("hidden_sizes")
     return c
