@@ -53,7 +53,8 @@ def make_train_step(cfg: StepConfig) -> Callable[[TrainState, dict], tuple[Train
 
     batch: `image` uint8[B, H, W, C], `label` int32[B].
     metrics: loss, accuracy, grad_norm (float32[]), finite (bool[]), and leaf_finite (bool[P], one
-    flag per parameter leaf in `jax.tree.leaves` order). A step whose loss or gradients are not
+    flag per parameter leaf in `jax.tree.leaves` order: its gradient's squared norm is finite,
+    i.e. no NaN or inf and no overflow of float32). A step whose loss or gradients are not
     finite leaves the state unchanged, so a NaN never reaches a checkpoint; the host raises on it.
     """
     loss_fn = get_loss(cfg.loss)
@@ -72,7 +73,13 @@ def make_train_step(cfg: StepConfig) -> Callable[[TrainState, dict], tuple[Train
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params)
-        leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        # One dot per leaf gives both the norm and the finiteness check (NaN and inf carry into
+        # the sum of squares); separate isfinite and square-and-sum passes cost XLA:CPU a
+        # materialised array each (ResNet-18's step took 1.04x longer with them).
+        sq = jnp.stack([jnp.vdot(g.ravel(), g.ravel(),
+                                 preferred_element_type=jnp.promote_types(g.dtype, jnp.float32))
+                        for g in jax.tree.leaves(grads)])
+        leaf_finite = jnp.isfinite(sq)
         finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -85,7 +92,7 @@ def make_train_step(cfg: StepConfig) -> Callable[[TrainState, dict], tuple[Train
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": jnp.sqrt(jnp.sum(sq)),
             "finite": finite,
             "leaf_finite": leaf_finite,
         }

@@ -79,7 +79,8 @@ def test_max_pool_fast_path_equals_reduce_window(window, stride, padding, size):
 
 @pytest.mark.parametrize("kernel,stride,padding,size,cin,cout", [
     (3, 1, 1, 4, 8, 16), (3, 1, 0, 13, 3, 5), (7, 2, 3, 32, 3, 8), (1, 2, 0, 8, 4, 6),
-    (5, 1, 0, 14, 6, 16), (11, 4, 2, 63, 3, 4), (3, 2, 1, 2, 4, 4),
+    (5, 1, 0, 14, 6, 16), (11, 4, 2, 63, 3, 4), (3, 2, 1, 2, 4, 4), (3, 1, 1, 1, 3, 5),
+    (3, 1, 1, 2, 4, 3), (5, 1, 2, 2, 2, 3), (3, 2, 1, 1, 3, 2),
 ])
 def test_conv_fast_path_equals_xla(kernel, stride, padding, size, cin, cout):
     with jax.enable_x64(True):
@@ -125,6 +126,20 @@ def test_conv_uses_explicit_symmetric_padding():
     v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     assert isinstance(m, nn.Conv) and m.padding == ((3, 3), (3, 3))
     assert m.apply(v, jnp.zeros((1, 32, 32, 3))).shape == (1, 16, 16, 4)
+
+
+@pytest.mark.parametrize("size,stride", [(1, 1), (2, 1), (2, 2)])
+def test_maps_smaller_than_the_kernel_take_the_dense_form(size, stride):
+    """3x3 kernel, padding 1, on a 1x1 or 2x2 map: one matmul over the real pixels, whose
+    contraction is H*W*I (im2col's would be 9*I, mostly padding)."""
+    x = jnp.ones((2, size, size, 8))
+    m = conv(16, 3, stride, 1, impl="cpu")
+    v = m.init(jax.random.PRNGKey(0), x)
+    jaxpr = str(jax.make_jaxpr(lambda v: m.apply(v, x))(v))
+    out = (size + 2 - 3) // stride + 1
+    assert "conv_general_dilated" not in jaxpr
+    assert f"f32[{size * size * 8},{out * out * 16}]" in jaxpr
+    assert f"f32[{2 * out * out},{9 * 8}]" not in jaxpr
 
 
 def test_im2col_heuristic_picks_measured_winners():

@@ -52,6 +52,32 @@ def test_cnn_learns_synthetic_task(tmp_path):
     assert results["test"]["accuracy"] >= 0.95
 
 
+def test_step_reports_the_gradient_norm_and_its_finiteness():
+    """With SGD at learning rate 1, the first step moves the parameters by minus the gradient."""
+    from dlassign.train import compile_steps
+
+    data = synthetic_dataset()
+    run = setup(tiny_config({"optimizer.name": "sgd", "optimizer.learning_rate": 1.0}), data)
+    state = make_state(run)
+    before = leaves(state.params)
+    step, _ = compile_steps(run, state)
+    batch = {"image": data.train.images[:32], "label": data.train.labels[:32]}
+    new, metrics = step(state, batch)
+    grads = [b - a for a, b in zip(leaves(new.params), before)]
+    np.testing.assert_allclose(float(metrics["grad_norm"]),
+                               np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2))
+                                           for g in grads)), rtol=1e-5)
+    assert bool(metrics["finite"])
+    assert np.asarray(metrics["leaf_finite"]).tolist() == [True] * len(before)
+    # A NaN in the first layer's bias reaches every gradient: nothing moves, every leaf flagged.
+    params = jax.tree.map(np.array, new.params)
+    params["dense0"]["bias"][0] = np.nan
+    bad, metrics = step(new.replace(params=jax.tree.map(jax.numpy.asarray, params)), batch)
+    assert not bool(metrics["finite"]) and not np.asarray(metrics["leaf_finite"]).any()
+    for x, y in zip(leaves(bad.params), leaves(params)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_checkpoint_restores_identical_state(tmp_path):
     run = setup(tiny_config(), synthetic_dataset())
     state = make_state(run)
