@@ -4,8 +4,9 @@
 
 Forward plus gradients, batch 128 sharded over the CPU host devices, for the layer shapes of the
 MNIST CNN, LeNet-5 and ResNet-18 at 32x32: the input layers (marked *) need only the weight
-gradient, as in a model; the others also the input gradient. 'auto picks' is what
-`impl='auto'` chooses (dlassign.models.layers.im2col_pays); the table is the evidence for it.
+gradient, as in a model; the others also the input gradient. 'rewrite' is the form the CPU
+rewrite takes for the layer (dense, row or im2col; dlassign.models.layers.conv_path), 'auto
+picks' what `impl='auto'` chooses; the table is the evidence for the choice.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main():
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dlassign.models.layers import conv, im2col_pays, max_pool
+    from dlassign.models.layers import conv, conv_path, max_pool
 
     mesh = Mesh(np.asarray(jax.devices()), ("d",))
     data, rep = NamedSharding(mesh, P("d")), NamedSharding(mesh, P())
@@ -63,11 +64,11 @@ def main():
             grad = jax.jit(jax.grad(lambda v, x, layer=layer: jnp.sum(layer.apply(v, x) ** 2),
                                     argnums=argnums))
             ms[impl] = best_ms(grad, v, x)
-        chosen = "im2col" if im2col_pays((b, h, h, cin), (k, k, cin, cout), (s, s),
-                                         ((p, p), (p, p))) else "xla"
+        shapes = ((b, h, h, cin), (k, k, cin, cout), (s, s), ((p, p), (p, p)))
         rows.append({"layer": name, "shape": f"{h}x{h}x{cin}->{cout} k{k}/{s}",
-                     "xla": ms["xla"], "fast": ms["im2col"], "ratio": ms["xla"] / ms["im2col"],
-                     "chosen": chosen})
+                     "form": conv_path(*shapes, force=True), "xla": ms["xla"],
+                     "fast": ms["im2col"], "ratio": ms["xla"] / ms["im2col"],
+                     "chosen": conv_path(*shapes)})
     for name, h, c, w, s, p in POOLS:
         x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (b, h, h, c)), data)
         ms = {}
@@ -76,9 +77,10 @@ def main():
                 max_pool(x, w, s, p, impl=impl) ** 2)))
             ms[impl] = best_ms(grad, x)
         rows.append({"layer": name, "shape": f"{h}x{h}x{c} max {w}/{s}", "xla": ms["xla"],
-                     "fast": ms["cpu"], "ratio": ms["xla"] / ms["cpu"], "chosen": "rewrite"})
+                     "form": "taps" if w != s or p else "reshape", "fast": ms["cpu"],
+                     "ratio": ms["xla"] / ms["cpu"], "chosen": "rewrite"})
     print(f"\nbatch {b}, forward + gradients, {jax.device_count()} CPU devices\n")
-    report(rows, [("layer", "layer", "{}"), ("shape", "shape", "{}"),
+    report(rows, [("layer", "layer", "{}"), ("shape", "shape", "{}"), ("rewrite", "form", "{}"),
                   ("XLA ms", "xla", "{:.2f}"), ("rewrite ms", "fast", "{:.2f}"),
                   ("XLA / rewrite", "ratio", "{:.2f}x"), ("auto picks", "chosen", "{}")],
            args.json)

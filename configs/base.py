@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.num_devices = 0        # 0: all (on CPU host devices: all for small models, else 1)
     c.mesh.cpu_data_parallel_max_params = 1_000_000  # see dlassign.parallel.auto_num_devices
-    c.mesh.cpu_data_parallel_min_step_flops = 2.5e8  # smaller steps run on one CPU device
+    c.mesh.cpu_data_parallel_min_step_flops = 1e9  # smaller steps run on one CPU device
     c.mesh.shard_params = False   # shard parameters and optimizer state over the mesh
     c.num_cpu_devices = 0         # CPU host devices to create (0: one per core)
     return c

@@ -142,6 +142,21 @@ def test_maps_smaller_than_the_kernel_take_the_dense_form(size, stride):
     assert f"f32[{2 * out * out},{9 * 8}]" not in jaxpr
 
 
+def test_lenet_convolutions_take_the_row_form():
+    """5x5 kernels over 3 and 6 channels: the matmul contracts KW*I values (not KH*KW*I) and
+    yields KH*O per pixel; the MNIST CNN's 3x3x32 layer keeps im2col."""
+    from dlassign.models.layers import row_pays
+
+    for cin, cout, size in ((3, 6, 32), (6, 16, 14)):
+        x = jnp.ones((2, size, size, cin))
+        m = conv(cout, 5, impl="cpu")
+        v = m.init(jax.random.PRNGKey(0), x)
+        jaxpr = str(jax.make_jaxpr(m.apply)(v, x))
+        assert f"f32[{5 * cin},{5 * cout}]" in jaxpr and "conv_general_dilated" not in jaxpr
+    assert not row_pays((3, 3, 32, 64), (1, 1))
+    assert not row_pays((5, 5, 3, 6), (2, 2))
+
+
 def test_im2col_heuristic_picks_measured_winners():
     from dlassign.models.layers import im2col_pays
 
