@@ -128,10 +128,10 @@ def test_conv_uses_explicit_symmetric_padding():
     assert m.apply(v, jnp.zeros((1, 32, 32, 3))).shape == (1, 16, 16, 4)
 
 
-@pytest.mark.parametrize("size,stride", [(1, 1), (2, 1), (2, 2)])
-def test_maps_smaller_than_the_kernel_take_the_dense_form(size, stride):
-    """3x3 kernel, padding 1, on a 1x1 or 2x2 map: one matmul over the real pixels, whose
-    contraction is H*W*I (im2col's would be 9*I, mostly padding)."""
+@pytest.mark.parametrize("size,stride", [(1, 1), (2, 2)])
+def test_one_pixel_outputs_take_the_dense_form(size, stride):
+    """3x3 kernel, padding 1, 1x1 output from a 1x1 or 2x2 map: one matmul over the real
+    pixels, whose contraction is H*W*I (im2col's would be 9*I, mostly padding)."""
     x = jnp.ones((2, size, size, 8))
     m = conv(16, 3, stride, 1, impl="cpu")
     v = m.init(jax.random.PRNGKey(0), x)
@@ -154,7 +154,16 @@ def test_lenet_convolutions_take_the_row_form():
         jaxpr = str(jax.make_jaxpr(m.apply)(v, x))
         assert f"f32[{5 * cin},{5 * cout}]" in jaxpr and "conv_general_dilated" not in jaxpr
     assert not row_pays((3, 3, 32, 64), (1, 1))
+    assert not row_pays((3, 3, 256, 256), (1, 1))
     assert not row_pays((5, 5, 3, 6), (2, 2))
+
+
+def test_two_by_two_outputs_keep_im2col():
+    from dlassign.models.layers import conv_path
+
+    assert conv_path((128, 2, 2, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1))) == "im2col"
+    assert conv_path((128, 2, 2, 256), (3, 3, 256, 512), (2, 2), ((1, 1), (1, 1))) == "dense"
+    assert conv_path((128, 1, 1, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1))) == "dense"
 
 
 def test_im2col_heuristic_picks_measured_winners():

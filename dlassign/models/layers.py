@@ -9,10 +9,11 @@ XLA:CPU has two slow spots that dominate small-image training on a laptop:
 * convolutions on feature maps of a few pixels. They become im2col: pad, take the kh*kw shifted
   (strided) slices, concatenate them along channels and do one matmul; stride-1 kernels with
   many taps over few channels (LeNet-5's 5x5) shift only along rows and add the kernel rows'
-  products afterwards, which moves less data than im2col's patch matrix. Maps with fewer pixels
-  than the kernel has taps (ResNet's 2x2 and 1x1 stages at 32x32 input) become one dense matmul
-  with the block matrix of the convolution instead, which leaves out the products with padding
-  zeros that im2col would compute (a 3x3 kernel on a 1x1 map is its centre tap alone).
+  products afterwards, which moves less data than im2col's patch matrix. A 1x1 output from a
+  map with fewer pixels than the kernel has taps (ResNet's last stage at 32x32 input) becomes
+  one dense matmul with the block matrix of the convolution instead, which leaves out the
+  products with padding zeros that im2col would compute (a 3x3 kernel on a 1x1 map is its
+  centre tap alone).
 
 All are exact rewrites (the same sums and maxima, only the summation order of the matmul differs)
 and are checked against the plain operations, values and gradients, in float64 by the tests.
@@ -195,19 +196,28 @@ def _row_conv(lhs, rhs, padding):
 
 
 def row_pays(rhs_shape, window_strides) -> bool:
-    """Stride-1 kernels whose row form moves less data per output pixel than im2col
-    (KW*I + KH*O against KH*KW*I values): LeNet-5's 5x5 layers, not the MNIST CNN's 3x3x32.
-    LeNet-5's step took 1.2-1.6x less time with it on one device (2 cores)."""
+    """Stride-1 kernels with a small contraction (KH*KW*I <= 288) whose row form moves less data
+    per output pixel than im2col (KW*I + KH*O against KH*KW*I values): LeNet-5's 5x5 layers,
+    not the MNIST CNN's 3x3x32. LeNet-5's step took 1.2-1.3x less time with it on one device
+    (2 cores, interleaved in one process). Wide 3x3 layers (ResNet's 3x3x256 on 2x2 maps) ran
+    slower in the row form than in im2col."""
     kh, kw, ci, co = rhs_shape
-    return tuple(window_strides) == (1, 1) and kh > 1 and kw * ci + kh * co < kh * kw * ci
+    return (tuple(window_strides) == (1, 1) and kh > 1 and kh * kw * ci <= 288
+            and kw * ci + kh * co < kh * kw * ci)
 
 
-def dense_pays(lhs_shape, rhs_shape) -> bool:
-    """Maps with fewer pixels than the kernel has taps: the block matrix has H*W*HO*WO blocks
-    against im2col's HO*WO*KH*KW, so it does fewer multiplications; ResNet-18's step at 32x32
-    took 1.08x less time with it (interleaved against im2col in one process, 2 cores).
+def dense_pays(lhs_shape, rhs_shape, window_strides, padding) -> bool:
+    """One output pixel from an input map with fewer pixels than the kernel has taps (ResNet's
+    last stage at 32x32 input): the block matrix has H*W blocks against im2col's KH*KW, so it
+    does fewer multiplications. Forward and gradients at batch 128, 2 cores: 1x1x512 -> 512
+    1.85 ms against im2col's 11.1 ms, 2x2x256 -> 512 stride 2 3.6 against 5.8 ms. On 2x2
+    outputs it was only 1.1x faster per layer and took 94 MiB more temporary memory in
+    ResNet-18's step, so those stay with im2col.
     """
-    return lhs_shape[1] * lhs_shape[2] < rhs_shape[0] * rhs_shape[1]
+    kh, kw = rhs_shape[:2]
+    ho = (lhs_shape[1] + sum(padding[0]) - kh) // window_strides[0] + 1
+    wo = (lhs_shape[2] + sum(padding[1]) - kw) // window_strides[1] + 1
+    return ho * wo == 1 and lhs_shape[1] * lhs_shape[2] < kh * kw
 
 
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -235,7 +245,7 @@ def conv_path(lhs_shape, rhs_shape, window_strides, padding, force: bool = False
 
     force: rewrite even where `im2col_pays` says XLA's kernel is faster (impl='im2col').
     """
-    if dense_pays(lhs_shape, rhs_shape):
+    if dense_pays(lhs_shape, rhs_shape, window_strides, padding):
         return "dense"
     if force or im2col_pays(lhs_shape, rhs_shape, window_strides, padding):
         return "row" if row_pays(rhs_shape, window_strides) else "im2col"
