@@ -77,6 +77,16 @@ def test_max_pool_fast_path_equals_reduce_window(window, stride, padding, size):
                      lambda x: max_pool(x, window, stride, padding, impl="xla"), x)
 
 
+@pytest.mark.parametrize("window,stride,padding", [(2, 2, 0), (3, 2, 1)])
+def test_max_pool_gives_a_tie_to_the_first_maximum(window, stride, padding):
+    """torch's and select-and-scatter's rule: the whole gradient to the first tied element."""
+    x = jnp.ones((1, 4, 4, 1))
+    fast = jax.grad(lambda x: max_pool(x, window, stride, padding, impl="cpu").sum())(x)
+    ref = jax.grad(lambda x: max_pool(x, window, stride, padding, impl="xla").sum())(x)
+    np.testing.assert_array_equal(fast, ref)
+    assert fast[0, 0, 0, 0] >= 1 and set(np.unique(fast)) <= {0.0, 1.0, 2.0, 4.0}
+
+
 @pytest.mark.parametrize("kernel,stride,padding,size,cin,cout", [
     (3, 1, 1, 4, 8, 16), (3, 1, 0, 13, 3, 5), (7, 2, 3, 32, 3, 8), (1, 2, 0, 8, 4, 6),
     (5, 1, 0, 14, 6, 16), (11, 4, 2, 63, 3, 4), (3, 2, 1, 2, 4, 4), (3, 1, 1, 1, 3, 5),

@@ -2,10 +2,11 @@
 
 XLA:CPU has two slow spots that dominate small-image training on a laptop:
 
-* the gradient of `lax.reduce_window` max pooling (select-and-scatter). Non-overlapping windows
-  become a reshape and a `max` over two axes; overlapping ones (ResNet's 3x3/2) a `maximum`
-  over the k*k strided slices of the -inf-padded input, with a custom derivative that follows
-  each window's first maximum (select-and-scatter's and torch's rule).
+* the gradient of `lax.reduce_window` max pooling (select-and-scatter). Pooling becomes a
+  `maximum` over the k*k strided slices of the -inf-padded input, with a custom derivative that
+  follows each window's first maximum (select-and-scatter's and torch's rule). For 2x2 windows
+  this was also 1.6-3.9x faster than a reshape and a `max` over two axes, whose derivative
+  compares every element with its window's maximum and counts the ties.
 * convolutions on feature maps of a few pixels. They become im2col: pad, take the kh*kw shifted
   (strided) slices, concatenate them along channels and do one matmul; stride-1 kernels with
   many taps over few channels (LeNet-5's 5x5) shift only along rows and add the kernel rows'
@@ -80,13 +81,6 @@ def max_pool(
     pads = ((padding, padding), (padding, padding))
     if not use_cpu_kernels(impl):
         return nn.max_pool(x, (window, window), (stride, stride), pads)
-    if window == stride and padding == 0:
-        # A reshape and a max; JAX's gradient of max shares a tie equally between the tied
-        # elements (torch gives it all to the first), which only matters on exact ties.
-        n, h, w, c = x.shape
-        ho, wo = h // window, w // window
-        x = x[:, : ho * window, : wo * window]
-        return x.reshape(n, ho, window, wo, window, c).max(axis=(2, 4))
     return _tap_max_pool(x, window, stride, padding)
 
 
