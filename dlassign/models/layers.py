@@ -218,10 +218,11 @@ _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
 def im2col_pays(lhs_shape, rhs_shape, window_strides, padding) -> bool:
-    """Where im2col beats XLA:CPU's convolution, as measured by benchmarks/conv_paths.py and in
-    whole train steps (benchmarks/throughput.py) on 2 cores with jaxlib 0.10: 1x1 kernels (a
-    plain matmul), outputs of at most 2x2 pixels (5-15x faster), and small contractions of
-    small kernels over several input channels (the MNIST CNN's second layer and LeNet-5's).
+    """Where a matmul rewrite beats XLA:CPU's convolution, as measured by
+    benchmarks/conv_paths.py and in whole train steps (benchmarks/throughput.py) on 2 cores with
+    jaxlib 0.10: 1x1 kernels (a plain matmul), outputs of at most 2x2 pixels (5-15x faster),
+    and small contractions of small kernels over several input channels (the MNIST CNN's
+    second layer; LeNet-5's, which `row_pays` sends to the row form).
     XLA keeps single-channel inputs, where im2col's matmul would contract over only kh*kw
     terms from a patch matrix kh*kw times the size of the input (the MNIST CNN's step took 30.5
     ms with it, 26.6 ms without), and ResNet's 7x7 stem and 3x3 layers on 4x4 and larger maps,
