@@ -19,7 +19,7 @@ XLA:CPU has two slow spots that dominate small-image training on a laptop:
 All are exact rewrites (the same sums and maxima, only the summation order of the matmul differs)
 and are checked against the plain operations, values and gradients, in float64 by the tests.
 `impl='auto'` uses them when JAX's default backend is the CPU; 'xla' and 'cpu' force a choice.
-Pooling always takes the rewrite on the CPU; convolutions take im2col where `im2col_pays`.
+Pooling always takes the rewrite on the CPU; each convolution the form `conv_path` names.
 """
 
 from __future__ import annotations
