@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -48,7 +49,8 @@ def configure_cpu_devices(num: int = 0) -> None:
                         jax.local_device_count())
 
 
-def auto_num_devices(num_params: int, cpu_max_params: int, step_flops: float | None = None,
+def auto_num_devices(num_params: int, cpu_max_params: int,
+                     step_flops: Callable[[], float | None] | None = None,
                      cpu_min_step_flops: float = 0.0) -> int:
     """How many devices `mesh.num_devices = 0` uses.
 
@@ -64,14 +66,16 @@ def auto_num_devices(num_params: int, cpu_max_params: int, step_flops: float | N
     Args:
       num_params: the model's parameter count.
       cpu_max_params: above it, one CPU device.
-      step_flops: floating-point operations of one training step (3x the forward's), if known.
+      step_flops: returns the floating-point operations of one training step (None when
+        unknown); called only where the answer depends on it (CPU, within cpu_max_params).
       cpu_min_step_flops: below it, one CPU device.
     """
     if jax.default_backend() != "cpu":
         return jax.device_count()
     if num_params > cpu_max_params:
         return 1
-    if step_flops is not None and step_flops < cpu_min_step_flops:
+    flops = step_flops() if step_flops and cpu_min_step_flops > 0 else None
+    if flops is not None and flops < cpu_min_step_flops:
         return 1
     return jax.device_count()
 

@@ -82,15 +82,15 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
     if num_devices == 0:
         abstract = jax.eval_shape(lambda: model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, *dataset.image_shape)), train=False))
-        num_params = parallel.tree_size(abstract["params"])
-        max_params = mesh_cfg.get("cpu_data_parallel_max_params", 1_000_000)
-        step_flops = None
-        if jax.default_backend() == "cpu" and num_params <= max_params:
+
+        def step_flops():
             flops = parallel.forward_flops(lambda v, x: model.apply(v, x, train=False),
                                            abstract, (config.batch_size, *dataset.image_shape))
-            step_flops = 3 * flops if flops else None  # forward + backward
+            return 3 * flops if flops else None  # forward + backward
+
         num_devices = parallel.auto_num_devices(
-            num_params, max_params, step_flops,
+            parallel.tree_size(abstract["params"]),
+            mesh_cfg.get("cpu_data_parallel_max_params", 1_000_000), step_flops,
             mesh_cfg.get("cpu_data_parallel_min_step_flops", 0.0))
     mesh = parallel.make_mesh(num_devices)
     parallel.check_divisible(config.batch_size, mesh, "batch_size")
@@ -273,32 +273,16 @@ def run_meta(run: Run, history: list, train_time: float) -> dict:
             "dataset": run.dataset.name, "image_shape": list(run.dataset.image_shape)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dataset: Dataset | None = None) -> dict:
-    """Trains (resuming from `workdir` when it holds checkpoints), evaluates the test split.
-
-    Writes `workdir/results.json`: the config, test metrics (accuracy, precision_macro,
-    recall_macro, f1_macro as fractions), a collapse check, parameter count, training time and
-    the logged history.
-
-    Args:
-      config: a training config (see configs/).
-      workdir: where checkpoints and results go.
-      dataset: an already prepared dataset (tests and tuning pass one to skip loading).
+def _train(run: Run, state: TrainState, ckpt: Checkpointer):
+    """Resumes from `ckpt`'s newest intact checkpoint, if any, and trains to the last step,
+    checkpointing as configured; an interrupt saves the finished steps first.
 
     Returns:
-      The results dict.
+      (state, eval_step, history, train_time).
     """
-    run = setup(config, dataset)
-    os.makedirs(workdir, exist_ok=True)
-    state = make_state(run, initial_variables(run))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.get("keep_checkpoints", 3))
+    config = run.config
     history, train_time = [], 0.0
-    try:
-        restored = ckpt.restore_latest(abstract_tree(state), config.to_dict())
-    except Exception:
-        ckpt.close()
-        raise
+    restored = ckpt.restore_latest(abstract_tree(state), config.to_dict())
     if restored is not None:
         tree, meta = restored
         state = state.replace(**tree)
@@ -354,15 +338,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             ckpt.save(int(state.step), state_tree(state), run_meta(run, history, train_time))
             logging.warning("interrupted: saved step %d; rerun the same command to resume",
                             int(state.step))
-        ckpt.close()
         raise
-    except Exception:
-        ckpt.close()  # let the checkpoints already being written finish
-        raise
+    return state, eval_step, history, train_time
 
-    test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
-                    run.dataset.num_classes)
-    ckpt.close()
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       dataset: Dataset | None = None) -> dict:
+    """Trains (resuming from `workdir` when it holds checkpoints), evaluates the test split.
+
+    Writes `workdir/results.json`: the config, test metrics (accuracy, precision_macro,
+    recall_macro, f1_macro as fractions), a collapse check, parameter count, training time and
+    the logged history.
+
+    Args:
+      config: a training config (see configs/).
+      workdir: where checkpoints and results go.
+      dataset: an already prepared dataset (tests and tuning pass one to skip loading).
+
+    Returns:
+      The results dict.
+    """
+    run = setup(config, dataset)
+    os.makedirs(workdir, exist_ok=True)
+    state = make_state(run, initial_variables(run))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.get("keep_checkpoints", 3))
+    try:
+        state, eval_step, history, train_time = _train(run, state, ckpt)
+        test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
+                        run.dataset.num_classes)
+    finally:
+        ckpt.close()  # on success and on any failure: lets the checkpoints being written finish
+    n_params = parallel.tree_size(state.params)
     logging.info("test accuracy %.4f, macro F1 %.4f", test["accuracy"], test["f1_macro"])
     results = {
         "config": config.to_dict(),
