@@ -58,10 +58,10 @@ def auto_num_devices(num_params: int, cpu_max_params: int,
     that are small but not tiny: every step all-reduces the gradients through an in-process
     rendezvous (about a millisecond on 2 cores), and one device already spreads a large model's
     matmuls over all cores. Measured with benchmarks/throughput.py on 2 cores: the MNIST CNN
-    (2.05 GFLOP per step of 128) runs 1.2-1.3x faster on 2 devices; LeNet-5 (0.63 GFLOP) 1.0-1.2x
-    faster on 1 since its convolutions take the row form (layers.row_pays); the 1.9M-parameter
-    MLP and ResNet-18 (too many parameters), and the 784-128-10 MLP (0.08 GFLOP: the all-reduce
-    doubled its 1 ms step) on 1.
+    (2.05 GFLOP per step of 128) runs 1.2-1.3x faster on 2 devices; LeNet-5 (0.63 GFLOP) faster
+    on 1 (12.7 against 13.7 ms, its convolutions in output tiles: layers.tile_width); the 1.9M
+    parameter MLP and ResNet-18 (too many parameters), and the 784-128-10 MLP (0.08 GFLOP: the
+    all-reduce doubled its 1 ms step) on 1.
 
     Args:
       num_params: the model's parameter count.

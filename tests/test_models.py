@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from dlassign.errors import ConfigError
 from dlassign.models import get_model
@@ -90,7 +91,8 @@ def test_max_pool_gives_a_tie_to_the_first_maximum(window, stride, padding):
 @pytest.mark.parametrize("kernel,stride,padding,size,cin,cout", [
     (3, 1, 1, 4, 8, 16), (3, 1, 0, 13, 3, 5), (7, 2, 3, 32, 3, 8), (1, 2, 0, 8, 4, 6),
     (5, 1, 0, 14, 6, 16), (11, 4, 2, 63, 3, 4), (3, 2, 1, 2, 4, 4), (3, 1, 1, 1, 3, 5),
-    (3, 1, 1, 2, 4, 3), (5, 1, 2, 2, 2, 3), (3, 2, 1, 1, 3, 2),
+    (3, 1, 1, 2, 4, 3), (5, 1, 2, 2, 2, 3), (3, 2, 1, 1, 3, 2), (5, 1, 2, 9, 3, 6),
+    (5, 1, 0, 32, 3, 6),
 ])
 def test_conv_fast_path_equals_xla(kernel, stride, padding, size, cin, cout):
     with jax.enable_x64(True):
@@ -108,7 +110,7 @@ def test_conv_fast_path_equals_xla(kernel, stride, padding, size, cin, cout):
 
 def test_whole_models_agree_across_impls():
     with jax.enable_x64(True):
-        for name, shape, kw in (("cnn", (2, 28, 28, 1), {}),
+        for name, shape, kw in (("cnn", (2, 28, 28, 1), {}), ("lenet5", (2, 32, 32, 3), {}),
                                 ("resnet50", (2, 32, 32, 3), {"stage_sizes": (1, 1, 1, 1)})):
             x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
             fast = get_model(name, 10, impl="im2col", **kw)
@@ -152,20 +154,44 @@ def test_one_pixel_outputs_take_the_dense_form(size, stride):
     assert f"f32[{2 * out * out},{9 * 8}]" not in jaxpr
 
 
-def test_lenet_convolutions_take_the_row_form():
-    """5x5 kernels over 3 and 6 channels: the matmul contracts KW*I values (not KH*KW*I) and
-    yields KH*O per pixel; the MNIST CNN's 3x3x32 layer keeps im2col."""
-    from dlassign.models.layers import row_pays
+def test_lenet_convolutions_take_output_tiles():
+    """5x5 kernels to 6 and 16 channels: patches under 4 and 2 output pixels and one matmul with
+    a banded kernel matrix [KH*(TILE+KW-1)*I, TILE*O]; the MNIST CNN's 3x3 layer to 64 channels
+    and strided kernels keep im2col (tile 1)."""
+    from dlassign.models.layers import tile_width
 
-    for cin, cout, size in ((3, 6, 32), (6, 16, 14)):
+    for cin, cout, size, tile in ((3, 6, 32, 4), (6, 16, 14, 2)):
         x = jnp.ones((2, size, size, cin))
         m = conv(cout, 5, impl="cpu")
         v = m.init(jax.random.PRNGKey(0), x)
         jaxpr = str(jax.make_jaxpr(m.apply)(v, x))
-        assert f"f32[{5 * cin},{5 * cout}]" in jaxpr and "conv_general_dilated" not in jaxpr
-    assert not row_pays((3, 3, 32, 64), (1, 1))
-    assert not row_pays((3, 3, 256, 256), (1, 1))
-    assert not row_pays((5, 5, 3, 6), (2, 2))
+        assert f"f32[{5 * (tile + 4) * cin},{tile * cout}]" in jaxpr
+        assert "conv_general_dilated" not in jaxpr
+    assert tile_width((128, 13, 13, 32), (3, 3, 32, 64), (1, 1), ((0, 0), (0, 0))) == 1
+    assert tile_width((128, 32, 32, 3), (5, 5, 3, 6), (2, 2), ((0, 0), (0, 0))) == 1
+
+
+@pytest.mark.parametrize("tile", [1, 3, 4, 7])
+def test_tiled_conv_with_any_tile_equals_xla(tile):
+    """Tiles that do not divide the output width (10) pad it and crop; tile 1 is im2col."""
+    from dlassign.models.layers import _tiled_conv
+
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(k[0], (2, 12, 12, 3), jnp.float64)
+        w = jax.random.normal(k[1], (5, 5, 3, 4), jnp.float64)
+        pads = ((1, 1), (1, 1))
+
+        def ref(x, w):
+            return lax.conv_general_dilated(x, w, (1, 1), pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        g = jax.random.normal(k[2], ref(x, w).shape, jnp.float64)
+        np.testing.assert_allclose(_tiled_conv(x, w, pads, tile), ref(x, w), rtol=0, atol=1e-12)
+        grads = [jax.grad(lambda x, w, f=f: jnp.vdot(f(x, w), g), argnums=(0, 1))(x, w)
+                 for f in (lambda x, w: _tiled_conv(x, w, pads, tile), ref)]
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-11)
 
 
 def test_two_by_two_outputs_keep_im2col():

@@ -8,18 +8,20 @@ XLA:CPU has two slow spots that dominate small-image training on a laptop:
   this was also 1.6-3.9x faster than a reshape and a `max` over two axes, whose derivative
   compares every element with its window's maximum and counts the ties.
 * convolutions on feature maps of a few pixels. They become im2col: pad, take the kh*kw shifted
-  (strided) slices, concatenate them along channels and do one matmul; stride-1 kernels with
-  many taps over few channels (LeNet-5's 5x5) shift only along rows and add the kernel rows'
-  products afterwards, which moves less data than im2col's patch matrix. A 1x1 output from a
-  map with fewer pixels than the kernel has taps (ResNet's last stage at 32x32 input) becomes
-  one dense matmul with the kernel taps the real pixels meet instead, which leaves out the
-  products with padding zeros that im2col would compute (a 3x3 kernel on a 1x1 map is its
+  (strided) slices, concatenate them along channels and do one matmul. Stride-1 kernels with
+  few output channels (LeNet-5's 5x5 to 6 and 16) take patches under tiles of several output
+  pixels and a banded kernel matrix, so the matmul gives several pixels' outputs per patch: a
+  smaller patch matrix and a wider matmul, for some multiplications by zero. A 1x1 output
+  from a map with fewer pixels than the kernel has taps (ResNet's last stage at 32x32 input)
+  becomes one dense matmul with the kernel taps the real pixels meet instead, which leaves out
+  the products with padding zeros that im2col would compute (a 3x3 kernel on a 1x1 map is its
   centre tap alone).
 
-All are exact rewrites (the same sums and maxima, only the summation order of the matmul differs)
-and are checked against the plain operations, values and gradients, in float64 by the tests.
-`impl='auto'` uses them when JAX's default backend is the CPU; 'xla' and 'cpu' force a choice.
-Pooling always takes the rewrite on the CPU; each convolution the form `conv_path` names.
+All are exact rewrites for finite inputs (the same sums and maxima; only the summation order of
+the matmul differs, and terms that are zero) and are checked against the plain operations,
+values and gradients, in float64 by the tests. `impl='auto'` uses them when JAX's default
+backend is the CPU; 'xla' and 'cpu' force a choice. Pooling always takes the rewrite on the
+CPU; each convolution the form `conv_path` names.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def use_cpu_kernels(impl: str) -> bool:
     """Whether the CPU rewrites apply; decided at trace time from JAX's default backend.
 
     'auto': on the CPU; 'cpu': always; 'im2col': always, and a rewrite for every plain convolution
-    (im2col, or the dense or row form where they pay; for tests and benchmarks); 'xla': never.
+    (im2col, or the dense or tiled form where they pay; for tests and benchmarks); 'xla': never.
     """
     if impl not in IMPLS:
         raise one_of("impl", impl, IMPLS)
@@ -157,35 +159,46 @@ def _dense_conv(lhs, rhs, padding):
     return out.reshape(n, 1, 1, co)
 
 
-def _row_conv(lhs, rhs, padding):
-    """Stride-1 NHWC x HWIO convolution through the kw shifts of each row only.
+def _tiled_conv(lhs, rhs, padding, tile):
+    """Stride-1 NHWC x HWIO convolution, im2col over output tiles `tile` pixels wide.
 
-    P holds the kw column shifts of every padded input row ([N, H, WO, KW*I], im2col's patch
-    matrix has KH*KW*I columns); one matmul gives Q = P . W for every kernel row at once
-    ([N, H, WO, KH, O]); output row r sums Q's kernel row i at input row r + i.
+    A patch holds the KH rows of the TILE+KW-1 input columns under one tile's outputs
+    ([N, HO, WO/TILE, KH*(TILE+KW-1)*I]; im2col's, tile 1, the KH*KW*I values under one
+    output); one matmul with the kernel laid out as a banded (Toeplitz) matrix over the tile's
+    columns ([KH*(TILE+KW-1)*I, TILE*O], zero where an input column is outside an output's
+    window) gives every tile's TILE*O outputs. Output widths that `tile` does not divide are
+    padded on the right and cropped.
     """
     kh, kw, ci, co = rhs.shape
     x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
     n, h, w, _ = x.shape
     ho, wo = h - kh + 1, w - kw + 1
-    p = jnp.concatenate([x[:, :, j: j + wo] for j in range(kw)], axis=-1)
-    q = jnp.dot(p.reshape(-1, kw * ci), rhs.transpose(1, 2, 0, 3).reshape(kw * ci, kh * co))
-    q = q.reshape(n, h, wo, kh, co)
-    out = q[:, :ho, :, 0]
-    for i in range(1, kh):
-        out = out + q[:, i: i + ho, :, i]
-    return out
+    tiles = -(-wo // tile)
+    span = tile + kw - 1
+    if tiles * tile + kw - 1 > w:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, tiles * tile + kw - 1 - w), (0, 0)))
+    cols = jnp.concatenate([x[:, :, u: u + tile * (tiles - 1) + 1: tile] for u in range(span)],
+                           axis=-1)
+    patches = jnp.concatenate([cols[:, i: i + ho] for i in range(kh)], axis=-1)
+    band = jnp.stack([jnp.pad(rhs, ((0, 0), (v, tile - 1 - v), (0, 0), (0, 0)))
+                      for v in range(tile)], axis=-2)
+    out = jnp.dot(patches.reshape(-1, kh * span * ci), band.reshape(kh * span * ci, tile * co))
+    return out.reshape(n, ho, tiles * tile, co)[:, :, :wo]
 
 
-def row_pays(rhs_shape, window_strides) -> bool:
-    """Stride-1 kernels with a small contraction (KH*KW*I <= 288) whose row form moves less data
-    per output pixel than im2col (KW*I + KH*O against KH*KW*I values): LeNet-5's 5x5 layers,
-    not the MNIST CNN's 3x3x32. LeNet-5's step took 1.2-1.3x less time with it on one device
-    (2 cores, interleaved in one process). Wide 3x3 layers (ResNet's 3x3x256 on 2x2 maps) ran
-    slower in the row form than in im2col."""
-    kh, kw, ci, co = rhs_shape
-    return (tuple(window_strides) == (1, 1) and kh > 1 and kh * kw * ci <= 288
-            and kw * ci + kh * co < kh * kw * ci)
+def tile_width(lhs_shape, rhs_shape, window_strides, padding) -> int:
+    """Output tile width of a stride-1 convolution's im2col: the smallest divisor of the output
+    width that gives the matmul at least 24 output columns (TILE*O), 1 (plain im2col) for
+    strided kernels and 24 or more output channels. LeNet-5's 5x5 layers take 4 (6 channels)
+    and 2 (16): their train step took 12.4 ms against 18.5 ms in the previous row form
+    (kernel rows' products added after one matmul over the KW*I column shifts), interleaved on
+    2 cores (benchmarks/conv_paths.py has the layers alone).
+    """
+    kh, kw, _, co = rhs_shape
+    if tuple(window_strides) != (1, 1) or co >= 24 or kw == 1:
+        return 1
+    wo = lhs_shape[2] + sum(padding[1]) - kw + 1
+    return min(d for d in range(1, wo + 1) if wo % d == 0 and (d * co >= 24 or d == wo))
 
 
 def dense_pays(lhs_shape, rhs_shape, window_strides, padding) -> bool:
@@ -210,7 +223,7 @@ def im2col_pays(lhs_shape, rhs_shape, window_strides, padding) -> bool:
     benchmarks/conv_paths.py and in whole train steps (benchmarks/throughput.py) on 2 cores with
     jaxlib 0.10: 1x1 kernels (a plain matmul), outputs of at most 2x2 pixels (5-15x faster),
     and small contractions of small kernels over several input channels (the MNIST CNN's
-    second layer; LeNet-5's, which `row_pays` sends to the row form).
+    second layer; LeNet-5's, in output tiles wider than a pixel: `tile_width`).
     XLA keeps single-channel inputs, where im2col's matmul would contract over only kh*kw
     terms from a patch matrix kh*kw times the size of the input (the MNIST CNN's step took 30.5
     ms with it, 26.6 ms without), and ResNet's 7x7 stem and 3x3 layers on 4x4 and larger maps,
@@ -224,14 +237,15 @@ def im2col_pays(lhs_shape, rhs_shape, window_strides, padding) -> bool:
 
 
 def conv_path(lhs_shape, rhs_shape, window_strides, padding, force: bool = False) -> str:
-    """The form a plain NHWC convolution takes on the CPU: 'dense', 'row', 'im2col' or 'xla'.
+    """The form a plain NHWC convolution takes on the CPU: 'dense', 'tiled', 'im2col' or 'xla'.
 
     force: rewrite even where `im2col_pays` says XLA's kernel is faster (impl='im2col').
     """
     if dense_pays(lhs_shape, rhs_shape, window_strides, padding):
         return "dense"
     if force or im2col_pays(lhs_shape, rhs_shape, window_strides, padding):
-        return "row" if row_pays(rhs_shape, window_strides) else "im2col"
+        tiled = tile_width(lhs_shape, rhs_shape, window_strides, padding) > 1
+        return "tiled" if tiled else "im2col"
     return "xla"
 
 
@@ -254,8 +268,9 @@ def _conv_general_dilated(force: bool):
             path = conv_path(lhs.shape, rhs.shape, window_strides, padding, force)
             if path == "dense":
                 return _dense_conv(lhs, rhs, padding)
-            if path == "row":
-                return _row_conv(lhs, rhs, padding)
+            if path == "tiled":
+                return _tiled_conv(lhs, rhs, padding,
+                                   tile_width(lhs.shape, rhs.shape, window_strides, padding))
             if path == "im2col":
                 return _im2col_conv(lhs, rhs, window_strides, padding)
         return lax.conv_general_dilated(
