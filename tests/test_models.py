@@ -194,6 +194,67 @@ def test_tiled_conv_with_any_tile_equals_xla(tile):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("kernel,stride,padding,size,cin,cout,tile", [
+    (5, 1, 0, 12, 3, 6, 4), (5, 1, 0, 12, 3, 6, 3), (5, 1, 0, 10, 6, 16, 1), (3, 2, 1, 9, 2, 5, 1),
+    (3, 1, 1, 7, 4, 3, 2), (1, 1, 0, 5, 4, 6, 1), (7, 2, 3, 16, 3, 4, 1),
+])
+def test_batch_minor_conv_equals_xla(kernel, stride, padding, size, cin, cout, tile):
+    """[C, H, W, N] im2col (tile 1) and output tiles (tile 3 leaves 8 columns uneven)."""
+    from dlassign.models.layers import batch_minor, batch_minor_conv
+
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(k[0], (3, size, size, cin), jnp.float64)
+        w = jax.random.normal(k[1], (kernel, kernel, cin, cout), jnp.float64)
+        strides, pads = (stride, stride), ((padding, padding),) * 2
+
+        def ref(x, w):
+            return lax.conv_general_dilated(x, w, strides, pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        def fast(x, w):
+            return batch_minor(batch_minor_conv(batch_minor(x), w, strides, pads, tile))
+
+        g = jax.random.normal(k[2], ref(x, w).shape, jnp.float64)
+        np.testing.assert_allclose(fast(x, w), ref(x, w), rtol=0, atol=1e-12)
+        grads = [jax.grad(lambda x, w, f=f: jnp.vdot(f(x, w), g), argnums=(0, 1))(x, w)
+                 for f in (fast, ref)]
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-11)
+
+
+def test_batch_minor_conv_module_has_nn_conv_parameters():
+    """Same names, shapes and initial values as nn.Conv, so checkpoints and ports carry over."""
+    from dlassign.models.layers import BatchMinorConv, batch_minor, batch_minor_conv
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 3))
+    ref = conv(4, 3, 2, 1, impl="xla")
+    v = ref.init(jax.random.PRNGKey(1), x)
+    v = jax.tree.map(lambda a: a + 0.1, v)  # a nonzero bias
+    m = BatchMinorConv(4, 3, 2, 1)
+    assert jax.tree.map(jnp.shape, m.init(jax.random.PRNGKey(1), batch_minor(x))) == \
+        jax.tree.map(jnp.shape, v)
+    np.testing.assert_array_equal(m.init(jax.random.PRNGKey(1), batch_minor(x))["params"]
+                                  ["kernel"], ref.init(jax.random.PRNGKey(1), x)["params"]
+                                  ["kernel"])
+    np.testing.assert_allclose(batch_minor(m.apply(v, batch_minor(x))), ref.apply(v, x),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tile=2 needs stride 1"):
+        batch_minor_conv(batch_minor(x), v["params"]["kernel"], (2, 2), ((1, 1), (1, 1)), 2)
+
+
+def test_lenet_runs_batch_minor_on_the_cpu_kernels():
+    from dlassign.models.lenet import LeNet5
+
+    x = jnp.ones((2, 32, 32, 3))
+    for impl, batch_minor in (("cpu", True), ("xla", False)):
+        m = LeNet5(10, impl=impl)
+        jaxpr = str(jax.make_jaxpr(lambda x, m=m: m.init_with_output(
+            jax.random.PRNGKey(0), x))(x))
+        assert ("f32[3,32,32,2]" in jaxpr) == batch_minor
+        assert ("conv_general_dilated" in jaxpr) == (not batch_minor)
+
+
 def test_two_by_two_outputs_keep_im2col():
     from dlassign.models.layers import conv_path
 

@@ -288,8 +288,12 @@ im2col_conv_general_dilated = _conv_general_dilated(force=True)
 
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, *, impl: str = "auto",
-         use_bias: bool = True, dtype=None, name: str | None = None) -> nn.Conv:
-    """A square `nn.Conv` with torch's explicit symmetric padding (never 'SAME' with stride 2)."""
+         use_bias: bool = True, dtype=None, batch_minor: bool = False,
+         name: str | None = None) -> nn.Module:
+    """A square `nn.Conv` with torch's explicit symmetric padding (never 'SAME' with stride 2);
+    with batch_minor, its `BatchMinorConv` twin for [C, H, W, N] input."""
+    if batch_minor:
+        return BatchMinorConv(features, kernel, stride, padding, use_bias, dtype, name=name)
     kwargs = {}
     if use_cpu_kernels(impl):
         kwargs["conv_general_dilated"] = (im2col_conv_general_dilated if impl == "im2col"
@@ -297,6 +301,89 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, *, impl:
     return nn.Conv(features, (kernel, kernel), (stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=use_bias,
                    dtype=dtype, name=name, **kwargs)
+
+
+def batch_minor(x: jax.Array) -> jax.Array:
+    """[N, H, W, C] <-> [C, H, W, N] (the same transpose both ways)."""
+    return jnp.transpose(x, (3, 1, 2, 0))
+
+
+def batch_minor_tile(rhs_shape, window_strides) -> int:
+    """Output tile width of `batch_minor_conv`: tiles only where the output channels are few
+    (under 16) and the stride is 1, wide enough for 24 matmul rows (TILE*O); else 1."""
+    co = rhs_shape[3]
+    if tuple(window_strides) != (1, 1) or co >= 16:
+        return 1
+    return -(-24 // co)
+
+
+def batch_minor_conv(x, rhs, window_strides, padding, tile: int = 1):
+    """Convolution of a batch-minor [C, H, W, N] input with an HWIO kernel: [O, HO, WO, N].
+
+    im2col with the batch as the matmul's minor dimension: every patch row is a strided slice
+    of the input whose innermost runs are whole batches (N contiguous values), and the matmul
+    is [TILE*O, K] x [K, HO*WO/TILE*N]. With tile > 1 (stride 1 only) the patches lie under
+    tiles of TILE output columns and the kernel is the banded matrix of `_tiled_conv`.
+
+    Args:
+      x: [C, H, W, N].
+      rhs: [KH, KW, C, O].
+      window_strides, padding: as in `lax.conv_general_dilated` (explicit pairs).
+      tile: output tile width (1: plain im2col); needs stride 1.
+    """
+    kh, kw, ci, co = rhs.shape
+    sh, sw = window_strides
+    if tile > 1 and (sh, sw) != (1, 1):
+        raise ValueError(f"tile={tile} needs stride 1, got strides {tuple(window_strides)}")
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    _, h, w, n = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    tiles = -(-wo // tile)
+    span = tile + kw - 1 if tile > 1 else kw
+    if tile > 1 and tiles * tile + kw - 1 > w:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, tiles * tile + kw - 1 - w), (0, 0)))
+    step = tile if tile > 1 else sw
+    cols = jnp.concatenate([x[:, :, u: u + step * (tiles - 1) + 1: step] for u in range(span)])
+    patches = jnp.concatenate([cols[:, i: i + sh * (ho - 1) + 1: sh] for i in range(kh)])
+    if tile > 1:
+        rhs = jnp.stack([jnp.pad(rhs, ((0, 0), (v, tile - 1 - v), (0, 0), (0, 0)))
+                         for v in range(tile)], axis=-2)
+    k = kh * span * ci
+    out = jnp.dot(rhs.reshape(k, tile * co).T, patches.reshape(k, ho * tiles * n))
+    if tile == 1:
+        return out.reshape(co, ho, wo, n)
+    out = out.reshape(tile, co, ho, tiles, n).transpose(1, 2, 3, 0, 4)
+    return out.reshape(co, ho, tiles * tile, n)[:, :, :wo]
+
+
+class BatchMinorConv(nn.Module):
+    """`nn.Conv` (square kernel, explicit symmetric padding) on batch-minor [C, H, W, N] input.
+
+    The same parameters as `nn.Conv`, under the same names ('kernel' HWIO, 'bias') and
+    initialisers, so a model can switch layouts without changing its checkpoints or ported
+    weights.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = True
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (k, k, x.shape[0], self.features), self.param_dtype)
+        bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                           self.param_dtype) if self.use_bias else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        strides = (self.stride, self.stride)
+        y = batch_minor_conv(x, kernel, strides, ((self.padding, self.padding),) * 2,
+                             batch_minor_tile(kernel.shape, strides))
+        return y if bias is None else y + bias[:, None, None, None]
 
 
 def batch_norm(train: bool, dtype=None, name: str | None = None) -> nn.BatchNorm:
@@ -339,8 +426,11 @@ def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
     return jnp.einsum("oh,nhwc,pw->nopc", mh, x, mw)
 
 
-def flatten_chw(x: jax.Array) -> jax.Array:
-    """Flattens NHWC in torch's C, H, W order, so ported Linear weights apply unchanged."""
+def flatten_chw(x: jax.Array, batch_minor: bool = False) -> jax.Array:
+    """Flattens NHWC (or batch-minor CHWN) in torch's C, H, W order, so ported Linear weights
+    apply unchanged."""
+    if batch_minor:
+        return jnp.transpose(x, (3, 0, 1, 2)).reshape(x.shape[3], -1)
     return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 

@@ -6,13 +6,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import conv, flatten_chw, logits, max_pool
+from dlassign.models.layers import (
+    batch_minor,
+    conv,
+    flatten_chw,
+    logits,
+    max_pool,
+    use_cpu_kernels,
+)
 
 
 class LeNet5(nn.Module):
     """conv 6 5x5, pool, conv 16 5x5, pool, dense 120, 84, num_classes (32x32 input: 16*5*5=400).
 
-    torch names: conv1, conv2, fc1, fc2, fc3 (see `porting.tables`).
+    torch names: conv1, conv2, fc1, fc2, fc3 (see `porting.tables`). With the CPU kernels the
+    convolutions and pools run batch-minor ([C, H, W, N], `layers.batch_minor_conv`); the
+    parameters are the same either way.
     """
 
     num_classes: int
@@ -22,11 +31,13 @@ class LeNet5(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [N, 32, 32, C] -> logits float32[N, num_classes]."""
-        x = max_pool(nn.relu(conv(6, 5, impl=self.impl, dtype=self.dtype, name="conv1")(x)),
-                     2, 2, impl=self.impl)
-        x = max_pool(nn.relu(conv(16, 5, impl=self.impl, dtype=self.dtype, name="conv2")(x)),
-                     2, 2, impl=self.impl)
-        x = flatten_chw(x)
+        bm = use_cpu_kernels(self.impl)
+        if bm:
+            x = batch_minor(x)
+        for name, features in (("conv1", 6), ("conv2", 16)):
+            x = conv(features, 5, impl=self.impl, dtype=self.dtype, batch_minor=bm, name=name)(x)
+            x = max_pool(nn.relu(x), 2, 2, impl=self.impl)
+        x = flatten_chw(x, batch_minor=bm)
         x = nn.relu(nn.Dense(120, dtype=self.dtype, name="fc1")(x))
         x = nn.relu(nn.Dense(84, dtype=self.dtype, name="fc2")(x))
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc3")(x))
