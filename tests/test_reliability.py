@@ -128,6 +128,42 @@ def test_one_vs_eight_devices_agree(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+def test_batch_minor_cnn_on_one_device_agrees_with_nhwc_on_eight(tmp_path):
+    """The CPU's default for the CNN (batch-minor, one device) against the layout `setup` gives
+    it on a mesh of eight (NHWC): the same losses and parameters, and no all-gather."""
+    import dataclasses
+
+    import jax
+
+    from dlassign import parallel
+    from dlassign.train import compile_steps
+
+    data = synthetic_dataset(size=12)
+    model = {"name": "cnn", "conv_features": (4, 8), "dense_width": 16, "padding": "same"}
+    configs = {}
+    for n in (0, 8):
+        configs[n] = tiny_config({"mesh.num_devices": n, "num_epochs": 1})
+        configs[n].model = dict(model)
+    runs = {n: setup(c, data) for n, c in configs.items()}
+    assert runs[0].mesh.devices.size == 1 and runs[0].model.batch_minor is None
+    assert runs[8].mesh.devices.size == 8 and runs[8].model.batch_minor is False
+    for batch_minor in (True, False):  # batch-minor would all-gather the sharded patches
+        run = dataclasses.replace(runs[8], model=runs[8].model.clone(batch_minor=batch_minor))
+        state = make_state(run)
+        step, _ = compile_steps(run, state)
+        batch = jax.device_put({"image": data.train.images[:32], "label": data.train.labels[:32]},
+                               parallel.batch_sharding(run.mesh))
+        assert ("all-gather" in step.lower(state, batch).compile().as_text()) == batch_minor
+    results = {n: train_and_evaluate(c, str(tmp_path / str(n)), data) for n, c in configs.items()}
+    np.testing.assert_allclose([h["loss"] for h in results[0]["history"]],
+                               [h["loss"] for h in results[8]["history"]], rtol=1e-5)
+    abstract = abstract_tree(make_state(runs[0]))
+    a, _ = Checkpointer(str(tmp_path / "0" / "checkpoints")).restore_latest(abstract)
+    b, _ = Checkpointer(str(tmp_path / "8" / "checkpoints")).restore_latest(abstract)
+    for x, y in zip(jax_leaves(a["params"]), jax_leaves(b["params"])):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
 def jax_leaves(tree):
     import jax
 

@@ -8,7 +8,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import activation, conv, logits, max_pool
+from dlassign.models.layers import (
+    activation,
+    batch_minor,
+    conv,
+    logits,
+    max_pool,
+    use_batch_minor,
+)
 
 
 class CNN(nn.Module):
@@ -26,6 +33,8 @@ class CNN(nn.Module):
       dropout: rate before the output layer.
       dtype: compute dtype.
       impl: 'auto', 'cpu' or 'xla' kernels (see `layers`).
+      batch_minor: convolutions and pools on [C, H, W, N] arrays (None: with the CPU kernels;
+        see `layers.use_batch_minor`); the parameters are the same either way.
     """
 
     num_classes: int
@@ -37,15 +46,22 @@ class CNN(nn.Module):
     dropout: float = 0.0
     dtype: jnp.dtype | None = None
     impl: str = "auto"
+    batch_minor: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [N, H, W, C] -> logits float32[N, num_classes]."""
         pad = {"valid": 0, "same": 1}[self.padding]
         conv_act = activation(self.conv_activation)
+        bm = use_batch_minor(self.batch_minor, self.impl)
+        if bm:
+            x = batch_minor(x)
         for i, f in enumerate(self.conv_features):
-            x = conv(f, 3, padding=pad, impl=self.impl, dtype=self.dtype, name=f"conv{i}")(x)
+            x = conv(f, 3, padding=pad, impl=self.impl, dtype=self.dtype, batch_minor=bm,
+                     name=f"conv{i}")(x)
             x = max_pool(conv_act(x), 2, 2, impl=self.impl)
+        if bm:
+            x = batch_minor(x)
         x = x.reshape(x.shape[0], -1)
         x = activation(self.activation)(nn.Dense(self.dense_width, dtype=self.dtype,
                                                  name="dense")(x))

@@ -303,6 +303,16 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, *, impl:
                    dtype=dtype, name=name, **kwargs)
 
 
+def use_batch_minor(batch_minor: bool | None, impl: str) -> bool:
+    """A model's `batch_minor` field resolved: None means wherever the CPU kernels apply.
+
+    `train.setup` sets it False for a mesh of several devices: the batch-minor matmul merges
+    the batch into its minor dimension, which a batch sharded over devices cannot keep (the
+    SPMD partitioner all-gathers the patches).
+    """
+    return use_cpu_kernels(impl) if batch_minor is None else batch_minor
+
+
 def batch_minor(x: jax.Array) -> jax.Array:
     """[N, H, W, C] <-> [C, H, W, N] (the same transpose both ways)."""
     return jnp.transpose(x, (3, 1, 2, 0))

@@ -12,26 +12,27 @@ from dlassign.models.layers import (
     flatten_chw,
     logits,
     max_pool,
-    use_cpu_kernels,
+    use_batch_minor,
 )
 
 
 class LeNet5(nn.Module):
     """conv 6 5x5, pool, conv 16 5x5, pool, dense 120, 84, num_classes (32x32 input: 16*5*5=400).
 
-    torch names: conv1, conv2, fc1, fc2, fc3 (see `porting.tables`). With the CPU kernels the
-    convolutions and pools run batch-minor ([C, H, W, N], `layers.batch_minor_conv`); the
-    parameters are the same either way.
+    torch names: conv1, conv2, fc1, fc2, fc3 (see `porting.tables`). With `batch_minor` the
+    convolutions and pools run on [C, H, W, N] arrays (`layers.batch_minor_conv`; None: with
+    the CPU kernels, see `layers.use_batch_minor`); the parameters are the same either way.
     """
 
     num_classes: int
     dtype: jnp.dtype | None = None
     impl: str = "auto"
+    batch_minor: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [N, 32, 32, C] -> logits float32[N, num_classes]."""
-        bm = use_cpu_kernels(self.impl)
+        bm = use_batch_minor(self.batch_minor, self.impl)
         if bm:
             x = batch_minor(x)
         for name, features in (("conv1", 6), ("conv2", 16)):
