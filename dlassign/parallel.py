@@ -55,17 +55,18 @@ def auto_num_devices(num_params: int, cpu_max_params: int,
     """How many devices `mesh.num_devices = 0` uses.
 
     On GPUs and TPUs: all of them. On CPU host devices, one for models that run batch-minor
-    (LeNet-5 and the MNIST CNN with the CPU kernels, `layers.use_batch_minor`): a sharded batch
-    cannot stay sharded through their matmuls, and one device already keeps every core busy
-    (1.7-1.8 CPU seconds per second on 2 cores). Their steps on 2 cores, interleaved: the
+    (LeNet-5, the MNIST CNN and ResNet with the CPU kernels, `layers.use_batch_minor`): a batch
+    sharded over devices cannot stay so through their matmuls, and one device keeps every core
+    busy (1.7-1.9 CPU seconds per second on 2 cores). Their steps on 2 cores, interleaved: the
     CNN 25.8 ms batch-minor on 1 device against 31.4 ms on 2 in NHWC, LeNet-5 10.3 against
-    16.0 ms (NHWC, 1 device). For other models data parallelism pays only where they are small
-    but not tiny: every step all-reduces the gradients through an in-process rendezvous (about
-    a millisecond on 2 cores), and one device already spreads a large model's matmuls over all
-    cores. Measured with benchmarks/throughput.py on 2 cores: the MNIST CNN in NHWC (2.05 GFLOP
-    per step of 128) ran 1.2-1.3x faster on 2 devices than on 1; the 1.9M-parameter MLP and
-    ResNet-18 (too many parameters), and the 784-128-10 MLP (0.08 GFLOP: the all-reduce doubled
-    its 1 ms step) on 1.
+    16.0 ms (NHWC, 1 device), ResNet-18 216 against 261 ms (1 device).
+
+    For other models data parallelism pays only where they are small but not tiny: every step
+    all-reduces the gradients through an in-process rendezvous (about a millisecond on 2
+    cores), and one device already spreads a large model's matmuls over all cores. Measured
+    with benchmarks/throughput.py on 2 cores: the MNIST CNN in NHWC (2.05 GFLOP per step of
+    128) ran 1.2-1.3x faster on 2 devices than on 1; the 1.9M-parameter MLP (too many
+    parameters) and the 784-128-10 MLP (0.08 GFLOP: the all-reduce doubled its 1 ms step) on 1.
 
     Args:
       num_params: the model's parameter count.

@@ -243,16 +243,19 @@ def test_batch_minor_conv_module_has_nn_conv_parameters():
         batch_minor_conv(batch_minor(x), v["params"]["kernel"], (2, 2), ((1, 1), (1, 1)), 2)
 
 
-def test_lenet_runs_batch_minor_on_the_cpu_kernels():
-    from dlassign.models.lenet import LeNet5
-
-    x = jnp.ones((2, 32, 32, 3))
-    for impl, batch_minor in (("cpu", True), ("xla", False)):
-        m = LeNet5(10, impl=impl)
+@pytest.mark.parametrize("name,shape,kw", [
+    ("lenet5", (2, 32, 32, 3), {}), ("cnn", (2, 28, 28, 1), {}),
+    ("resnet18", (2, 32, 32, 3), {"stage_sizes": (1, 1, 1, 1)}),
+])
+def test_conv_models_run_batch_minor_on_the_cpu_kernels(name, shape, kw):
+    x = jnp.ones(shape)
+    n, h, w, c = shape
+    for impl, batch_minor in (("cpu", True), ("xla", False), ("cpu", False)):
+        m = get_model(name, 10, impl=impl, batch_minor=batch_minor if impl == "cpu" else None,
+                      **kw)
         jaxpr = str(jax.make_jaxpr(lambda x, m=m: m.init_with_output(
             jax.random.PRNGKey(0), x))(x))
-        assert ("f32[3,32,32,2]" in jaxpr) == batch_minor
-        assert ("conv_general_dilated" in jaxpr) == (not batch_minor)
+        assert (f"f32[{c},{h},{w},{n}]" in jaxpr) == batch_minor
 
 
 def test_two_by_two_outputs_keep_im2col():

@@ -333,7 +333,8 @@ def batch_minor_conv(x, rhs, window_strides, padding, tile: int = 1):
     im2col with the batch as the matmul's minor dimension: every patch row is a strided slice
     of the input whose innermost runs are whole batches (N contiguous values), and the matmul
     is [TILE*O, K] x [K, HO*WO/TILE*N]. With tile > 1 (stride 1 only) the patches lie under
-    tiles of TILE output columns and the kernel is the banded matrix of `_tiled_conv`.
+    tiles of TILE output columns and the kernel is the banded matrix of `_tiled_conv`. A 1x1
+    output that `dense_pays` for takes the dense form of `_dense_conv`.
 
     Args:
       x: [C, H, W, N].
@@ -345,6 +346,15 @@ def batch_minor_conv(x, rhs, window_strides, padding, tile: int = 1):
     sh, sw = window_strides
     if tile > 1 and (sh, sw) != (1, 1):
         raise ValueError(f"tile={tile} needs stride 1, got strides {tuple(window_strides)}")
+    if tile == 1 and dense_pays(batch_minor(x).shape, rhs.shape, window_strides, padding):
+        # the dense form of `_dense_conv`: one matmul over the real pixels
+        _, h, w, n = x.shape
+        (pt, _), (pl, _) = padding
+        zero = jnp.zeros((ci, co), rhs.dtype)
+        taps = [rhs[a + pt, b + pl] if a + pt < kh and b + pl < kw else zero
+                for a in range(h) for b in range(w)]
+        pixels = jnp.transpose(x, (1, 2, 0, 3)).reshape(h * w * ci, n)
+        return jnp.dot(jnp.concatenate(taps, axis=0).T, pixels).reshape(co, 1, 1, n)
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
     _, h, w, n = x.shape
     ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
@@ -396,14 +406,17 @@ class BatchMinorConv(nn.Module):
         return y if bias is None else y + bias[:, None, None, None]
 
 
-def batch_norm(train: bool, dtype=None, name: str | None = None) -> nn.BatchNorm:
-    """BatchNorm with torch's defaults: running-average momentum 0.9 (torch's 0.1), eps 1e-5.
+def batch_norm(train: bool, dtype=None, name: str | None = None,
+               batch_minor: bool = False) -> nn.BatchNorm:
+    """BatchNorm with torch's defaults: running-average momentum 0.9 (torch's 0.1), eps 1e-5;
+    over the channels of NHWC input, or of [C, H, W, N] with batch_minor.
 
     Flax updates the running variance with the biased batch variance; torch uses the unbiased
     one. Evaluation is identical; the running variance drifts by a factor (m-1)/m while training.
     """
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        use_fast_variance=False, dtype=dtype, name=name)
+    return nn.BatchNorm(use_running_average=not train, axis=0 if batch_minor else -1,
+                        momentum=0.9, epsilon=1e-5, use_fast_variance=False, dtype=dtype,
+                        name=name)
 
 
 def _adaptive_matrix(size_in: int, size_out: int) -> np.ndarray:
