@@ -130,3 +130,22 @@ def test_forward_over_reverse_hvp_through_every_layer(name, shape, kwargs):
         v = jax.random.normal(jax.random.PRNGKey(2), x0.shape, jnp.float64)
         reverse_over_reverse = jax.grad(lambda p: jnp.vdot(jax.grad(f)(p), v))(x0)
         np.testing.assert_allclose(hvp(f, x0, v), reverse_over_reverse, rtol=1e-8, atol=1e-10)
+
+
+def test_model_losses_run_nhwc_for_hessian_vector_products():
+    """A batch-minor model's HVP took longer (ResNet-18: 550 against 434 ms), so the Hessian's
+    loss runs it NHWC; the values are the same."""
+    from dlassign.hessian import model_batch_loss
+
+    model = get_model("cnn", 10, conv_features=(4, 8), dense_width=16, impl="cpu")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    batch = {"image": x, "label": jnp.array([1, 2])}
+    loss = model_batch_loss(model, variables, "cross_entropy")
+    assert "f32[1,28,28,2]" not in str(jax.make_jaxpr(loss)(variables["params"], batch))
+    direct = _cross_entropy_sum(model.apply(variables, x), batch["label"])
+    np.testing.assert_allclose(loss(variables["params"], batch)[0], direct, rtol=1e-5)
+
+
+def _cross_entropy_sum(logits, labels):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).sum()

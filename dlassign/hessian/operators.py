@@ -45,6 +45,9 @@ def model_batch_loss(model, variables: dict, loss: str, normalizer: Normalizer |
 
     Evaluation mode throughout: BatchNorm uses its running statistics (held fixed in
     `variables`) and dropout is off, so the loss is a deterministic function of the parameters.
+    Models that would run batch-minor (`layers.use_batch_minor`) run NHWC here: at batch 128 on
+    2 cores, ResNet-18's Hessian-vector product took 434 ms NHWC against 550 ms batch-minor
+    (the MNIST CNN 59.4 against 61.0 ms, LeNet-5 18.6 against 17.2 ms).
 
     Args:
       model: a Flax module taking (x, train).
@@ -55,6 +58,8 @@ def model_batch_loss(model, variables: dict, loss: str, normalizer: Normalizer |
     """
     loss_fn = get_loss(loss, binary=binary)
     fixed = {k: v for k, v in variables.items() if k != "params"}
+    if getattr(model, "batch_minor", False) is None:
+        model = model.clone(batch_minor=False)
 
     def batch_loss(params, batch):
         x = batch["image"]
