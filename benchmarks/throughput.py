@@ -3,9 +3,10 @@
   python -m benchmarks.throughput [--models=mlp,cnn,lenet5,resnet18] [--batch_size=128]
 
 Same architecture, batch, optimizer (Adam, lr 1e-3) and precision (float32) in both; each round
-times `--steps` training steps of ours, then of PyTorch's, and the table gives the medians over
-`--rounds` rounds. Ours is the library's jitted, donated train step on its default mesh (see
-dlassign.parallel.auto_num_devices) fed uint8 batches; PyTorch uses its default threads.
+times `--steps` training steps of ours, then of PyTorch's (more where fewer would take under
+`--min_round_s`), and the table gives the medians over `--rounds` rounds. Ours is the
+library's jitted, donated train step on its default mesh (see dlassign.parallel.auto_num_devices)
+fed uint8 batches; PyTorch uses its default threads.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def theirs(torch, name: str, split):
 
 
 def main():
-    args = parse(__doc__)
+    args = parse(__doc__, extra=lambda p: p.add_argument(
+        "--min_round_s", type=float, default=0.5, help="least seconds per round and side"))
     jax = start_jax(args.cpu_devices)
     import torch
 
@@ -87,10 +89,13 @@ def main():
         mine, devices, split = ours(jax, name, args.batch_size, args.image_size)
         ref = theirs(torch, name, split)
         mine(2), ref(2)  # compile and warm up
+        # at least --min_round_s per round and side, so that short steps are not timed in bursts
+        per_step = max(timed(mine, 2), timed(ref, 2)) / 2
+        steps = max(args.steps, int(args.min_round_s / per_step) + 1)
         a, b = [], []
         for _ in range(args.rounds):
-            a.append(args.batch_size * args.steps / timed(mine, args.steps))
-            b.append(args.batch_size * args.steps / timed(ref, args.steps))
+            a.append(args.batch_size * steps / timed(mine, steps))
+            b.append(args.batch_size * steps / timed(ref, steps))
         ours_rate, torch_rate = median_rate(a), median_rate(b)
         rows.append({"model": name, "size": input_shape(name, args.image_size)[0],
                      "devices": devices, "ours": ours_rate, "torch": torch_rate,
