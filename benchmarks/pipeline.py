@@ -4,7 +4,8 @@
 
 'step alone' feeds one batch already on the devices; 'epoch' draws every batch from the
 seeded permutation, gathers the uint8 rows on the host and prefetches them to the devices, as
-experiments.train does. A ratio near 1 means the pipeline is not the bottleneck.
+experiments.train does; the two alternate for --rounds rounds (medians). A ratio near 1 means
+the pipeline is not the bottleneck.
 """
 
 from __future__ import annotations
@@ -64,11 +65,15 @@ def main():
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
 
+    times = {"step alone": [], "epoch with pipeline": []}
+    for _ in range(args.rounds):  # alternating, medians: the machine's speed drifts
+        for name, fn in (("step alone", alone), ("epoch with pipeline", epoch)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
     rows = []
-    for name, fn in (("step alone", alone), ("epoch with pipeline", epoch)):
-        t = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - t
+    for name, samples in times.items():
+        seconds = float(np.median(samples))
         rows.append({"what": name, "seconds": seconds, "rate": n * args.batch_size / seconds})
     rows.append({"what": "pipeline / step", "seconds": rows[1]["seconds"] / rows[0]["seconds"],
                  "rate": rows[1]["rate"] / rows[0]["rate"]})
