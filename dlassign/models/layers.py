@@ -1,6 +1,6 @@
 """Building blocks with torch's semantics, and XLA:CPU fast paths that compute the same numbers.
 
-XLA:CPU has two slow spots that dominate small-image training on a laptop:
+XLA:CPU has three slow spots that dominate small-image training on a laptop:
 
 * the gradient of `lax.reduce_window` max pooling (select-and-scatter). Pooling becomes a
   `maximum` over the k*k strided slices of the -inf-padded input, with a custom derivative that
@@ -16,12 +16,17 @@ XLA:CPU has two slow spots that dominate small-image training on a laptop:
   becomes one dense matmul with the kernel taps the real pixels meet instead, which leaves out
   the products with padding zeros that im2col would compute (a 3x3 kernel on a 1x1 map is its
   centre tap alone).
+* everything around small convolutions: the per-pixel work over 1-16 channels (bias, ReLU,
+  pooling and their gradients) and im2col patches whose rows are runs of a few channels. Models
+  with `batch_minor` run on [C, H, W, N] arrays instead (`batch_minor_conv`,
+  `BatchMinorConv`): patch rows are strided slices whose innermost runs are whole batches, and
+  the elementwise work runs over contiguous batches.
 
 All are exact rewrites for finite inputs (the same sums and maxima; only the summation order of
 the matmul differs, and terms that are zero) and are checked against the plain operations,
 values and gradients, in float64 by the tests. `impl='auto'` uses them when JAX's default
 backend is the CPU; 'xla' and 'cpu' force a choice. Pooling always takes the rewrite on the
-CPU; each convolution the form `conv_path` names.
+CPU; each NHWC convolution the form `conv_path` names.
 """
 
 from __future__ import annotations
