@@ -194,8 +194,8 @@ def _tiled_conv(lhs, rhs, padding, tile):
 def tile_width(lhs_shape, rhs_shape, window_strides, padding) -> int:
     """Output tile width of a stride-1 convolution's im2col: the smallest divisor of the output
     width that gives the matmul at least 24 output columns (TILE*O), 1 (plain im2col) for
-    strided kernels and 24 or more output channels. LeNet-5's 5x5 layers take 4 (6 channels)
-    and 2 (16): their train step took 12.4 ms against 18.5 ms in the previous row form
+    strided kernels and 24 or more output channels. LeNet-5's 5x5 layers in NHWC take 4
+    (6 channels) and 2 (16): its NHWC train step took 12.4 ms against 18.5 ms with a row form
     (kernel rows' products added after one matmul over the KW*I column shifts), interleaved on
     2 cores (benchmarks/conv_paths.py has the layers alone).
     """
