@@ -197,9 +197,11 @@ def test_tiled_conv_with_any_tile_equals_xla(tile):
 @pytest.mark.parametrize("kernel,stride,padding,size,cin,cout,tile", [
     (5, 1, 0, 12, 3, 6, 4), (5, 1, 0, 12, 3, 6, 3), (5, 1, 0, 10, 6, 16, 1), (3, 2, 1, 9, 2, 5, 1),
     (3, 1, 1, 7, 4, 3, 2), (1, 1, 0, 5, 4, 6, 1), (7, 2, 3, 16, 3, 4, 1),
+    (3, 1, 1, 1, 4, 3, 1), (3, 2, 1, 2, 4, 5, 1),  # one-pixel outputs: the dense form
 ])
 def test_batch_minor_conv_equals_xla(kernel, stride, padding, size, cin, cout, tile):
-    """[C, H, W, N] im2col (tile 1) and output tiles (tile 3 leaves 8 columns uneven)."""
+    """[C, H, W, N] im2col (tile 1), output tiles (tile 3 leaves 8 columns uneven) and the
+    dense form."""
     from dlassign.models.layers import batch_minor, batch_minor_conv
 
     with jax.enable_x64(True):

@@ -155,13 +155,24 @@ def _dense_conv(lhs, rhs, padding):
     padding, which im2col would multiply, takes no part.
     """
     n, h, w, ci = lhs.shape
-    kh, kw, _, co = rhs.shape
+    out = jnp.dot(lhs.reshape(n, h * w * ci), _pixel_taps(rhs, h, w, padding))
+    return out.reshape(n, 1, 1, rhs.shape[3])
+
+
+def _pixel_taps(rhs, h, w, padding):
+    """[H*W*I, O]: for each input pixel (row-major) the kernel tap it meets for a 1x1 output,
+    zeros for a pixel outside the window."""
+    kh, kw, ci, co = rhs.shape
     (pt, _), (pl, _) = padding
     zero = jnp.zeros((ci, co), rhs.dtype)
-    taps = [rhs[a + pt, b + pl] if a + pt < kh and b + pl < kw else zero
-            for a in range(h) for b in range(w)]
-    out = jnp.dot(lhs.reshape(n, h * w * ci), jnp.concatenate(taps, axis=0))
-    return out.reshape(n, 1, 1, co)
+    return jnp.concatenate([rhs[a + pt, b + pl] if a + pt < kh and b + pl < kw else zero
+                            for a in range(h) for b in range(w)], axis=0)
+
+
+def _band(rhs, tile):
+    """[KH, TILE+KW-1, I, TILE, O]: the kernel under each of a tile's TILE output columns."""
+    return jnp.stack([jnp.pad(rhs, ((0, 0), (v, tile - 1 - v), (0, 0), (0, 0)))
+                      for v in range(tile)], axis=-2)
 
 
 def _tiled_conv(lhs, rhs, padding, tile):
@@ -185,9 +196,8 @@ def _tiled_conv(lhs, rhs, padding, tile):
     cols = jnp.concatenate([x[:, :, u: u + tile * (tiles - 1) + 1: tile] for u in range(span)],
                            axis=-1)
     patches = jnp.concatenate([cols[:, i: i + ho] for i in range(kh)], axis=-1)
-    band = jnp.stack([jnp.pad(rhs, ((0, 0), (v, tile - 1 - v), (0, 0), (0, 0)))
-                      for v in range(tile)], axis=-2)
-    out = jnp.dot(patches.reshape(-1, kh * span * ci), band.reshape(kh * span * ci, tile * co))
+    out = jnp.dot(patches.reshape(-1, kh * span * ci),
+                  _band(rhs, tile).reshape(kh * span * ci, tile * co))
     return out.reshape(n, ho, tiles * tile, co)[:, :, :wo]
 
 
@@ -352,14 +362,9 @@ def batch_minor_conv(x, rhs, window_strides, padding, tile: int = 1):
     if tile > 1 and (sh, sw) != (1, 1):
         raise ValueError(f"tile={tile} needs stride 1, got strides {tuple(window_strides)}")
     if tile == 1 and dense_pays(batch_minor(x).shape, rhs.shape, window_strides, padding):
-        # the dense form of `_dense_conv`: one matmul over the real pixels
         _, h, w, n = x.shape
-        (pt, _), (pl, _) = padding
-        zero = jnp.zeros((ci, co), rhs.dtype)
-        taps = [rhs[a + pt, b + pl] if a + pt < kh and b + pl < kw else zero
-                for a in range(h) for b in range(w)]
         pixels = jnp.transpose(x, (1, 2, 0, 3)).reshape(h * w * ci, n)
-        return jnp.dot(jnp.concatenate(taps, axis=0).T, pixels).reshape(co, 1, 1, n)
+        return jnp.dot(_pixel_taps(rhs, h, w, padding).T, pixels).reshape(co, 1, 1, n)
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
     _, h, w, n = x.shape
     ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
@@ -371,8 +376,7 @@ def batch_minor_conv(x, rhs, window_strides, padding, tile: int = 1):
     cols = jnp.concatenate([x[:, :, u: u + step * (tiles - 1) + 1: step] for u in range(span)])
     patches = jnp.concatenate([cols[:, i: i + sh * (ho - 1) + 1: sh] for i in range(kh)])
     if tile > 1:
-        rhs = jnp.stack([jnp.pad(rhs, ((0, 0), (v, tile - 1 - v), (0, 0), (0, 0)))
-                         for v in range(tile)], axis=-2)
+        rhs = _band(rhs, tile)
     k = kh * span * ci
     out = jnp.dot(rhs.reshape(k, tile * co).T, patches.reshape(k, ho * tiles * n))
     if tile == 1:
