@@ -30,7 +30,7 @@ from dlassign.data import Dataset, Split, eval_batches, prepare, steps_per_epoch
 from dlassign.errors import CheckpointError, NumericalError
 from dlassign.metrics import classification_metrics, prediction_collapse
 from dlassign.models import get_model
-from dlassign.models.layers import use_batch_minor
+from dlassign.models.layers import nhwc, runs_batch_minor
 from dlassign.optim import make_optimizer
 from dlassign.steps import StepConfig, make_eval_step, make_train_step
 from dlassign.train_state import TrainState, create_train_state
@@ -93,10 +93,10 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
             parallel.tree_size(abstract["params"]),
             mesh_cfg.get("cpu_data_parallel_max_params", 1_000_000), step_flops,
             mesh_cfg.get("cpu_data_parallel_min_step_flops", 0.0),
-            hasattr(model, "batch_minor") and use_batch_minor(model.batch_minor, model.impl))
+            runs_batch_minor(model))
     mesh = parallel.make_mesh(num_devices)
-    if mesh.devices.size > 1 and getattr(model, "batch_minor", False) is None:
-        model = model.clone(batch_minor=False)  # see layers.use_batch_minor
+    if mesh.devices.size > 1:
+        model = nhwc(model)  # see layers.use_batch_minor
     parallel.check_divisible(config.batch_size, mesh, "batch_size")
     parallel.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
     spe = steps_per_epoch(len(dataset.train), config.batch_size)

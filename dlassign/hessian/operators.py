@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 from dlassign.data.preprocess import Normalizer
 from dlassign.losses import get_loss
+from dlassign.models.layers import nhwc
 
 MatVec = Callable[[jax.Array], jax.Array]
 
@@ -58,8 +59,7 @@ def model_batch_loss(model, variables: dict, loss: str, normalizer: Normalizer |
     """
     loss_fn = get_loss(loss, binary=binary)
     fixed = {k: v for k, v in variables.items() if k != "params"}
-    if getattr(model, "batch_minor", False) is None:
-        model = model.clone(batch_minor=False)
+    model = nhwc(model)
 
     def batch_loss(params, batch):
         x = batch["image"]

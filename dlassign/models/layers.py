@@ -328,6 +328,17 @@ def use_batch_minor(batch_minor: bool | None, impl: str) -> bool:
     return use_cpu_kernels(impl) if batch_minor is None else batch_minor
 
 
+def runs_batch_minor(model: nn.Module) -> bool:
+    """Whether a model runs batch-minor (False for models without the `batch_minor` field)."""
+    return hasattr(model, "batch_minor") and use_batch_minor(model.batch_minor, model.impl)
+
+
+def nhwc(model: nn.Module) -> nn.Module:
+    """The model with `batch_minor=False` where the field is left to `use_batch_minor` (None);
+    any other model unchanged."""
+    return model.clone(batch_minor=False) if getattr(model, "batch_minor", False) is None else model
+
+
 def batch_minor(x: jax.Array) -> jax.Array:
     """[N, H, W, C] <-> [C, H, W, N] (the same transpose both ways)."""
     return jnp.transpose(x, (3, 1, 2, 0))
