@@ -81,14 +81,21 @@ def make_train_step(cfg: StepConfig) -> Callable[[TrainState, dict], tuple[Train
                         for g in jax.tree.leaves(grads)])
         leaf_finite = jnp.isfinite(sq)
         finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
-        # A non-finite step keeps the old values but still counts, so the host can name it.
-        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
-        new = new.replace(params=keep(new.params, state.params),
-                          batch_stats=keep(new.batch_stats, state.batch_stats),
-                          opt_state=keep(new.opt_state, state.opt_state))
+
+        # A non-finite step keeps the old values but still counts, so the host can name it. A
+        # branch rather than a select of new against old values: selecting makes XLA recompute
+        # the optimizer's moments inside the parameter update and copy the old ones to keep them
+        # alive (2-core CPU, interleaved: ResNet-18's step 187 -> 172 ms, the 784-1024-1024
+        # MLP's 10.6 -> 10.1 ms; the branch costs what no guard at all does on ResNet-18).
+        def apply(old):
+            params, opt_state, _ = old
+            updates, opt_state = state.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, batch_stats
+
+        params, opt_state, batch_stats = jax.lax.cond(
+            finite, apply, lambda old: old, (state.params, state.opt_state, state.batch_stats))
+        new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),

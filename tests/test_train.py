@@ -131,6 +131,38 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
     assert result["test"]["accuracy"] == full_result["test"]["accuracy"]
 
 
+@pytest.mark.parametrize("min_flops", [1e30, 1.0])  # one device, then all eight
+def test_non_finite_step_leaves_the_whole_state_unchanged(min_flops):
+    """Adam's moments and count, BatchNorm's statistics and the parameters stay as they were;
+    only the step counter moves. A finite step after it updates everything again."""
+    from dlassign.train import compile_steps
+
+    data = synthetic_dataset()
+    config = tiny_config({"optimizer.name": "adam",
+                          "mesh.cpu_data_parallel_min_step_flops": min_flops})
+    config.model = {"name": "resnet18", "stage_sizes": (1, 1, 1, 1)}  # has BatchNorm
+    run = setup(config, data)
+    state = make_state(run)
+    step, _ = compile_steps(run, state)
+    batch = {"image": data.train.images[:32], "label": data.train.labels[:32]}
+    good, metrics = step(state, batch)  # the step donates its input: keep host copies
+    assert bool(metrics["finite"])
+    host = jax.device_get(good)
+    params = jax.tree.map(np.array, host.params)
+    params["fc"]["bias"][0] = np.nan
+    bad, metrics = step(good.replace(params=jax.tree.map(jax.numpy.asarray, params)), batch)
+    assert not bool(metrics["finite"]) and int(bad.step) == int(host.step) + 1
+    for got, want in ((bad.params, params), (bad.opt_state, host.opt_state),
+                      (bad.batch_stats, host.batch_stats)):
+        for x, y in zip(leaves(got), leaves(want), strict=True):
+            np.testing.assert_array_equal(x, y)
+    fixed, metrics = step(bad.replace(params=jax.tree.map(jax.numpy.asarray, host.params)), batch)
+    assert bool(metrics["finite"])
+    for got, want in ((fixed.opt_state[0].mu, host.opt_state[0].mu),
+                      (fixed.batch_stats, host.batch_stats)):
+        assert all(not np.array_equal(x, y) for x, y in zip(leaves(got), leaves(want)))
+
+
 def test_non_finite_loss_stops_with_step(tmp_path):
     config = tiny_config({"optimizer.learning_rate": 1e30, "optimizer.name": "sgd"})
     with pytest.raises(NumericalError, match=r"diverged at step \d+"):
