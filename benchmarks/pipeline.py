@@ -3,8 +3,9 @@
   python -m benchmarks.pipeline [--data_dir=PATH/TO/MNIST] [--model=cnn]
 
 'step alone' feeds one batch already on the devices; 'epoch' draws every batch from the
-seeded permutation, gathers the uint8 rows on the host and prefetches them to the devices, as
-experiments.train does; the two alternate for --rounds rounds (medians). A ratio near 1 means
+seeded permutation, gathers the uint8 rows on the host, stacks them for the config's
+`steps_per_call` steps per call and prefetches them to the devices, as experiments.train does;
+both make the same calls; the two alternate for --rounds rounds (medians). A ratio near 1 means
 the pipeline is not the bottleneck.
 """
 
@@ -25,7 +26,14 @@ def main():
 
     from dlassign import parallel
     from dlassign.data import Dataset, Normalizer, Split, train_batches
-    from dlassign.train import compile_steps, make_state, prefetch, setup
+    from dlassign.train import (
+        call_plan,
+        compile_steps,
+        make_state,
+        prefetch,
+        setup,
+        stacked_batches,
+    )
 
     config = importlib.import_module(f"configs.mnist_{args.model}").get_config()
     config.batch_size = args.batch_size
@@ -41,26 +49,33 @@ def main():
     run = setup(config, data)
     state = make_state(run)
     step, _ = compile_steps(run, state)
-    sharding = parallel.batch_sharding(run.mesh)
+    one, stacked = parallel.batch_sharding(run.mesh), parallel.batch_sharding(run.mesh, 1)
+    sharding = lambda b: stacked if b["label"].ndim == 2 else one
     n = run.steps_per_epoch
-    fixed = jax.device_put(next(train_batches(run.dataset.train, args.batch_size, 0, 0, 1)),
-                           sharding)
-    state, m = step(state, fixed)
+    plan = list(call_plan(0, n, config.steps_per_call, []))
+    first = next(train_batches(run.dataset.train, args.batch_size, 0, 0, 1))
+    fixed = {}  # one device-resident batch per call size
+    for size in {size for _, size in plan}:
+        batch = next(stacked_batches(iter([first] * size), [(1, size)]))
+        fixed[size] = jax.device_put(batch, sharding(batch))
+    for batch in fixed.values():  # compile
+        state, m = step(state, batch)
     jax.block_until_ready(m)
 
     def alone():
         nonlocal state
         limiter = parallel.DispatchLimiter()
-        for _ in range(n):
-            state, metrics = step(state, fixed)
+        for _, size in plan:
+            state, metrics = step(state, fixed[size])
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
 
     def epoch():
         nonlocal state
         limiter = parallel.DispatchLimiter()
-        for batch in prefetch(train_batches(run.dataset.train, args.batch_size, 0, 0, n),
-                              sharding):
+        batches = stacked_batches(train_batches(run.dataset.train, args.batch_size, 0, 0, n),
+                                  plan)
+        for batch in prefetch(batches, sharding):
             state, metrics = step(state, batch)
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
@@ -77,7 +92,7 @@ def main():
         rows.append({"what": name, "seconds": seconds, "rate": n * args.batch_size / seconds})
     rows.append({"what": "pipeline / step", "seconds": rows[1]["seconds"] / rows[0]["seconds"],
                  "rate": rows[1]["rate"] / rows[0]["rate"]})
-    print(f"\n{args.model} on {source}: {n} steps of {args.batch_size}, "
+    print(f"\n{args.model} on {source}: {n} steps of {args.batch_size} in {len(plan)} calls, "
           f"{run.mesh.devices.size} devices\n")
     report(rows, [("", "what", "{}"), ("seconds (ratio)", "seconds", "{:.2f}"),
                   ("examples/s (ratio)", "rate", "{:.2f}")], args.json)

@@ -6,7 +6,8 @@ Same architecture, batch, optimizer (Adam, lr 1e-3) and precision (float32) in b
 times `--steps` training steps of ours, then of PyTorch's (more where fewer would take under
 `--min_round_s`), and the table gives the medians over `--rounds` rounds. Ours is the
 library's jitted, donated train step on its default mesh (see dlassign.parallel.auto_num_devices)
-fed uint8 batches; PyTorch uses its default threads.
+fed uint8 batches, `--steps_per_call` steps per call as the training loop runs them (the
+config's `steps_per_call`); PyTorch uses its default threads, one call per step.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from benchmarks.common import (
 )
 
 
-def ours(jax, name: str, batch_size: int, image_size: int = 0):
+def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: int = 1):
+    """run_steps(n) runs n training steps: n // steps_per_call calls of steps_per_call steps
+    (batches stacked), then single steps."""
     from configs import base
     from dlassign import parallel
     from dlassign.data import Dataset, Normalizer, Split
@@ -46,14 +49,17 @@ def ours(jax, name: str, batch_size: int, image_size: int = 0):
     run = setup(c, data)
     state = make_state(run)
     step, _ = compile_steps(run, state)
-    batch = jax.device_put({"image": split.images, "label": split.labels},
-                           parallel.batch_sharding(run.mesh))
+    one = {"image": split.images, "label": split.labels}
+    batch = jax.device_put(one, parallel.batch_sharding(run.mesh))
+    k = steps_per_call
+    stacked = jax.device_put({key: np.stack([v] * k) for key, v in one.items()},
+                             parallel.batch_sharding(run.mesh, 1))
     box = {"state": state}
 
     def run_steps(n: int) -> None:
         limiter = parallel.DispatchLimiter()
-        for _ in range(n):
-            box["state"], metrics = step(box["state"], batch)
+        for b in [stacked] * (n // k if k > 1 else 0) + [batch] * (n % k if k > 1 else n):
+            box["state"], metrics = step(box["state"], b)
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
 
@@ -79,19 +85,28 @@ def theirs(torch, name: str, split):
 
 
 def main():
-    args = parse(__doc__, extra=lambda p: p.add_argument(
-        "--min_round_s", type=float, default=0.5, help="least seconds per round and side"))
+    from configs import base
+
+    def flags(p):
+        p.add_argument("--min_round_s", type=float, default=0.5,
+                       help="least seconds per round and side")
+        p.add_argument("--steps_per_call", type=int, default=base.get_config().steps_per_call,
+                       help="our steps per jitted call (default: the config's)")
+
+    args = parse(__doc__, extra=flags)
     jax = start_jax(args.cpu_devices)
     import torch
 
+    k = max(args.steps_per_call, 1)
     rows = []
     for name in args.models.split(","):
-        mine, devices, split = ours(jax, name, args.batch_size, args.image_size)
+        mine, devices, split = ours(jax, name, args.batch_size, args.image_size, k)
         ref = theirs(torch, name, split)
-        mine(2), ref(2)  # compile and warm up
+        mine(k), mine(1), ref(2)  # compile and warm up
         # at least --min_round_s per round and side, so that short steps are not timed in bursts
-        per_step = max(timed(mine, 2), timed(ref, 2)) / 2
+        per_step = max(timed(mine, k) / k, timed(ref, 2) / 2)
         steps = max(args.steps, int(args.min_round_s / per_step) + 1)
+        steps = -(-steps // k) * k  # whole calls
         a, b = [], []
         for _ in range(args.rounds):
             a.append(args.batch_size * steps / timed(mine, steps))
@@ -101,7 +116,8 @@ def main():
                      "devices": devices, "ours": ours_rate, "torch": torch_rate,
                      "ratio": ours_rate / torch_rate, "torch_threads": torch.get_num_threads()})
         print(f"{name}: ours {ours_rate:.0f} ex/s, torch {torch_rate:.0f} ex/s", flush=True)
-    print(f"\nbatch {args.batch_size}, float32, Adam; jax {jax.__version__} on "
+    print(f"\nbatch {args.batch_size}, float32, Adam, ours {k} steps per call; jax "
+          f"{jax.__version__} on "
           f"{jax.device_count()} {jax.devices()[0].device_kind} devices, torch "
           f"{torch.__version__} on {torch_device(torch)}\n")
     report(rows, [("model", "model", "{}"), ("input", "size", "{}px"),

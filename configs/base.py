@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 10
     c.log_every_steps = 50
     c.checkpoint_every_steps = 0  # 0: once per epoch
+    c.steps_per_call = 8          # steps per jitted call (a scan; logs and checkpoints stay exact)
     c.keep_checkpoints = 3
     c.init_checkpoint = ""        # start from ported weights (experiments.port_weights output)
     c.torchvision_weights = ""    # e.g. IMAGENET1K_V1: download through torchvision and port

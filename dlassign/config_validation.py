@@ -159,6 +159,7 @@ def validate_train_config(config, image_size: int | None = None) -> None:
     for key in ("log_every_steps", "checkpoint_every_steps"):
         _number(key, config.get(key, 0), low=0, integer=True)
     _number("keep_checkpoints", config.get("keep_checkpoints", 3), low=1, integer=True)
+    _number("steps_per_call", config.get("steps_per_call", 1), low=1, integer=True)
     _choice("dtype", config.get("dtype", "float32"), DTYPE_NAMES)
     _choice("impl", config.get("impl", "auto"), IMPLS)
     _number("mesh.num_devices", config.get("mesh", {}).get("num_devices", 0), low=0,

@@ -1,8 +1,9 @@
 """Pure train and eval steps: `(state, batch) -> (state, metrics)`, the same on CPU, GPU and TPU.
 
 `make_train_step` closes over the static parts (loss, normaliser, augmentation, dtype) and
-returns a pure function; `compile_steps` jit-compiles it with a donated state and explicit
-shardings. Batches hold uint8 images; scaling and augmentation happen inside the step.
+returns a pure function; `stacked_or_single` lets it take several steps' batches at once, and
+`train.compile_steps` jit-compiles it with a donated state and explicit shardings. Batches hold
+uint8 images; scaling and augmentation happen inside the step.
 """
 
 from __future__ import annotations
@@ -106,6 +107,23 @@ def make_train_step(cfg: StepConfig) -> Callable[[TrainState, dict], tuple[Train
         return new, metrics
 
     return train_step
+
+
+def stacked_or_single(train_step: Callable) -> Callable:
+    """`train_step` that also runs k steps in one call: given batches stacked on a leading axis
+    (`label` int32[k, B]) it scans over them and returns metrics stacked the same way.
+
+    One call per k steps saves the per-call dispatch and buffer hand-over (2-core CPU, k=8,
+    interleaved: the 784-128-10 MLP's step 0.73 -> 0.55 ms, 784-1024-1024 10.2 -> 8.9 ms,
+    LeNet-5 8.0 -> 7.3 ms, the MNIST CNN 21.3 -> 20.7 ms, ResNet-18 unchanged).
+    """
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if batch["label"].ndim == 2:
+            return jax.lax.scan(train_step, state, batch)
+        return train_step(state, batch)
+
+    return step
 
 
 def make_eval_step(cfg: StepConfig) -> Callable[[TrainState, dict], dict]:

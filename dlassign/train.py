@@ -32,7 +32,7 @@ from dlassign.metrics import classification_metrics, prediction_collapse
 from dlassign.models import get_model
 from dlassign.models.layers import nhwc, runs_batch_minor
 from dlassign.optim import make_optimizer
-from dlassign.steps import StepConfig, make_eval_step, make_train_step
+from dlassign.steps import StepConfig, make_eval_step, make_train_step, stacked_or_single
 from dlassign.train_state import TrainState, create_train_state
 
 # Compute dtypes. float32 leaves Flax's promotion alone (so float64 parameters, for Hessians and
@@ -133,19 +133,55 @@ def abstract_tree(state: TrainState) -> dict:
 
 
 def compile_steps(run: Run, state: TrainState):
-    """jit-compiled train and eval steps with a donated state and explicit shardings."""
+    """jit-compiled train and eval steps with a donated state and explicit shardings.
+
+    The train step takes one batch, or k batches stacked on a leading axis for k steps in one
+    call (`steps.stacked_or_single`; each form compiles on first use)."""
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    train_step = jax.jit(make_train_step(run.step_config), donate_argnums=0,
+    train_step = jax.jit(stacked_or_single(make_train_step(run.step_config)), donate_argnums=0,
                          out_shardings=(state_sharding, parallel.replicated(run.mesh)))
     eval_step = jax.jit(make_eval_step(run.step_config))
     return train_step, eval_step
 
 
+def call_plan(start: int, total: int, steps_per_call: int, boundaries: Iterable[int]
+              ) -> Iterator[tuple[int, int]]:
+    """The calls that run steps start+1..total: (first step, number of steps) each.
+
+    Calls never cross a boundary (the steps after which the loop logs or checkpoints, e.g.
+    multiples of log_every_steps) or `total`. Between two boundaries the steps go in calls of
+    `steps_per_call` from the first one, and the remainder one by one. The plan depends only
+    on the step numbers, so a resumed run makes the calls an uninterrupted one makes.
+    """
+    k = max(int(steps_per_call), 1)
+    cuts = sorted({b for b in boundaries if 0 < b < total} | {total})
+    lo = 0
+    for hi in cuts:
+        grouped = lo + (hi - lo) // k * k  # steps lo+1..grouped go k at a time
+        s = max(start, lo) + 1
+        while s <= hi:
+            n = k if k > 1 and s <= grouped and (s - lo - 1) % k == 0 else 1
+            yield s, n
+            s += n
+        lo = hi
+
+
+def stacked_batches(batches: Iterator[dict], plan: Iterable[tuple[int, int]]
+                    ) -> Iterator[dict]:
+    """One batch per call of `plan`: single, or that call's batches stacked on a new axis."""
+    for _, n in plan:
+        group = [next(batches) for _ in range(n)]
+        yield group[0] if n == 1 else {k: np.stack([b[k] for b in group]) for k in group[0]}
+
+
 def prefetch(batches: Iterable[dict], sharding, size: int = 2) -> Iterator[dict]:
-    """Puts batches on the devices `size` steps ahead, overlapping the copy with compute."""
+    """Puts batches on the devices `size` steps ahead, overlapping the copy with compute.
+
+    `sharding`: one for every batch, or a function of the (host) batch giving its sharding."""
     queue = collections.deque()
     for batch in batches:
-        queue.append(parallel.global_batch(batch, sharding))
+        queue.append(parallel.global_batch(batch, sharding(batch) if callable(sharding)
+                                           else sharding))
         if len(queue) > size:
             yield queue.popleft()
     while queue:
@@ -185,6 +221,17 @@ def evaluate(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size:
 
 def _leaf_names(params) -> list[str]:
     return ["/".join(map(str, k)) for k in traverse_util.flatten_dict(params)]
+
+
+def _per_step(host_metrics: list[dict]) -> list[dict]:
+    """Per-step metrics from per-call ones (a call of k steps has metrics stacked [k])."""
+    out = []
+    for m in host_metrics:
+        if np.ndim(m["loss"]) == 0:
+            out.append(m)
+        else:
+            out.extend({k: v[i] for k, v in m.items()} for i in range(len(m["loss"])))
+    return out
 
 
 def _check_finite(host_metrics: list[dict], first_step: int, params) -> None:
@@ -304,19 +351,26 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
     ckpt_every = config.get("checkpoint_every_steps", 0) or run.steps_per_epoch
     pending, pending_start = [], start
     interval_start, interval_step = time.perf_counter(), start
-    batches = prefetch(train_batches(run.dataset.train, config.batch_size, config.seed, start,
-                                     run.total_steps - start),
-                       parallel.batch_sharding(run.mesh))
+    boundaries = [*range(log_every, run.total_steps, log_every),
+                  *range(ckpt_every, run.total_steps, ckpt_every)]
+    plan = list(call_plan(start, run.total_steps, config.get("steps_per_call", 1), boundaries))
+    one, stacked = parallel.batch_sharding(run.mesh), parallel.batch_sharding(run.mesh, 1)
+    batches = prefetch(stacked_batches(train_batches(run.dataset.train, config.batch_size,
+                                                     config.seed, start,
+                                                     run.total_steps - start), plan),
+                       lambda b: stacked if b["label"].ndim == 2 else one)
     limiter = parallel.DispatchLimiter()
     try:
-        for step in range(start + 1, run.total_steps + 1):
+        for first, n in plan:
             state, metrics = train_step(state, next(batches))
             limiter(metrics["loss"])
             pending.append(metrics)
-            faults.after_step(step)
+            step = first + n - 1
+            for s in range(first, step + 1):
+                faults.after_step(s)
             is_ckpt = step % ckpt_every == 0 or step == run.total_steps
             if step % log_every == 0 or is_ckpt:
-                host = jax.device_get(pending)
+                host = _per_step(jax.device_get(pending))
                 _check_finite(host, pending_start, state.params)
                 now = time.perf_counter()
                 rate = (step - interval_step) / max(now - interval_start, 1e-9)
@@ -336,7 +390,7 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
                 interval_start, interval_step = time.perf_counter(), step
     except KeyboardInterrupt:
         # Keep the finished steps: checkpoint the last good state before leaving.
-        host = jax.device_get(pending)
+        host = _per_step(jax.device_get(pending))
         _check_finite(host, pending_start, state.params)
         if int(state.step) > (ckpt.steps() or [0])[-1]:
             ckpt.save(int(state.step), state_tree(state), run_meta(run, history, train_time))

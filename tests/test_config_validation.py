@@ -32,6 +32,7 @@ CASES = [
     ("eval_batch_size", 0, "eval_batch_size=0 is invalid"),
     ("num_epochs", 0, "num_epochs=0 is invalid; expected an integer >= 1"),
     ("keep_checkpoints", 0, "keep_checkpoints=0 is invalid"),
+    ("steps_per_call", 0, "steps_per_call=0 is invalid; expected an integer >= 1"),
     ("dtype", "float16", "unknown dtype 'float16'; expected one of bfloat16, float32"),
     ("impl", "gpu", "unknown impl 'gpu'; expected one of auto, cpu, im2col, xla"),
     ("mesh.num_devices", -1, "mesh.num_devices=-1 is invalid"),

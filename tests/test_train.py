@@ -90,10 +90,12 @@ def test_checkpoint_restores_identical_state(tmp_path):
     assert meta["step"] == 0 and len(meta["state_sha256"]) == 64
 
 
-def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, steps_per_call):
     data = synthetic_dataset()
+    config = lambda: tiny_config({"steps_per_call": steps_per_call})
     full = tmp_path / "full"
-    train_and_evaluate(tiny_config(), str(full), data)
+    train_and_evaluate(config(), str(full), data)
 
     # Interrupt the second run after 10 steps (KeyboardInterrupt checkpoints the last state).
     import dlassign.train as train_module
@@ -106,7 +108,7 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
 
         def step(state, batch):
             calls["n"] += 1
-            if calls["n"] > 10:
+            if calls["n"] > 10 // steps_per_call:
                 raise KeyboardInterrupt
             return train_step(state, batch)
 
@@ -115,12 +117,12 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
     resumed = tmp_path / "resumed"
     monkeypatch.setattr(train_module, "compile_steps", interrupting_compile)
     with pytest.raises(KeyboardInterrupt):
-        train_and_evaluate(tiny_config(), str(resumed), data)
+        train_and_evaluate(config(), str(resumed), data)
     assert Checkpointer(str(resumed / "checkpoints")).steps()[-1] == 10
     monkeypatch.setattr(train_module, "compile_steps", real_compile)
-    result = train_and_evaluate(tiny_config(), str(resumed), data)
+    result = train_and_evaluate(config(), str(resumed), data)
 
-    run = setup(tiny_config(), data)
+    run = setup(config(), data)
     abstract = abstract_tree(make_state(run))
     final_steps = Checkpointer(str(full / "checkpoints")).steps()[-1]
     a, _ = Checkpointer(str(full / "checkpoints")).restore(final_steps, abstract)
@@ -129,6 +131,42 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
         np.testing.assert_array_equal(x, y)
     full_result = json.loads((full / "results.json").read_text())
     assert result["test"]["accuracy"] == full_result["test"]["accuracy"]
+
+
+def test_call_plan_keeps_boundaries_and_resumes_on_the_same_calls():
+    from dlassign.train import call_plan
+
+    full = list(call_plan(0, 23, 4, [10, 20, 20]))
+    assert full == [(1, 4), (5, 4), (9, 1), (10, 1), (11, 4), (15, 4), (19, 1), (20, 1),
+                    (21, 1), (22, 1), (23, 1)]
+    for first, n in full:  # resuming after any call makes the calls the full run makes
+        assert list(call_plan(first + n - 1, 23, 4, [10, 20])) == [c for c in full
+                                                                   if c[0] > first]
+    # From a step inside a call (steps_per_call changed between runs): single steps until
+    # the calls line up again.
+    assert list(call_plan(12, 20, 4, [10]))[:3] == [(13, 1), (14, 1), (15, 4)]
+    assert list(call_plan(0, 5, 1, [])) == [(s, 1) for s in range(1, 6)]
+
+
+def test_steps_per_call_trains_like_single_steps(tmp_path):
+    """Four steps per call (a scan) give the history and parameters of one step per call."""
+    data = synthetic_dataset()
+    out = {}
+    for k in (1, 4):
+        config = tiny_config({"steps_per_call": k, "log_every_steps": 8,
+                              "checkpoint_every_steps": 8})
+        result = train_and_evaluate(config, str(tmp_path / str(k)), data)
+        run = setup(config, data)
+        tree, _ = Checkpointer(str(tmp_path / str(k) / "checkpoints")).restore(
+            24, abstract_tree(make_state(run)))
+        out[k] = result["history"], leaves(tree["params"])
+    assert [h["step"] for h in out[4][0]] == [8, 16, 24]
+    for a, b in zip(out[1][0], out[4][0], strict=True):
+        assert a["step"] == b["step"]
+        np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]],
+                                   rtol=1e-5)
+    for x, y in zip(out[1][1], out[4][1], strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("min_flops", [1e30, 1.0])  # one device, then all eight
