@@ -41,6 +41,14 @@ def parse(description: str, extra=None,
     return p.parse_args()
 
 
+def add_steps_per_call(p: argparse.ArgumentParser) -> None:
+    """--steps_per_call: ours runs that many steps per jitted call, as the training loop does."""
+    from configs import base
+
+    p.add_argument("--steps_per_call", type=int, default=base.get_config().steps_per_call,
+                   help="our steps per jitted call (default: the config's)")
+
+
 def start_jax(cpu_devices: int):
     """JAX with one CPU host device per core (or `cpu_devices`), as the entry points do."""
     from dlassign.parallel import configure_cpu_devices

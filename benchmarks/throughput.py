@@ -16,6 +16,7 @@ import numpy as np
 
 from benchmarks.common import (
     MODELS,
+    add_steps_per_call,
     input_shape,
     median_rate,
     parse,
@@ -85,13 +86,10 @@ def theirs(torch, name: str, split):
 
 
 def main():
-    from configs import base
-
     def flags(p):
         p.add_argument("--min_round_s", type=float, default=0.5,
                        help="least seconds per round and side")
-        p.add_argument("--steps_per_call", type=int, default=base.get_config().steps_per_call,
-                       help="our steps per jitted call (default: the config's)")
+        add_steps_per_call(p)
 
     args = parse(__doc__, extra=flags)
     jax = start_jax(args.cpu_devices)
