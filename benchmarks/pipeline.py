@@ -49,24 +49,23 @@ def main():
     run = setup(config, data)
     state = make_state(run)
     step, _ = compile_steps(run, state)
-    one, stacked = parallel.batch_sharding(run.mesh), parallel.batch_sharding(run.mesh, 1)
-    sharding = lambda b: stacked if b["label"].ndim == 2 else one
+    per_call = config.steps_per_call
+    sharding = parallel.batch_sharding(run.mesh, int(per_call > 1))
     n = run.steps_per_epoch
-    plan = list(call_plan(0, n, config.steps_per_call, []))
+    plan = list(call_plan(0, n, per_call, []))
     first = next(train_batches(run.dataset.train, args.batch_size, 0, 0, 1))
-    fixed = {}  # one device-resident batch per call size
-    for size in {size for _, size in plan}:
-        batch = next(stacked_batches(iter([first] * size), [(1, size)]))
-        fixed[size] = jax.device_put(batch, sharding(batch))
-    for batch in fixed.values():  # compile
-        state, m = step(state, batch)
+    fixed = jax.device_put(next(stacked_batches(iter([first] * per_call), [(1, per_call)],
+                                                per_call)), sharding)
+    call = lambda state, batch, steps: (step(state, batch, np.int32(steps)) if per_call > 1
+                                        else step(state, batch))
+    state, m = call(state, fixed, per_call)  # compile
     jax.block_until_ready(m)
 
     def alone():
         nonlocal state
         limiter = parallel.DispatchLimiter()
-        for _, size in plan:
-            state, metrics = step(state, fixed[size])
+        for _, steps in plan:
+            state, metrics = call(state, fixed, steps)
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
 
@@ -74,9 +73,9 @@ def main():
         nonlocal state
         limiter = parallel.DispatchLimiter()
         batches = stacked_batches(train_batches(run.dataset.train, args.batch_size, 0, 0, n),
-                                  plan)
-        for batch in prefetch(batches, sharding):
-            state, metrics = step(state, batch)
+                                  plan, per_call)
+        for (_, steps), batch in zip(plan, prefetch(batches, sharding), strict=True):
+            state, metrics = call(state, batch, steps)
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
 

@@ -146,20 +146,22 @@ def state_shardings(mesh: Mesh, abstract_state, shard_params: bool = False):
                         abstract_state)
 
 
-def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, leading_axes: int = 0
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding
                  ) -> dict[str, jax.Array]:
     """Puts one global batch on the mesh.
 
     Single-process, `batch` is the whole global batch. Multi-process, every process passes the
-    same global batch and contributes the rows its devices hold.
+    same global batch and contributes the rows its devices hold, along the axis `sharding`
+    shards (0, or 1 for steps or folds stacked in front; see `batch_sharding`).
     """
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
+    axis = list(sharding.spec).index(DATA)
 
     def local(x):
-        per = x.shape[leading_axes] // jax.process_count()
+        per = x.shape[axis] // jax.process_count()
         start = jax.process_index() * per
-        sl = (slice(None),) * leading_axes + (slice(start, start + per),)
+        sl = (slice(None),) * axis + (slice(start, start + per),)
         return jax.make_array_from_process_local_data(sharding, x[sl])
 
     return jax.tree.map(local, batch)

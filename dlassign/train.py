@@ -135,8 +135,9 @@ def abstract_tree(state: TrainState) -> dict:
 def compile_steps(run: Run, state: TrainState):
     """jit-compiled train and eval steps with a donated state and explicit shardings.
 
-    The train step takes one batch, or k batches stacked on a leading axis for k steps in one
-    call (`steps.stacked_or_single`; each form compiles on first use)."""
+    The train step takes one batch, or batches stacked on a leading axis and the number of them
+    to run, for several steps in one call (`steps.stacked_or_single`; each form compiles on
+    first use)."""
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(stacked_or_single(make_train_step(run.step_config)), donate_argnums=0,
                          out_shardings=(state_sharding, parallel.replicated(run.mesh)))
@@ -150,38 +151,40 @@ def call_plan(start: int, total: int, steps_per_call: int, boundaries: Iterable[
 
     Calls never cross a boundary (the steps after which the loop logs or checkpoints, e.g.
     multiples of log_every_steps) or `total`. Between two boundaries the steps go in calls of
-    `steps_per_call` from the first one, and the remainder one by one. The plan depends only
-    on the step numbers, so a resumed run makes the calls an uninterrupted one makes.
+    `steps_per_call` from the first one, the last call taking what is left. The plan depends
+    only on the step numbers, so a resumed run makes the calls an uninterrupted one makes.
     """
     k = max(int(steps_per_call), 1)
     cuts = sorted({b for b in boundaries if 0 < b < total} | {total})
     lo = 0
     for hi in cuts:
-        grouped = lo + (hi - lo) // k * k  # steps lo+1..grouped go k at a time
         s = max(start, lo) + 1
         while s <= hi:
-            n = k if k > 1 and s <= grouped and (s - lo - 1) % k == 0 else 1
+            n = min(k - (s - lo - 1) % k, hi - s + 1)  # to the next call start or boundary
             yield s, n
             s += n
         lo = hi
 
 
-def stacked_batches(batches: Iterator[dict], plan: Iterable[tuple[int, int]]
-                    ) -> Iterator[dict]:
-    """One batch per call of `plan`: single, or that call's batches stacked on a new axis."""
+def stacked_batches(batches: Iterator[dict], plan: Iterable[tuple[int, int]],
+                    steps_per_call: int) -> Iterator[dict]:
+    """One batch per call of `plan`: single when steps_per_call is 1, else that call's batches
+    stacked on a new leading axis of steps_per_call slots (the last batch repeated as padding;
+    see `steps.stacked_or_single`)."""
     for _, n in plan:
         group = [next(batches) for _ in range(n)]
-        yield group[0] if n == 1 else {k: np.stack([b[k] for b in group]) for k in group[0]}
+        if steps_per_call == 1:
+            yield group[0]
+        else:
+            group += group[-1:] * (steps_per_call - n)
+            yield {k: np.stack([b[k] for b in group]) for k in group[0]}
 
 
 def prefetch(batches: Iterable[dict], sharding, size: int = 2) -> Iterator[dict]:
-    """Puts batches on the devices `size` steps ahead, overlapping the copy with compute.
-
-    `sharding`: one for every batch, or a function of the (host) batch giving its sharding."""
+    """Puts batches on the devices `size` steps ahead, overlapping the copy with compute."""
     queue = collections.deque()
     for batch in batches:
-        queue.append(parallel.global_batch(batch, sharding(batch) if callable(sharding)
-                                           else sharding))
+        queue.append(parallel.global_batch(batch, sharding))
         if len(queue) > size:
             yield queue.popleft()
     while queue:
@@ -223,14 +226,15 @@ def _leaf_names(params) -> list[str]:
     return ["/".join(map(str, k)) for k in traverse_util.flatten_dict(params)]
 
 
-def _per_step(host_metrics: list[dict]) -> list[dict]:
-    """Per-step metrics from per-call ones (a call of k steps has metrics stacked [k])."""
+def _per_step(calls: list[tuple[int, dict]]) -> list[dict]:
+    """Per-step metrics from (steps, metrics) per call; a call of several steps has metrics
+    stacked on a leading axis, padding rows after its `steps`."""
     out = []
-    for m in host_metrics:
+    for n, m in calls:
         if np.ndim(m["loss"]) == 0:
             out.append(m)
         else:
-            out.extend({k: v[i] for k, v in m.items()} for i in range(len(m["loss"])))
+            out.extend({k: v[i] for k, v in m.items()} for i in range(n))
     return out
 
 
@@ -353,18 +357,21 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
     interval_start, interval_step = time.perf_counter(), start
     boundaries = [*range(log_every, run.total_steps, log_every),
                   *range(ckpt_every, run.total_steps, ckpt_every)]
-    plan = list(call_plan(start, run.total_steps, config.get("steps_per_call", 1), boundaries))
-    one, stacked = parallel.batch_sharding(run.mesh), parallel.batch_sharding(run.mesh, 1)
+    per_call = config.get("steps_per_call", 1)
+    plan = list(call_plan(start, run.total_steps, per_call, boundaries))
     batches = prefetch(stacked_batches(train_batches(run.dataset.train, config.batch_size,
                                                      config.seed, start,
-                                                     run.total_steps - start), plan),
-                       lambda b: stacked if b["label"].ndim == 2 else one)
+                                                     run.total_steps - start), plan, per_call),
+                       parallel.batch_sharding(run.mesh, int(per_call > 1)))
     limiter = parallel.DispatchLimiter()
     try:
         for first, n in plan:
-            state, metrics = train_step(state, next(batches))
+            if per_call > 1:
+                state, metrics = train_step(state, next(batches), np.int32(n))
+            else:
+                state, metrics = train_step(state, next(batches))
             limiter(metrics["loss"])
-            pending.append(metrics)
+            pending.append((n, metrics))
             step = first + n - 1
             for s in range(first, step + 1):
                 faults.after_step(s)

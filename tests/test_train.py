@@ -106,11 +106,11 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, 
         train_step, eval_step = real_compile(run, state)
         calls = {"n": 0}
 
-        def step(state, batch):
+        def step(state, batch, *steps):
             calls["n"] += 1
             if calls["n"] > 10 // steps_per_call:
                 raise KeyboardInterrupt
-            return train_step(state, batch)
+            return train_step(state, batch, *steps)
 
         return step, eval_step
 
@@ -137,15 +137,50 @@ def test_call_plan_keeps_boundaries_and_resumes_on_the_same_calls():
     from dlassign.train import call_plan
 
     full = list(call_plan(0, 23, 4, [10, 20, 20]))
-    assert full == [(1, 4), (5, 4), (9, 1), (10, 1), (11, 4), (15, 4), (19, 1), (20, 1),
-                    (21, 1), (22, 1), (23, 1)]
+    assert full == [(1, 4), (5, 4), (9, 2), (11, 4), (15, 4), (19, 2), (21, 3)]
     for first, n in full:  # resuming after any call makes the calls the full run makes
         assert list(call_plan(first + n - 1, 23, 4, [10, 20])) == [c for c in full
                                                                    if c[0] > first]
-    # From a step inside a call (steps_per_call changed between runs): single steps until
-    # the calls line up again.
-    assert list(call_plan(12, 20, 4, [10]))[:3] == [(13, 1), (14, 1), (15, 4)]
+    # From a step inside a call (steps_per_call changed between runs): a short call first.
+    assert list(call_plan(12, 20, 4, [10])) == [(13, 2), (15, 4), (19, 2)]
     assert list(call_plan(0, 5, 1, [])) == [(s, 1) for s in range(1, 6)]
+
+
+def test_a_short_call_runs_only_its_steps():
+    """A call with fewer steps than slots leaves the state as that many single steps do."""
+    from dlassign.train import compile_steps
+
+    data = synthetic_dataset()
+    run = setup(tiny_config({"optimizer.name": "adam"}), data)
+    state = make_state(run)
+    step, _ = compile_steps(run, state)
+    batches = [{"image": data.train.images[i:i + 32], "label": data.train.labels[i:i + 32]}
+               for i in (0, 32, 64)]
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    short, metrics = step(make_state(run).replace(apply_fn=state.apply_fn, tx=state.tx),
+                          stacked, np.int32(2))
+    assert int(short.step) == 2 and float(metrics["loss"][2]) == 0.0
+    for batch in batches[:2]:
+        state, single = step(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"][1]), float(single["loss"]), rtol=1e-6)
+    for x, y in zip(leaves(short), leaves(state), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("leading", [0, 1])  # one step's batch; steps stacked in front
+def test_each_process_contributes_its_rows_of_the_batch_axis(monkeypatch, leading):
+    from dlassign import parallel
+
+    mesh = parallel.make_mesh(8)
+    images = np.arange(2 * 8 * 3).reshape(2, 8, 3)[0 if leading == 0 else slice(None)]
+    seen = {}
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "make_array_from_process_local_data",
+                        lambda sharding, x: seen.setdefault("rows", x))
+    parallel.global_batch({"image": images}, parallel.batch_sharding(mesh, leading))
+    want = images[4:] if leading == 0 else images[:, 4:]
+    np.testing.assert_array_equal(seen["rows"], want)
 
 
 def test_steps_per_call_trains_like_single_steps(tmp_path):
