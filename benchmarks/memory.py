@@ -4,8 +4,8 @@
 
 Reports the peak resident set size of a process that builds the model and runs
 max(`--steps_per_call`, 5) training steps (baseline: the same process before the model is
-built; ours `--steps_per_call` per call, as the training loop runs them), and for ours also XLA's own account of one call's buffers
-(arguments, outputs, temporaries).
+built; ours `--steps_per_call` per call, as the training loop runs them), and for ours also
+XLA's own account of one call's buffers (arguments, outputs, temporaries).
 """
 
 from __future__ import annotations
