@@ -56,16 +56,14 @@ def main():
     first = next(train_batches(run.dataset.train, args.batch_size, 0, 0, 1))
     fixed = jax.device_put(next(stacked_batches(iter([first] * per_call), [(1, per_call)],
                                                 per_call)), sharding)
-    call = lambda state, batch, steps: (step(state, batch, np.int32(steps)) if per_call > 1
-                                        else step(state, batch))
-    state, m = call(state, fixed, per_call)  # compile
+    state, m = step(state, fixed, np.int32(per_call))  # compile
     jax.block_until_ready(m)
 
     def alone():
         nonlocal state
         limiter = parallel.DispatchLimiter()
         for _, steps in plan:
-            state, metrics = call(state, fixed, steps)
+            state, metrics = step(state, fixed, np.int32(steps))
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
 
@@ -75,7 +73,7 @@ def main():
         batches = stacked_batches(train_batches(run.dataset.train, args.batch_size, 0, 0, n),
                                   plan, per_call)
         for (_, steps), batch in zip(plan, prefetch(batches, sharding), strict=True):
-            state, metrics = call(state, batch, steps)
+            state, metrics = step(state, batch, np.int32(steps))
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
 

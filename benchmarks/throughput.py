@@ -60,10 +60,8 @@ def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: i
     def run_steps(n: int) -> None:
         limiter = parallel.DispatchLimiter()
         for first in range(0, n, k):
-            if k > 1:
-                box["state"], metrics = step(box["state"], stacked, np.int32(min(k, n - first)))
-            else:
-                box["state"], metrics = step(box["state"], batch)
+            box["state"], metrics = step(box["state"], stacked if k > 1 else batch,
+                                         np.int32(min(k, n - first)))
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
 

@@ -366,10 +366,7 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
     limiter = parallel.DispatchLimiter()
     try:
         for first, n in plan:
-            if per_call > 1:
-                state, metrics = train_step(state, next(batches), np.int32(n))
-            else:
-                state, metrics = train_step(state, next(batches))
+            state, metrics = train_step(state, next(batches), np.int32(n))
             limiter(metrics["loss"])
             pending.append((n, metrics))
             step = first + n - 1
