@@ -185,20 +185,36 @@ def _tiled_conv(lhs, rhs, padding, tile):
     window) gives every tile's TILE*O outputs. Output widths that `tile` does not divide are
     padded on the right and cropped.
     """
-    kh, kw, ci, co = rhs.shape
-    x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    n, h, w, _ = x.shape
-    ho, wo = h - kh + 1, w - kw + 1
+    kh, kw, _, co = rhs.shape
+    patches, ho, wo, tiles = _tile_patches(lhs, kh, kw, (1, 1), padding, tile, axis=-1)
+    k = patches.shape[-1]  # KH * (TILE+KW-1) * I
+    out = jnp.dot(patches.reshape(-1, k), _band(rhs, tile).reshape(k, tile * co))
+    return out.reshape(lhs.shape[0], ho, tiles * tile, co)[:, :, :wo]
+
+
+def _tile_patches(x, kh, kw, window_strides, padding, tile, axis):
+    """im2col patches under output tiles `tile` pixels wide (1: one output each), for NHWC or
+    batch-minor [C, H, W, N] input (rows and columns on axes 1 and 2 in both).
+
+    Each patch holds, concatenated along the channel axis `axis`, the KH rows of the
+    TILE+KW-1 input columns under a tile (KW for tile 1), taken as two levels of strided
+    slices (columns, then rows). Output widths that `tile` does not divide are padded on the
+    right. Returns (patches, HO, WO, number of tiles per output row).
+    """
+    sh, sw = window_strides
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    h, w = x.shape[1:3]
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
     tiles = -(-wo // tile)
-    span = tile + kw - 1
-    if tiles * tile + kw - 1 > w:
+    span = tile + kw - 1 if tile > 1 else kw
+    if tile > 1 and tiles * tile + kw - 1 > w:
         x = jnp.pad(x, ((0, 0), (0, 0), (0, tiles * tile + kw - 1 - w), (0, 0)))
-    cols = jnp.concatenate([x[:, :, u: u + tile * (tiles - 1) + 1: tile] for u in range(span)],
-                           axis=-1)
-    patches = jnp.concatenate([cols[:, i: i + ho] for i in range(kh)], axis=-1)
-    out = jnp.dot(patches.reshape(-1, kh * span * ci),
-                  _band(rhs, tile).reshape(kh * span * ci, tile * co))
-    return out.reshape(n, ho, tiles * tile, co)[:, :, :wo]
+    step = tile if tile > 1 else sw
+    cols = jnp.concatenate([x[:, :, u: u + step * (tiles - 1) + 1: step] for u in range(span)],
+                           axis=axis)
+    patches = jnp.concatenate([cols[:, i: i + sh * (ho - 1) + 1: sh] for i in range(kh)],
+                              axis=axis)
+    return patches, ho, wo, tiles
 
 
 def tile_width(lhs_shape, rhs_shape, window_strides, padding) -> int:
@@ -376,19 +392,11 @@ def batch_minor_conv(x, rhs, window_strides, padding, tile: int = 1):
         _, h, w, n = x.shape
         pixels = jnp.transpose(x, (1, 2, 0, 3)).reshape(h * w * ci, n)
         return jnp.dot(_pixel_taps(rhs, h, w, padding).T, pixels).reshape(co, 1, 1, n)
-    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    _, h, w, n = x.shape
-    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-    tiles = -(-wo // tile)
-    span = tile + kw - 1 if tile > 1 else kw
-    if tile > 1 and tiles * tile + kw - 1 > w:
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, tiles * tile + kw - 1 - w), (0, 0)))
-    step = tile if tile > 1 else sw
-    cols = jnp.concatenate([x[:, :, u: u + step * (tiles - 1) + 1: step] for u in range(span)])
-    patches = jnp.concatenate([cols[:, i: i + sh * (ho - 1) + 1: sh] for i in range(kh)])
+    n = x.shape[3]
+    patches, ho, wo, tiles = _tile_patches(x, kh, kw, window_strides, padding, tile, axis=0)
     if tile > 1:
         rhs = _band(rhs, tile)
-    k = kh * span * ci
+    k = patches.shape[0]  # KH * columns * C
     out = jnp.dot(rhs.reshape(k, tile * co).T, patches.reshape(k, ho * tiles * n))
     if tile == 1:
         return out.reshape(co, ho, wo, n)
