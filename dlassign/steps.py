@@ -109,11 +109,12 @@ def make_train_step(cfg: StepConfig) -> Callable[[TrainState, dict], tuple[Train
     return train_step
 
 
-def stacked_or_single(train_step: Callable) -> Callable:
+def stacked_or_single(train_step: Callable, label_ndim: int = 1) -> Callable:
     """`train_step` that also runs up to k steps in one call.
 
     `step(state, batch, steps)` with one batch is `train_step` (`steps` is then 1 and unused).
-    With batches stacked on a leading axis (`label` int32[k, B]) it scans over the first
+    With batches stacked on a leading axis (`label` int32[k, B]; label_ndim is the rank of one
+    step's labels, 2 for a step vmapped over folds, [K, B]) it scans over the first
     `steps` of them (an int32 scalar, all when None; the rest are padding, skipped) and returns
     metrics stacked [k], whose padding rows are zeros. Every call of k slots is one compiled
     program, whatever `steps`.
@@ -126,7 +127,7 @@ def stacked_or_single(train_step: Callable) -> Callable:
     """
 
     def step(state: TrainState, batch: dict, steps=None) -> tuple[TrainState, dict]:
-        if batch["label"].ndim == 1:
+        if batch["label"].ndim == label_ndim:
             return train_step(state, batch)
         one = jax.tree.map(lambda x: x[0], batch)
         shapes = jax.eval_shape(train_step, state, one)[1]

@@ -269,6 +269,19 @@ def test_vmapped_folds_match_sequential_folds():
     assert vmapped["mean"] > 0.9
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_folds_in_calls_of_several_steps_match_one_step_per_call(sequential):
+    data = synthetic_dataset(n_train=240)
+    folds = stratified_kfold(data.train.labels, 3, seed=0)
+    runs = [cross_validate(tiny_config({"num_epochs": 2, "steps_per_call": k}), data, folds,
+                           sequential=sequential)
+            for k in (1, 3)]  # 2 epochs of 5 steps: calls of 3, 3, 3 and 1
+    np.testing.assert_allclose(runs[0]["fold_losses"], runs[1]["fold_losses"], rtol=1e-5)
+    np.testing.assert_allclose(runs[0]["fold_accuracies"], runs[1]["fold_accuracies"],
+                               atol=1e-9)
+    assert runs[0]["mean"] > 0.9
+
+
 def test_tune_writes_table_heatmap_and_best_test_metrics(tmp_path):
     config = tiny_config({"num_epochs": 2, "log_every_steps": 0})
     with config.unlocked():
