@@ -1,23 +1,25 @@
 """k-fold cross-validation: the k folds as one vmapped program against one after another.
 
   python -m benchmarks.kfold [--data_dir=PATH/TO/MNIST] [--folds=3] [--epochs=1]
+      [--steps_per_call=8]
 
-Both train the same folds with the same batches (dlassign.tune.cross_validate); without
---data_dir, the embedded digits are used.
+Both train the same folds with the same batches (dlassign.tune.cross_validate), `--steps_per_call`
+steps per call (default: the config's); without --data_dir, the embedded digits are used.
 """
 
 from __future__ import annotations
 
 import time
 
-from benchmarks.common import parse, report, start_jax
+from benchmarks.common import add_steps_per_call, parse, report, start_jax
 
 
 def main():
     args = parse(__doc__, lambda p: (p.add_argument("--data_dir", default=""),
                                      p.add_argument("--folds", type=int, default=3),
                                      p.add_argument("--epochs", type=int, default=1),
-                                     p.add_argument("--config", default="tune_mnist_mlp")))
+                                     p.add_argument("--config", default="tune_mnist_mlp"),
+                                     add_steps_per_call(p)))
     start_jax(args.cpu_devices)
     import importlib
 
@@ -31,6 +33,7 @@ def main():
         config.data.name, config.data.data_dir = "digits", ""
         config.batch_size = 32
     config.num_epochs = args.epochs
+    config.steps_per_call = args.steps_per_call
     config = apply_overrides(config, grid_cells(config.tune.grid)[0])
     data = prepare(config.data, config.seed)
     folds = stratified_kfold(data.train.labels, args.folds, config.seed)
@@ -47,7 +50,8 @@ def main():
                  "train_seconds": rows[1]["train_seconds"] / rows[0]["train_seconds"],
                  "mean_accuracy": None})
     print(f"\n{config.model.name} {grid_cells(config.tune.grid)[0]} on {data.name}: "
-          f"{args.folds} folds x {args.epochs} epoch(s), batch {config.batch_size}\n")
+          f"{args.folds} folds x {args.epochs} epoch(s), batch {config.batch_size}, "
+          f"{args.steps_per_call} steps per call\n")
     report(rows, [("", "mode", "{}"), ("seconds (ratio)", "seconds", "{:.2f}"),
                   ("training seconds (ratio)", "train_seconds", "{:.2f}"),
                   ("mean CV accuracy", "mean_accuracy", "{:.4f}")], args.json)
