@@ -77,7 +77,10 @@ def config_differences(saved: dict, current: dict, fields=IDENTITY_FIELDS) -> li
 
 
 class Checkpointer:
-    """Keeps the last `keep` checkpoints of a run under `directory`."""
+    """Keeps the last `keep` checkpoints of a run under `directory`.
+
+    Close it when done (`close()`, or use it as a context manager): Orbax's manager holds
+    background threads and an event loop until then."""
 
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
@@ -157,3 +160,9 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -30,20 +30,19 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{workdir!r} holds no checkpoints/ directory; expected a workdir "
                               "written by experiments.train")
-    ckpt = Checkpointer(ckpt_dir)
-    steps = ckpt.steps()
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {ckpt_dir}")
-    if step is not None and step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {ckpt_dir}; steps present: "
-                              f"{', '.join(map(str, steps))}")
-    first_meta = ckpt.read_meta(step or steps[-1])
-    config = ml_collections.ConfigDict(first_meta["config"])
-    if overrides:
-        config.update_from_flattened_dict(overrides)
-    run = setup(config, dataset)
-    state = make_state(run)
-    try:
+    with Checkpointer(ckpt_dir) as ckpt:
+        steps = ckpt.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {ckpt_dir}")
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {ckpt_dir}; steps "
+                                  f"present: {', '.join(map(str, steps))}")
+        first_meta = ckpt.read_meta(step or steps[-1])
+        config = ml_collections.ConfigDict(first_meta["config"])
+        if overrides:
+            config.update_from_flattened_dict(overrides)
+        run = setup(config, dataset)
+        state = make_state(run)
         if first_meta.get("kind") == "variables":  # an experiments.port_weights output
             abstract = {k: v for k, v in abstract_tree(state).items()
                         if k in ("params", "batch_stats")}
@@ -52,8 +51,6 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
             tree, meta = ckpt.restore_latest(abstract_tree(state), config.to_dict())
         else:
             tree, meta = ckpt.restore(step, abstract_tree(state))
-    finally:
-        ckpt.close()
     return run, state.replace(**tree), meta
 
 

@@ -268,12 +268,11 @@ def load_variables(path: str) -> tuple[dict, dict]:
         os.path.join(path, "checkpoints")) else path
     if not os.path.isdir(directory):
         raise CheckpointError(f"init_checkpoint {path!r} is not a directory")
-    ckpt = Checkpointer(directory)
-    steps = ckpt.steps()
-    if not steps:
-        raise CheckpointError(f"init_checkpoint {path!r} holds no checkpoint")
-    tree, meta = ckpt.restore_raw(steps[-1])
-    ckpt.close()
+    with Checkpointer(directory) as ckpt:
+        steps = ckpt.steps()
+        if not steps:
+            raise CheckpointError(f"init_checkpoint {path!r} holds no checkpoint")
+        tree, meta = ckpt.restore_raw(steps[-1])
     return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}, meta
 
 
@@ -423,13 +422,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run = setup(config, dataset)
     os.makedirs(workdir, exist_ok=True)
     state = make_state(run, initial_variables(run))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.get("keep_checkpoints", 3))
-    try:
+    # closed on success and on any failure: lets the checkpoints being written finish
+    with Checkpointer(os.path.join(workdir, "checkpoints"),
+                      config.get("keep_checkpoints", 3)) as ckpt:
         state, eval_step, history, train_time = _train(run, state, ckpt)
         test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
                         run.dataset.num_classes)
-    finally:
-        ckpt.close()  # on success and on any failure: lets the checkpoints being written finish
     n_params = parallel.tree_size(state.params)
     logging.info("test accuracy %.4f, macro F1 %.4f", test["accuracy"], test["f1_macro"])
     results = {

@@ -54,9 +54,9 @@ def port(arch, state_dict, config, replace_head, output, source):
         config.model.name = arch
     meta = {"kind": "variables", "arch": arch, "source": source, "num_classes": num_classes,
             "config": config.to_dict()}
-    ckpt = Checkpointer(os.path.join(output, "checkpoints"))
-    ckpt.save(0, {"params": variables["params"], "batch_stats": variables["batch_stats"]}, meta)
-    ckpt.close()
+    with Checkpointer(os.path.join(output, "checkpoints")) as ckpt:
+        ckpt.save(0, {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+                  meta)
     return variables
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from configs import base
+from dlassign.checkpoint import Checkpointer
 from dlassign.data import Dataset, Normalizer, Split
 
 
@@ -45,3 +46,15 @@ def tiny_config(overrides: dict | None = None):
     c.optimizer.learning_rate = 3e-3
     c.update_from_flattened_dict(overrides or {})
     return c
+
+
+def checkpoint_steps(directory) -> list[int]:
+    """The steps saved under `directory` (the checkpointer closed after reading)."""
+    with Checkpointer(str(directory)) as ckpt:
+        return ckpt.steps()
+
+
+def restore_checkpoint(directory, abstract, step: int | None = None):
+    """(tree, meta) of checkpoint `step` under `directory` (None: the newest intact one)."""
+    with Checkpointer(str(directory)) as ckpt:
+        return ckpt.restore_latest(abstract) if step is None else ckpt.restore(step, abstract)

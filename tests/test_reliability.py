@@ -14,7 +14,7 @@ from configs import base
 from dlassign.checkpoint import Checkpointer
 from dlassign.errors import CheckpointError
 from dlassign.train import abstract_tree, make_state, setup, train_and_evaluate
-from tests.helpers import synthetic_dataset, tiny_config
+from tests.helpers import checkpoint_steps, restore_checkpoint, synthetic_dataset, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "-m", "experiments.train", "--config=configs/base.py",
@@ -32,9 +32,9 @@ def train_cli(workdir, failpoint=None, extra=()):
 
 
 def final_state(workdir):
-    ckpt = Checkpointer(str(Path(workdir) / "checkpoints"))
-    step = ckpt.steps()[-1]
-    return step, ckpt.read_meta(step)["state_sha256"]
+    with Checkpointer(str(Path(workdir) / "checkpoints")) as ckpt:
+        step = ckpt.steps()[-1]
+        return step, ckpt.read_meta(step)["state_sha256"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def reference(tmp_path_factory):
 def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(reference, tmp_path, failpoint):
     killed = train_cli(tmp_path, failpoint)
     assert killed.returncode == -signal.SIGKILL
-    steps_left = Checkpointer(str(tmp_path / "checkpoints")).steps()
+    steps_left = checkpoint_steps(tmp_path / "checkpoints")
     kill_step = int(failpoint.split(":")[1])
     assert steps_left and max(steps_left) < kill_step  # the killed step's checkpoint never landed
     resumed = train_cli(tmp_path)
@@ -87,8 +87,8 @@ def test_damaged_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
     train_and_evaluate(config, str(tmp_path), data)
     latest = _damage_latest(tmp_path)
     run = setup(config, data)
-    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
-    state, meta = ckpt.restore_latest(abstract_tree(make_state(run)), config.to_dict())
+    with Checkpointer(str(tmp_path / "checkpoints")) as ckpt:
+        state, meta = ckpt.restore_latest(abstract_tree(make_state(run)), config.to_dict())
     assert meta["step"] < latest
     assert any("falling back" in r.getMessage() for r in caplog.records)
 
@@ -122,8 +122,8 @@ def test_one_vs_eight_devices_agree(tmp_path):
                                [h["loss"] for h in eight["history"]], rtol=1e-5)
     run = setup(tiny_config(), data)
     abstract = abstract_tree(make_state(run))
-    a, _ = Checkpointer(str(tmp_path / "one" / "checkpoints")).restore_latest(abstract)
-    b, _ = Checkpointer(str(tmp_path / "eight" / "checkpoints")).restore_latest(abstract)
+    a, _ = restore_checkpoint(tmp_path / "one" / "checkpoints", abstract)
+    b, _ = restore_checkpoint(tmp_path / "eight" / "checkpoints", abstract)
     for x, y in zip(jax_leaves(a["params"]), jax_leaves(b["params"])):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
@@ -158,8 +158,8 @@ def test_batch_minor_cnn_on_one_device_agrees_with_nhwc_on_eight(tmp_path):
     np.testing.assert_allclose([h["loss"] for h in results[0]["history"]],
                                [h["loss"] for h in results[8]["history"]], rtol=1e-5)
     abstract = abstract_tree(make_state(runs[0]))
-    a, _ = Checkpointer(str(tmp_path / "0" / "checkpoints")).restore_latest(abstract)
-    b, _ = Checkpointer(str(tmp_path / "8" / "checkpoints")).restore_latest(abstract)
+    a, _ = restore_checkpoint(tmp_path / "0" / "checkpoints", abstract)
+    b, _ = restore_checkpoint(tmp_path / "8" / "checkpoints", abstract)
     for x, y in zip(jax_leaves(a["params"]), jax_leaves(b["params"])):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
@@ -183,10 +183,10 @@ def test_sharded_checkpoint_restores_on_one_device(tmp_path):
                                [h["loss"] for h in plain["history"]], rtol=1e-5)
     run = setup(single, data)
     abstract = abstract_tree(make_state(run))
-    tree, _ = Checkpointer(str(tmp_path / "sharded" / "checkpoints")).restore_latest(abstract)
+    tree, _ = restore_checkpoint(tmp_path / "sharded" / "checkpoints", abstract)
     kernel = tree["params"]["dense0"]["kernel"]
     assert len(kernel.sharding.device_set) == 1
-    ref, _ = Checkpointer(str(tmp_path / "single" / "checkpoints")).restore_latest(abstract)
+    ref, _ = restore_checkpoint(tmp_path / "single" / "checkpoints", abstract)
     for x, y in zip(jax_leaves(tree["params"]), jax_leaves(ref["params"])):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 

@@ -13,7 +13,12 @@ from dlassign.errors import NumericalError
 from dlassign.evaluation import evaluate_checkpoint
 from dlassign.train import abstract_tree, make_state, setup, state_tree, train_and_evaluate
 from dlassign.tune import cross_validate, tune
-from tests.helpers import synthetic_dataset, tiny_config
+from tests.helpers import (
+    checkpoint_steps,
+    restore_checkpoint,
+    synthetic_dataset,
+    tiny_config,
+)
 
 
 def leaves(tree):
@@ -81,9 +86,9 @@ def test_step_reports_the_gradient_norm_and_its_finiteness():
 def test_checkpoint_restores_identical_state(tmp_path):
     run = setup(tiny_config(), synthetic_dataset())
     state = make_state(run)
-    ckpt = Checkpointer(str(tmp_path))
-    ckpt.save(0, state_tree(state), {"config": run.config.to_dict()})
-    restored, meta = ckpt.restore(0, abstract_tree(state))
+    with Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save(0, state_tree(state), {"config": run.config.to_dict()})
+        restored, meta = ckpt.restore(0, abstract_tree(state))
     for a, b in zip(leaves(state_tree(state)), leaves(restored)):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
@@ -118,15 +123,15 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, 
     monkeypatch.setattr(train_module, "compile_steps", interrupting_compile)
     with pytest.raises(KeyboardInterrupt):
         train_and_evaluate(config(), str(resumed), data)
-    assert Checkpointer(str(resumed / "checkpoints")).steps()[-1] == 10
+    assert checkpoint_steps(resumed / "checkpoints")[-1] == 10
     monkeypatch.setattr(train_module, "compile_steps", real_compile)
     result = train_and_evaluate(config(), str(resumed), data)
 
     run = setup(config(), data)
     abstract = abstract_tree(make_state(run))
-    final_steps = Checkpointer(str(full / "checkpoints")).steps()[-1]
-    a, _ = Checkpointer(str(full / "checkpoints")).restore(final_steps, abstract)
-    b, _ = Checkpointer(str(resumed / "checkpoints")).restore(final_steps, abstract)
+    final_steps = checkpoint_steps(full / "checkpoints")[-1]
+    a, _ = restore_checkpoint(full / "checkpoints", abstract, final_steps)
+    b, _ = restore_checkpoint(resumed / "checkpoints", abstract, final_steps)
     for x, y in zip(leaves(a), leaves(b)):
         np.testing.assert_array_equal(x, y)
     full_result = json.loads((full / "results.json").read_text())
@@ -192,8 +197,8 @@ def test_steps_per_call_trains_like_single_steps(tmp_path):
                               "checkpoint_every_steps": 8})
         result = train_and_evaluate(config, str(tmp_path / str(k)), data)
         run = setup(config, data)
-        tree, _ = Checkpointer(str(tmp_path / str(k) / "checkpoints")).restore(
-            24, abstract_tree(make_state(run)))
+        tree, _ = restore_checkpoint(tmp_path / str(k) / "checkpoints",
+                                     abstract_tree(make_state(run)), 24)
         out[k] = result["history"], leaves(tree["params"])
     assert [h["step"] for h in out[4][0]] == [8, 16, 24]
     for a, b in zip(out[1][0], out[4][0], strict=True):
@@ -241,10 +246,10 @@ def test_non_finite_loss_stops_with_step(tmp_path):
     with pytest.raises(NumericalError, match=r"diverged at step \d+"):
         train_and_evaluate(config, str(tmp_path), synthetic_dataset())
     # Every checkpoint written before the error is finite.
-    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
     run = setup(config, synthetic_dataset())
-    for step in ckpt.steps():
-        tree, _ = ckpt.restore(step, abstract_tree(make_state(run)))
+    for step in checkpoint_steps(tmp_path / "checkpoints"):
+        tree, _ = restore_checkpoint(tmp_path / "checkpoints", abstract_tree(make_state(run)),
+                                     step)
         assert all(np.all(np.isfinite(x)) for x in leaves(tree["params"]))
 
 
