@@ -6,10 +6,11 @@ differ in size by at most a few examples; every fold takes `min_k |train_k| // B
 from its own seeded permutation, so the folds see equally many examples. `sequential=True` trains
 the same folds one after another with the same batches (the baseline of the benchmark).
 Either way the steps go `steps_per_call` to a call, as in the training loop (`train.call_plan`),
-which changes no result (tests compare each fold's validation loss). On a 2-core CPU it did not
-change the time either (one MNIST grid cell, 3 folds, sequential: the 784-128-10 MLP 4.9 s for 3
-epochs, the CNN 25-27 s for one, with 1 or 8 steps per call): the CNN's steps are compute-bound
-and the MLP's cell time is mostly compilation.
+which changes no result (tests compare each fold's validation loss). On a 2-core CPU, 8 steps
+per call against 1: the main job's digits grids trained in 18.4 s instead of 26.4 s (MLP
+cells, summed) and 43.5 s instead of 45.8 s (CNN cells); one MNIST cell (3 folds, sequential)
+took the same time either way (the 784-128-10 MLP 4.9 s for 3 epochs, mostly compilation; the
+CNN 25-27 s for one, compute-bound).
 
 Normalisation statistics ('standardize') come from the whole training split, not each fold's
 training part; with 'scale' (the MNIST configs) there are no statistics to leak. `tune.mode`
