@@ -30,17 +30,20 @@ def _short(path: str) -> str:
 
 
 def grid_table(results: dict) -> str:
-    """One row per grid cell: its parameters, each fold's accuracy, mean and std."""
+    """One row per grid cell: its parameters, each fold's accuracy, their mean and std, and the
+    mean validation loss over the folds (blank for cells recorded without it)."""
     cells = results["cells"]
     names = list(cells[0]["params"])
     k = len(cells[0]["fold_accuracies"])
-    header = [_short(n) for n in names] + [f"fold {i + 1}" for i in range(k)] + ["mean", "std"]
+    header = ([_short(n) for n in names] + [f"fold {i + 1}" for i in range(k)]
+              + ["mean", "std", "val loss"])
     best = results.get("best", {}).get("params")
     rows = []
     for c in sorted(cells, key=lambda c: -c["mean"]):
         mark = " **(best)**" if c["params"] == best else ""
+        loss = f"{np.mean(c['fold_losses']):.4f}" if c.get("fold_losses") else ""
         rows.append([c["params"][n] for n in names] + [pct(a) for a in c["fold_accuracies"]]
-                    + [pct(c["mean"]) + mark, pct(c["std"])])
+                    + [pct(c["mean"]) + mark, pct(c["std"]), loss])
     out = markdown_table(header, rows)
     if "test" in results:
         t = results["test"]

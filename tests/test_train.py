@@ -298,10 +298,12 @@ def test_tune_writes_table_heatmap_and_best_test_metrics(tmp_path):
         assert len(cell["fold_accuracies"]) == 2
         assert cell["mean"] == pytest.approx(np.mean(cell["fold_accuracies"]))
         assert cell["std"] == pytest.approx(np.std(cell["fold_accuracies"]))
+        assert len(cell["fold_losses"]) == 2 and all(0 < x < 10 for x in cell["fold_losses"])
     best = max(results["cells"], key=lambda c: c["mean"])
     assert results["best"]["params"] == best["params"]
     assert 0.5 < results["test"]["accuracy"] <= 1.0 and results["test"]["num_examples"] == 450
-    assert "**(best)**" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "**(best)**" in table and "| val loss |" in table
     assert (tmp_path / "heatmap.png").stat().st_size > 1000
 
 
