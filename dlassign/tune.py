@@ -119,7 +119,7 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
 
     start = time.perf_counter()
     # steps_per_call steps per call as in the training loop: batches [S, K, B, ...], S slots
-    per_call = config.get("steps_per_call", 1)
+    per_call = max(int(config.get("steps_per_call", 1)), 1)
     total = min(len(ix) for ix in train_ix) // config.batch_size * config.num_epochs
     plan = list(call_plan(0, total, per_call, ()))
     stacked = int(per_call > 1)
