@@ -69,10 +69,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict
     return config
 
 
+def _fold_steps_per_epoch(fold_indices: list[np.ndarray], batch_size: int) -> int:
+    """Every fold takes as many steps per epoch as the smallest fold's training set fills."""
+    return min(len(ix) for ix in fold_indices) // batch_size
+
+
 def _fold_batches(train: Split, fold_indices: list[np.ndarray], batch_size: int, seed: int,
                   num_epochs: int):
     """[K, B, ...] batches; fold k's epoch e is permutation (seed, 1000 * (k + 1) + e)."""
-    steps = min(len(ix) for ix in fold_indices) // batch_size
+    steps = _fold_steps_per_epoch(fold_indices, batch_size)
     for epoch in range(num_epochs):
         perms = [ix[epoch_permutation(len(ix), seed, 1000 * (k + 1) + epoch)]
                  for k, ix in enumerate(fold_indices)]
@@ -120,7 +125,7 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     start = time.perf_counter()
     # steps_per_call steps per call as in the training loop: batches [S, K, B, ...], S slots
     per_call = max(int(config.get("steps_per_call", 1)), 1)
-    total = min(len(ix) for ix in train_ix) // config.batch_size * config.num_epochs
+    total = _fold_steps_per_epoch(train_ix, config.batch_size) * config.num_epochs
     plan = list(call_plan(0, total, per_call, ()))
     stacked = int(per_call > 1)
     batches = zip(plan, stacked_batches(
