@@ -31,7 +31,7 @@ from benchmarks.common import (
 
 def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: int = 1):
     """run_steps(n) runs n training steps in calls of steps_per_call (batches stacked), the
-    last call taking what is left."""
+    last call taking what is left; run_steps.compiled_text() is the compiled program's HLO."""
     from configs import base
     from dlassign import parallel
     from dlassign.data import Dataset, Normalizer, Split
@@ -65,6 +65,8 @@ def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: i
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
 
+    run_steps.compiled_text = lambda: step.lower(
+        box["state"], stacked if k > 1 else batch, np.int32(k)).compile().as_text()
     return run_steps, int(run.mesh.devices.size), split
 
 

@@ -1,0 +1,139 @@
+"""Where a training step's time goes: XLA's ops from JAX's profiler, per step.
+
+  python -m benchmarks.profile_step [--models=mlp] [--steps=80] [--top=12]
+
+Runs our training step as benchmarks/throughput.py does (`--steps_per_call` steps per call),
+records `--steps` of them with `jax.profiler.trace`, and lists the ops of the compiled program
+that took the most time, per step: the op's name in the HLO, what it is (a dot, a fusion of
+which kind), where it comes from (the JAX operation it was lowered from, e.g.
+`transpose(jvp(MLP))/dense1/dot_general` is dense1's product in the backward pass) and its
+milliseconds per step. Ops run concurrently where they do not depend on each other (two
+products that each take 3 ms alone may both take 6 ms side by side), so the table also gives
+each op's share of the wall time (time that n ops run together counts 1/n to each) and sorts
+by it. Control flow (the loop over the steps of a call, the branch that skips a non-finite
+update) is left out; the ops inside it are listed.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+
+from benchmarks.common import add_steps_per_call, parse, report, start_jax, timed
+
+_CONTROL_FLOW = {"while", "conditional", "call", "async-start", "async-done"}
+
+
+def _type_end(text: str) -> int:
+    """Where the result type at the start of an HLO instruction's right-hand side ends: at the
+    first space, or for a tuple type, after its closing parenthesis."""
+    if not text.startswith("("):
+        return text.index(" ") if " " in text else len(text)
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+def hlo_ops(text: str) -> dict[str, dict]:
+    """Every instruction of a compiled HLO module's text: name -> opcode, result shape (layout
+    dropped), fusion kind and the JAX operation it comes from (its `op_name` metadata)."""
+    ops = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*)", line)
+        if not m:
+            continue
+        name, rest = m.groups()
+        end = _type_end(rest)
+        shape, rest = re.sub(r"\{[^}]*\}", "", rest[:end]), rest[end:].lstrip()
+        opcode = rest.split("(", 1)[0]
+        kind = re.search(r'"fusion_config":\{"kind":"(\w+)"', rest) or re.search(r"kind=(\w+)",
+                                                                                 rest)
+        source = re.search(r'op_name="([^"]*)"', rest)
+        ops[name] = {"opcode": opcode, "shape": shape, "kind": kind.group(1) if kind else "",
+                     "source": source.group(1) if source else ""}
+    return ops
+
+
+def short_source(op_name: str) -> str:
+    """The JAX operation without the jit/loop/branch wrappers around the step."""
+    parts = op_name.split("/")
+    keep = [p for p in parts if not re.match(
+        r"(jit\(.*\)|while|body|closed_call|cond|branch_\d+_fun|checkpoint|remat)$", p)]
+    return "/".join(keep)[-70:]
+
+
+def op_times(trace_dir: str, ops: dict[str, dict], steps: int) -> dict[str, dict]:
+    """Per step, for each op of `ops` found in the trace: its milliseconds (`ms`), its share of
+    the wall time (`share_ms`: while n ops run at once, each is given 1/n of that time, so the
+    shares add up to the time in which any op runs) and how often it ran (`calls`)."""
+    files = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+    if not files:
+        raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
+    with gzip.open(files[0]) as f:
+        events = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in json.load(f)["traceEvents"]
+                  if e.get("ph") == "X" and e.get("name") in ops
+                  and ops[e["name"]]["opcode"] not in _CONTROL_FLOW]
+    total, share, calls = collections.Counter(), collections.Counter(), collections.Counter()
+    edges = sorted([(t0, 1, i) for i, (t0, _, _) in enumerate(events)]
+                   + [(t1, -1, i) for i, (_, t1, _) in enumerate(events)])
+    running, last = set(), None
+    for t, change, i in edges:  # sweep over the start and end times
+        if running and t > last:
+            for j in running:
+                share[events[j][2]] += (t - last) / len(running)
+        last = t
+        (running.add if change > 0 else running.discard)(i)
+    for t0, t1, name in events:
+        total[name] += t1 - t0
+        calls[name] += 1
+    return {name: {"ms": total[name] / steps / 1e3, "share_ms": share[name] / steps / 1e3,
+                   "calls": calls[name] / steps} for name in total}
+
+
+def main():
+    def flags(p):
+        p.add_argument("--top", type=int, default=12, help="ops listed per model")
+        add_steps_per_call(p)
+
+    args = parse(__doc__, models="mlp", extra=flags)
+    jax = start_jax(args.cpu_devices)
+    from benchmarks.throughput import ours
+
+    k = max(args.steps_per_call, 1)
+    steps = max(-(-args.steps // k) * k, k)
+    columns = [("op", "op", "{}"), ("what", "what", "{}"), ("result", "shape", "{}"),
+               ("from", "source", "{}"), ("ms/step", "ms", "{:.3f}"),
+               ("share of wall ms/step", "share_ms", "{:.3f}"), ("runs/step", "calls", "{:.1f}")]
+    everything = []
+    for name in args.models.split(","):
+        run_steps, _, _ = ours(jax, name, args.batch_size, args.image_size, k)
+        run_steps(2 * k)  # compile and warm up
+        wall = timed(run_steps, steps) / steps * 1e3
+        ops = hlo_ops(run_steps.compiled_text())
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with jax.profiler.trace(trace_dir):
+                run_steps(steps)
+            times = op_times(trace_dir, ops, steps)
+        rows = [{"model": name, "op": op, "what": ops[op]["opcode"] + (
+                    f" ({ops[op]['kind']})" if ops[op]["kind"] else ""),
+                 "shape": ops[op]["shape"], "source": short_source(ops[op]["source"]), **t}
+                for op, t in sorted(times.items(), key=lambda kv: -kv[1]["share_ms"])]
+        everything += rows
+        print(f"\n{name}: {wall:.2f} ms per step unprofiled; profiled, some op runs during "
+              f"{sum(r['share_ms'] for r in rows):.2f} ms per step, and the ops' own times add "
+              f"up to {sum(r['ms'] for r in rows):.2f} ms\n")
+        report(rows[:args.top], columns)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(everything, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

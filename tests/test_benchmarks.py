@@ -1,0 +1,77 @@
+"""The step profiler (benchmarks/profile_step.py): its HLO parsing and its time shares."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.profile_step import hlo_ops, op_times
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trace(directory: Path, events: list[dict]) -> None:
+    path = directory / "plugins" / "profile" / "run"
+    path.mkdir(parents=True)
+    with gzip.open(path / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def test_shares_split_overlapping_time_and_add_up_to_the_busy_time(tmp_path):
+    ops = {"a": {"opcode": "dot"}, "b": {"opcode": "fusion"}, "loop": {"opcode": "while"}}
+    _trace(tmp_path, [
+        {"ph": "X", "name": "a", "ts": 0, "dur": 4000},      # alone for 2 ms, then with b
+        {"ph": "X", "name": "b", "ts": 2000, "dur": 4000},   # with a for 2 ms, then alone
+        {"ph": "X", "name": "a", "ts": 10000, "dur": 1000},  # the second step's a, alone
+        {"ph": "X", "name": "loop", "ts": 0, "dur": 11000},  # control flow: left out
+        {"ph": "X", "name": "PjitFunction", "ts": 0, "dur": 500},  # not an op
+        {"ph": "i", "name": "a", "ts": 3000},                # not a complete event
+    ])
+    times = op_times(str(tmp_path), ops, steps=2)
+    assert set(times) == {"a", "b"}
+    assert times["a"] == pytest.approx({"ms": 2.5, "share_ms": 2.0, "calls": 1.0})
+    assert times["b"] == pytest.approx({"ms": 2.0, "share_ms": 1.5, "calls": 0.5})
+    # 7 ms of the trace have some op running: 3.5 ms per step
+    assert times["a"]["share_ms"] + times["b"]["share_ms"] == pytest.approx(3.5)
+
+
+def test_missing_trace_is_named(tmp_path):
+    with pytest.raises(RuntimeError, match="no \\*.trace.json.gz under"):
+        op_times(str(tmp_path), {}, steps=1)
+
+
+def test_hlo_ops_reads_opcodes_shapes_and_sources_of_a_compiled_program():
+    def f(x, w):
+        def body(carry):
+            i, y = carry
+            return i + 1, jnp.tanh(y @ w)
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+    x = jnp.ones((4, 8))
+    ops = hlo_ops(jax.jit(f).lower(x, jnp.ones((8, 8))).compile().as_text())
+    loops = [op for op in ops.values() if op["opcode"] == "while"]
+    assert loops and loops[0]["shape"].startswith("(")  # a tuple result type
+    products = [op for op in ops.values() if op["source"].endswith("dot_general")]
+    # the product's instruction (and the fusion around it, if any), layout {1,0} dropped
+    assert products and {op["shape"] for op in products} == {"f32[4,8]"}
+    assert {op["opcode"] for op in products} <= {"dot", "fusion"}
+    assert all(op["kind"] for op in ops.values() if op["opcode"] == "fusion")
+
+
+def test_profile_step_runs_and_names_the_layers_and_the_optimizer(tmp_path):
+    out = tmp_path / "profile.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_step", "--models=mlp128", "--steps=8",
+         "--steps_per_call=4", "--batch_size=32", f"--json={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    sources = {r["source"] for r in rows}
+    assert any("dense0/dot_general" in s for s in sources)
+    assert any(s.startswith("optimizer/") for s in sources)
+    assert all(r["share_ms"] <= r["ms"] + 1e-9 and r["calls"] > 0 for r in rows)
