@@ -10,12 +10,15 @@ which kind), where it comes from (the JAX operation it was lowered from, e.g.
 milliseconds per step. Ops run concurrently where they do not depend on each other (two
 products that each take 3 ms alone may both take 6 ms side by side), so the table also gives
 each op's share of the wall time (time that n ops run together counts 1/n to each) and sorts
-by it. Control flow (the loop over the steps of a call, the branch that skips a non-finite
-update) is left out; the ops inside it are listed.
+by it. XLA:CPU runs its generic (Eigen) dots asynchronously and the profiler's event covers
+only their launch, so such an op is taken to end where the first op that uses its result
+starts (failing that, where the runtime marks it done). Control flow (the loop over the steps
+of a call, the branch that skips a non-finite update) is left out; the ops inside it are listed.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import glob
 import gzip
@@ -26,6 +29,8 @@ import tempfile
 from benchmarks.common import add_steps_per_call, parse, report, start_jax, timed
 
 _CONTROL_FLOW = {"while", "conditional", "call", "async-start", "async-done"}
+# XLA:CPU runs these asynchronously on Eigen's threads: their event covers only the launch
+_ASYNC = {"dot", "convolution"}
 
 
 def _type_end(text: str) -> int:
@@ -43,7 +48,8 @@ def _type_end(text: str) -> int:
 
 def hlo_ops(text: str) -> dict[str, dict]:
     """Every instruction of a compiled HLO module's text: name -> opcode, result shape (layout
-    dropped), fusion kind and the JAX operation it comes from (its `op_name` metadata)."""
+    dropped), fusion kind, the JAX operation it comes from (its `op_name` metadata) and the
+    names it refers to (its operands, and the computations it calls)."""
     ops = {}
     for line in text.splitlines():
         m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*)", line)
@@ -57,7 +63,8 @@ def hlo_ops(text: str) -> dict[str, dict]:
                                                                                  rest)
         source = re.search(r'op_name="([^"]*)"', rest)
         ops[name] = {"opcode": opcode, "shape": shape, "kind": kind.group(1) if kind else "",
-                     "source": source.group(1) if source else ""}
+                     "source": source.group(1) if source else "",
+                     "operands": re.findall(r"%([\w.\-]+)", rest)}
     return ops
 
 
@@ -69,6 +76,27 @@ def short_source(op_name: str) -> str:
     return "/".join(keep)[-70:]
 
 
+def _first_after(times: list[float], t: float) -> float | None:
+    i = bisect.bisect_left(times, t)
+    return times[i] if i < len(times) else None
+
+
+def _traced_consumers(name: str, users: dict[str, list[str]], traced) -> set[str]:
+    """The ops that use `name`'s result and appear in the trace, looking through those that do
+    not (bitcasts, tuples); `users` maps each op to those that name it as an operand."""
+    found, seen, todo = set(), {name}, list(users.get(name, ()))
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user in traced:
+            found.add(user)
+        else:
+            todo += users.get(user, ())
+    return found
+
+
 def op_times(trace_dir: str, ops: dict[str, dict], steps: int) -> dict[str, dict]:
     """Per step, for each op of `ops` found in the trace: its milliseconds (`ms`), its share of
     the wall time (`share_ms`: while n ops run at once, each is given 1/n of that time, so the
@@ -77,9 +105,35 @@ def op_times(trace_dir: str, ops: dict[str, dict], steps: int) -> dict[str, dict
     if not files:
         raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
     with gzip.open(files[0]) as f:
-        events = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in json.load(f)["traceEvents"]
-                  if e.get("ph") == "X" and e.get("name") in ops
-                  and ops[e["name"]]["opcode"] not in _CONTROL_FLOW]
+        trace = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    starts = collections.defaultdict(list)  # op -> its start times
+    ends = collections.defaultdict(list)    # op -> its "end: <op>" events' times
+    for e in trace:
+        if e["name"] in ops:
+            starts[e["name"]].append(e["ts"])
+        elif e["name"].startswith("end: "):
+            ends[e["name"][5:]].append(e["ts"])
+    for times in [*starts.values(), *ends.values()]:
+        times.sort()
+    users = collections.defaultdict(list)
+    for other, op in ops.items():
+        for operand in op["operands"]:
+            users[operand].append(other)
+    consumers = {name: _traced_consumers(name, users, starts) for name in starts
+                 if ops[name]["opcode"] in _ASYNC}
+    events = []
+    for e in trace:
+        name = e["name"]
+        if name not in ops or ops[name]["opcode"] in _CONTROL_FLOW:
+            continue
+        end = e["ts"] + e["dur"]
+        if ops[name]["opcode"] in _ASYNC:
+            # done by the time the first op that needs its result starts, and at the latest
+            # when the runtime marks it done ("end: <name>", logged after starting those ops)
+            later = [_first_after(starts[c], end) for c in consumers[name]]
+            later.append(_first_after(ends[name], e["ts"]))
+            end = max(end, min((t for t in later if t is not None), default=end))
+        events.append((e["ts"], end, name))
     total, share, calls = collections.Counter(), collections.Counter(), collections.Counter()
     edges = sorted([(t0, 1, i) for i, (t0, _, _) in enumerate(events)]
                    + [(t1, -1, i) for i, (_, t1, _) in enumerate(events)])

@@ -23,7 +23,8 @@ def _trace(directory: Path, events: list[dict]) -> None:
 
 
 def test_shares_split_overlapping_time_and_add_up_to_the_busy_time(tmp_path):
-    ops = {"a": {"opcode": "dot"}, "b": {"opcode": "fusion"}, "loop": {"opcode": "while"}}
+    ops = {"a": {"opcode": "fusion", "operands": []}, "b": {"opcode": "fusion", "operands": []},
+           "loop": {"opcode": "while", "operands": ["a", "b"]}}
     _trace(tmp_path, [
         {"ph": "X", "name": "a", "ts": 0, "dur": 4000},      # alone for 2 ms, then with b
         {"ph": "X", "name": "b", "ts": 2000, "dur": 4000},   # with a for 2 ms, then alone
@@ -38,6 +39,29 @@ def test_shares_split_overlapping_time_and_add_up_to_the_busy_time(tmp_path):
     assert times["b"] == pytest.approx({"ms": 2.0, "share_ms": 1.5, "calls": 0.5})
     # 7 ms of the trace have some op running: 3.5 ms per step
     assert times["a"]["share_ms"] + times["b"]["share_ms"] == pytest.approx(3.5)
+
+
+def test_an_asynchronous_dot_ends_when_its_first_consumer_starts(tmp_path):
+    # XLA:CPU's Eigen dots: the event is the launch; the result's first user starts when the
+    # product is done, and the runtime logs "end: d" only after starting that user
+    ops = {"d": {"opcode": "dot", "operands": ["x"]},
+           "view": {"opcode": "bitcast", "operands": ["d"]},       # not in the trace
+           "f": {"opcode": "fusion", "operands": ["view", "g"]},
+           "g": {"opcode": "fusion", "operands": []},
+           "lone": {"opcode": "dot", "operands": []}}               # no traced consumer
+    _trace(tmp_path, [
+        {"ph": "X", "name": "d", "ts": 0, "dur": 100},
+        {"ph": "X", "name": "g", "ts": 500, "dur": 1000},    # runs beside d
+        {"ph": "X", "name": "f", "ts": 3000, "dur": 1000},
+        {"ph": "X", "name": "end: d", "ts": 4100, "dur": 1},
+        {"ph": "X", "name": "lone", "ts": 5000, "dur": 100},
+        {"ph": "X", "name": "end: lone", "ts": 6000, "dur": 1},
+    ])
+    times = op_times(str(tmp_path), ops, steps=1)
+    assert times["d"]["ms"] == pytest.approx(3.0)              # 0 to f's start
+    assert times["d"]["share_ms"] == pytest.approx(2.5)        # 1 ms of it shared with g
+    assert times["f"] == pytest.approx({"ms": 1.0, "share_ms": 1.0, "calls": 1.0})
+    assert times["lone"]["ms"] == pytest.approx(1.0)           # up to its end marker
 
 
 def test_missing_trace_is_named(tmp_path):
