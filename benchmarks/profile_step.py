@@ -14,6 +14,8 @@ by it. XLA:CPU runs its generic (Eigen) dots asynchronously and the profiler's e
 only their launch, so such an op is taken to end where the first op that uses its result
 starts (failing that, where the runtime marks it done). Control flow (the loop over the steps
 of a call, the branch that skips a non-finite update) is left out; the ops inside it are listed.
+The trace is read as XLA:CPU writes it (one event per op, named after the HLO instruction);
+GPU and TPU traces name their kernels otherwise and are not read here.
 """
 
 from __future__ import annotations
@@ -158,6 +160,10 @@ def main():
 
     args = parse(__doc__, models="mlp", extra=flags)
     jax = start_jax(args.cpu_devices)
+    if jax.default_backend() != "cpu":
+        raise SystemExit(f"profile_step reads XLA:CPU traces; JAX's backend here is "
+                         f"{jax.default_backend()!r} (run with JAX_PLATFORMS=cpu to profile "
+                         f"the CPU)")
     from benchmarks.throughput import ours
 
     k = max(args.steps_per_call, 1)
