@@ -156,6 +156,7 @@ def op_times(trace_dir: str, ops: dict[str, dict], steps: int) -> dict[str, dict
 def main():
     def flags(p):
         p.add_argument("--top", type=int, default=12, help="ops listed per model")
+        p.set_defaults(steps=80)  # steps recorded, in whole calls
         add_steps_per_call(p)
 
     args = parse(__doc__, models="mlp", extra=flags)
