@@ -25,13 +25,15 @@ MODELS = {
 
 
 def parse(description: str, extra=None,
-          models: str = "mlp,mlp_dropout,mlp128,cnn,lenet5,resnet18") -> argparse.Namespace:
-    """The shared flags; `models` is the default of --models."""
+          models: str = "mlp,mlp_dropout,mlp128,cnn,lenet5,resnet18",
+          steps: tuple[int, str] = (10, "steps per round")) -> argparse.Namespace:
+    """The shared flags; `models` is the default of --models, `steps` the default and help of
+    --steps."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--models", default=models)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    p.add_argument("--steps", type=int, default=10, help="steps per round")
+    p.add_argument("--steps", type=int, default=steps[0], help=steps[1])
     p.add_argument("--cpu_devices", type=int, default=0, help="0: one per core")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--image_size", type=int, default=0,

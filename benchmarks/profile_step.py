@@ -156,10 +156,10 @@ def op_times(trace_dir: str, ops: dict[str, dict], steps: int) -> dict[str, dict
 def main():
     def flags(p):
         p.add_argument("--top", type=int, default=12, help="ops listed per model")
-        p.set_defaults(steps=80)  # steps recorded, in whole calls
         add_steps_per_call(p)
 
-    args = parse(__doc__, models="mlp", extra=flags)
+    args = parse(__doc__, models="mlp", extra=flags,
+                 steps=(80, "steps recorded (rounded up to whole calls)"))
     jax = start_jax(args.cpu_devices)
     if jax.default_backend() != "cpu":
         raise SystemExit(f"profile_step reads XLA:CPU traces; JAX's backend here is "
