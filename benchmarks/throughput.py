@@ -51,22 +51,22 @@ def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: i
     state = make_state(run)
     step, _ = compile_steps(run, state)
     one = {"image": split.images, "label": split.labels}
-    batch = jax.device_put(one, parallel.batch_sharding(run.mesh))
     k = steps_per_call
-    stacked = jax.device_put({key: np.stack([v] * k) for key, v in one.items()},
-                             parallel.batch_sharding(run.mesh, 1))
+    # what one call takes: the batch, or k copies of it stacked
+    inputs = (jax.device_put({key: np.stack([v] * k) for key, v in one.items()},
+                             parallel.batch_sharding(run.mesh, 1)) if k > 1
+              else jax.device_put(one, parallel.batch_sharding(run.mesh)))
     box = {"state": state}
 
     def run_steps(n: int) -> None:
         limiter = parallel.DispatchLimiter()
         for first in range(0, n, k):
-            box["state"], metrics = step(box["state"], stacked if k > 1 else batch,
-                                         np.int32(min(k, n - first)))
+            box["state"], metrics = step(box["state"], inputs, np.int32(min(k, n - first)))
             limiter(metrics["loss"])
         jax.block_until_ready(metrics["loss"])
 
-    run_steps.compiled_text = lambda: step.lower(
-        box["state"], stacked if k > 1 else batch, np.int32(k)).compile().as_text()
+    run_steps.compiled_text = lambda: step.lower(box["state"], inputs,
+                                                 np.int32(k)).compile().as_text()
     return run_steps, int(run.mesh.devices.size), split
 
 
