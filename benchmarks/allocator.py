@@ -1,4 +1,4 @@
-"""Training steps with and without the host-allocator thresholds of dlassign.host.
+"""Training steps with and without the host-allocator thresholds of dlassign.runtime.host.
 
   python -m benchmarks.allocator [--models=mlp,cnn,lenet5,resnet18] [--rounds=2]
 

@@ -53,7 +53,7 @@ def add_steps_per_call(p: argparse.ArgumentParser) -> None:
 
 def start_jax(cpu_devices: int):
     """JAX with one CPU host device per core (or `cpu_devices`), as the entry points do."""
-    from dlassign.parallel import configure_cpu_devices
+    from dlassign.runtime.parallel import configure_cpu_devices
 
     configure_cpu_devices(cpu_devices)
     import jax

@@ -5,10 +5,10 @@
 Forward plus gradients, batch 128, for the layer shapes of the MNIST CNN, LeNet-5 and ResNet-18
 at 32x32: the input layers (marked *) need only the weight gradient, as in a model; the others
 also the input gradient. 'NHWC rewrite' is the form the CPU rewrite takes for an NHWC layer
-(dense, tiled or im2col; dlassign.models.layers.conv_path), used where a model runs NHWC on a
-mesh of several devices; 'batch-minor' is the same layer on [C, H, W, N] arrays
-(layers.batch_minor_conv), which these models use on one CPU device. With --cpu_devices above
-1 the batch is sharded over the devices (NHWC only).
+(dense, tiled or im2col; `dlassign.kernels.conv.conv_path`), used where a model runs NHWC on
+a mesh of several devices; 'batch-minor' is the same layer on [C, H, W, N] arrays
+(`dlassign.kernels.batch_minor`), which these models use on one CPU device. With
+--cpu_devices above 1 the batch is sharded over the devices (NHWC only).
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def main():
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dlassign.models.layers import batch_minor, conv, conv_path, max_pool
+    from dlassign.kernels.batch_minor import batch_minor
+    from dlassign.kernels.conv import conv_path
+    from dlassign.models.layers import conv, max_pool
 
     mesh = Mesh(np.asarray(jax.devices()), ("d",))
     data, rep = NamedSharding(mesh, P("d")), NamedSharding(mesh, P())

@@ -24,12 +24,12 @@ def main():
     import torch
 
     from configs import mnist_ported
-    from dlassign import parallel
     from dlassign.data import prepare, train_batches
-    from dlassign.evaluation import evaluate
     from dlassign.porting import torch_to_flax
     from dlassign.porting.torch_models import build
-    from dlassign.train import compile_steps, make_state, prefetch, setup
+    from dlassign.runtime import parallel
+    from dlassign.training.evaluation import evaluate
+    from dlassign.training.trainer import compile_steps, make_state, prefetch, setup
 
     config = mnist_ported.get_config(args.arch)
     config.data.data_dir = args.data_dir

@@ -20,7 +20,7 @@ def measure(jax, torch, name: str, args) -> dict:
 
     import jax.numpy as jnp
 
-    from dlassign.hessian import hvp, model_batch_loss
+    from dlassign.analysis.hessian import hvp, model_batch_loss
     from dlassign.models import get_model
 
     shape, cfg = MODELS[name]

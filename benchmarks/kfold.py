@@ -3,7 +3,7 @@
   python -m benchmarks.kfold [--data_dir=PATH/TO/MNIST] [--folds=3] [--epochs=1]
       [--steps_per_call=8]
 
-Both train the same folds with the same batches (dlassign.tune.cross_validate), `--steps_per_call`
+Both train the same folds with the same batches (training.tune.cross_validate), `--steps_per_call`
 steps per call (default: the config's); without --data_dir, the embedded digits are used.
 """
 
@@ -24,7 +24,7 @@ def main():
     import importlib
 
     from dlassign.data import prepare, stratified_kfold
-    from dlassign.tune import apply_overrides, cross_validate, grid_cells
+    from dlassign.training.tune import apply_overrides, cross_validate, grid_cells
 
     config = importlib.import_module(f"configs.{args.config}").get_config()
     if args.data_dir:

@@ -24,9 +24,9 @@ def main():
     jax = start_jax(args.cpu_devices)
     import importlib
 
-    from dlassign import parallel
     from dlassign.data import Dataset, Normalizer, Split, train_batches
-    from dlassign.train import (
+    from dlassign.runtime import parallel
+    from dlassign.training.trainer import (
         call_plan,
         compile_steps,
         make_state,

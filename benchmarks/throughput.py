@@ -5,7 +5,7 @@
 Same architecture, batch, optimizer (Adam, lr 1e-3) and precision (float32) in both; each round
 times `--steps` training steps of ours, then of PyTorch's (more where fewer would take under
 `--min_round_s`), and the table gives the medians over `--rounds` rounds. Ours is the
-library's jitted, donated train step on its default mesh (see dlassign.parallel.auto_num_devices)
+library's jitted, donated train step on its default mesh (`runtime.parallel.auto_num_devices`)
 fed uint8 batches, `--steps_per_call` steps per call as the training loop runs them (the
 config's `steps_per_call`); PyTorch uses its default threads, one call per step.
 """
@@ -33,9 +33,9 @@ def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: i
     """run_steps(n) runs n training steps in calls of steps_per_call (batches stacked), the
     last call taking what is left; run_steps.compiled_text() is the compiled program's HLO."""
     from configs import base
-    from dlassign import parallel
     from dlassign.data import Dataset, Normalizer, Split
-    from dlassign.train import compile_steps, make_state, setup
+    from dlassign.runtime import parallel
+    from dlassign.training.trainer import compile_steps, make_state, setup
 
     _, model_cfg = MODELS[name]
     shape = input_shape(name, image_size)

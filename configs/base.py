@@ -54,10 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.torchvision_weights = ""    # e.g. IMAGENET1K_V1: download through torchvision and port
 
     c.dtype = "float32"           # float32 | bfloat16 (compute; parameters stay float32)
-    c.impl = "auto"               # auto | cpu | xla: XLA:CPU fast paths (dlassign.models.layers)
+    c.impl = "auto"               # auto | cpu | xla: XLA:CPU fast paths (dlassign.kernels)
     c.mesh = ml_collections.ConfigDict()
     c.mesh.num_devices = 0        # 0: all (on CPU host devices: all for small models, else 1)
-    c.mesh.cpu_data_parallel_max_params = 1_000_000  # see dlassign.parallel.auto_num_devices
+    c.mesh.cpu_data_parallel_max_params = 1_000_000  # see runtime.parallel.auto_num_devices
     c.mesh.cpu_data_parallel_min_step_flops = 1e9  # smaller steps run on one CPU device
     c.mesh.shard_params = False   # shard parameters and optimizer state over the mesh
     c.num_cpu_devices = 0         # CPU host devices to create (0: one per core)

@@ -4,8 +4,9 @@
   python -m experiments.train --config=configs/svhn.py:resnet18 --workdir=runs/svhn_r18_25 \
       --config.data.subset_fraction=0.25 --config.data.data_dir=PATH/TO/SVHN_MAT
 
-The argument after ':' is the architecture: lenet5, alexnet, vgg16, vgg16_bn, resnet18,
-resnet50, resnet101. torchvision architectures start from `torchvision_weights`
+The argument after ':' is any architecture with a torch name table (`dlassign.models`:
+lenet5, alexnet, vgg16, vgg16_bn, resnet18/34/50/101, ...); the settings below follow from
+what the architecture declares. torchvision architectures start from `torchvision_weights`
 (IMAGENET1K_V1; downloaded through torchvision, ported by dlassign.porting, head replaced for
 10 classes); or port a local file first with experiments.port_weights and pass
 --config.init_checkpoint=DIR --config.torchvision_weights=''. LeNet-5 has no pretrained weights
@@ -18,26 +19,39 @@ write-up we compare with reached 73.9% (LeNet-5), 19.6% (VGG-16, collapsed onto 
 89.3% / 87.9% / 84.0% (ResNet-18 / 50 / 101) on a 25% subset.
 """
 
+import dataclasses
+
 import ml_collections
 
 from configs import base
+from dlassign.errors import ConfigError
+from dlassign.models import architecture, architectures
 
-ARCHS = ("lenet5", "alexnet", "vgg16", "vgg16_bn", "resnet18", "resnet50", "resnet101")
+SVHN_SIZE = 32
 
 
 def get_config(arch: str = "resnet18") -> ml_collections.ConfigDict:
+    spec = architecture(arch)
+    if not spec.portable:
+        portable = ", ".join(n for n, a in architectures().items() if a.portable)
+        raise ConfigError(f"configs/svhn.py:{arch}: the SVHN study takes architectures with "
+                          f"torch weights; expected one of {portable}")
+    pretrained = spec.torchvision is not None
     c = base.get_config()
     c.data.name = "svhn_cropped"
     c.data.subset_fraction = 1.0     # 0.25 reproduces the write-up's subset
-    c.data.image_size = 64 if arch == "alexnet" else 0  # AlexNet needs at least 63 px
-    c.data.normalization = "scale" if arch == "lenet5" else "imagenet"
+    # SVHN's 32 px, or the next multiple of 32 an architecture needs (AlexNet: 64 for its 63)
+    need = spec.smallest_input()
+    c.data.image_size = 0 if need <= SVHN_SIZE else -(-need // SVHN_SIZE) * SVHN_SIZE
+    c.data.normalization = "imagenet" if pretrained else "scale"
     c.data.random_crop = 2           # shifts only: digits are not mirror-symmetric, no flips
     c.model = ml_collections.ConfigDict({"name": arch})
-    if arch in ("alexnet", "vgg16", "vgg16_bn"):
-        c.model.dropout = 0.5
-    c.torchvision_weights = "" if arch == "lenet5" else "IMAGENET1K_V1"
+    if "dropout" in spec.fields:  # listed so that --config.model.dropout can override it
+        c.model.dropout = {f.name: f.default for f in
+                           dataclasses.fields(spec.module_class)}["dropout"]
+    c.torchvision_weights = "IMAGENET1K_V1" if pretrained else ""
     c.optimizer.name = "sgd"
-    c.optimizer.learning_rate = 0.05 if arch == "lenet5" else 0.01
+    c.optimizer.learning_rate = 0.01 if pretrained else 0.05  # fine-tuning vs from scratch
     c.optimizer.momentum = 0.9
     c.optimizer.nesterov = True
     c.optimizer.weight_decay = 5e-4

@@ -19,7 +19,7 @@ def prepare_platform(num_cpu_devices: int = 0) -> None:
     `num_cpu_devices`) before JAX starts."""
     import jax
 
-    from dlassign.parallel import configure_cpu_devices
+    from dlassign.runtime.parallel import configure_cpu_devices
 
     if flags.FLAGS.distributed:
         jax.distributed.initialize()

@@ -19,7 +19,7 @@ flags.DEFINE_string("output", None, "Directory for the comparison (default: the 
 def main(argv):
     import os
 
-    from dlassign.compare import compare
+    from dlassign.analysis.compare import compare
     from dlassign.errors import DlassignError
 
     dirs = argv[1:]

@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     prepare_platform(1)
-    from dlassign.convexity_report import run_and_report
+    from dlassign.analysis.convexity_report import run_and_report
 
     results = run_and_report(FLAGS.config, FLAGS.workdir)
     print(json.dumps(results["answers"]))

@@ -22,7 +22,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     del argv
     prepare_platform()
-    from dlassign.evaluation import evaluate_checkpoint
+    from dlassign.training.evaluation import evaluate_checkpoint
 
     overrides = data_dir_override(FLAGS.data_dir)
     result = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, overrides)

@@ -32,7 +32,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     del argv
     prepare_platform()
-    from dlassign.hessian.study import checkpoint_spectrum
+    from dlassign.analysis.hessian.study import checkpoint_spectrum
 
     overrides = data_dir_override(FLAGS.data_dir)
     r = checkpoint_spectrum(FLAGS.workdir, FLAGS.num_examples, FLAGS.batch_size,

@@ -24,9 +24,9 @@ flags.mark_flag_as_required("workdir")
 
 
 def question3(config, workdir: str) -> str:
-    from dlassign.hessian.study import checkpoint_spectrum, density_plot
+    from dlassign.analysis.hessian.study import checkpoint_spectrum, density_plot
     from dlassign.report import grid_table
-    from dlassign.tune import tune
+    from dlassign.training.tune import tune
 
     parts = ["## Question 3: dense and convolutional networks, tuned by k-fold CV\n"]
     for key, title in (("tune_mlp", "Dense network"), ("tune_cnn", "Convolutional network")):
@@ -64,10 +64,10 @@ def question3(config, workdir: str) -> str:
 def question4(config, workdir: str) -> str:
     import numpy as np
 
-    from dlassign.compare import compare
-    from dlassign.evaluation import restore_run
+    from dlassign.analysis.compare import compare
     from dlassign.porting import flax_to_torch, torch_to_flax
-    from dlassign.train import train_and_evaluate
+    from dlassign.training.evaluation import restore_run
+    from dlassign.training.trainer import train_and_evaluate
 
     dirs = []
     for arch in ("lenet5", "resnet18"):
@@ -121,7 +121,7 @@ def main(argv):
     prepare_platform(FLAGS.config.get("num_cpu_devices", 0))
     import jax
 
-    from dlassign.convexity_report import run_and_report
+    from dlassign.analysis.convexity_report import run_and_report
 
     workdir = FLAGS.workdir
     os.makedirs(workdir, exist_ok=True)

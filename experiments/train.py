@@ -22,7 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     prepare_platform(FLAGS.config.get("num_cpu_devices", 0))
-    from dlassign.train import train_and_evaluate
+    from dlassign.training.trainer import train_and_evaluate
 
     results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     t = results["test"]

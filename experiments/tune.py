@@ -22,7 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     prepare_platform(FLAGS.config.get("num_cpu_devices", 0))
-    from dlassign.tune import tune
+    from dlassign.training.tune import tune
 
     results = tune(FLAGS.config, FLAGS.workdir)
     print(open(f"{FLAGS.workdir}/results.md").read())

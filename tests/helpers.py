@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from configs import base
-from dlassign.checkpoint import Checkpointer
 from dlassign.data import Dataset, Normalizer, Split
+from dlassign.runtime.checkpoint import Checkpointer
 
 
 def synthetic_split(n: int, num_classes: int = 4, size: int = 8, channels: int = 1,

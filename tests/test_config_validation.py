@@ -3,8 +3,8 @@
 import pytest
 
 from configs import base
-from dlassign.config_validation import validate_train_config, validate_tune_config
 from dlassign.errors import ConfigError
+from dlassign.training.config_validation import validate_train_config, validate_tune_config
 
 CASES = [
     ("model.name", "resnet19", "unknown model.name 'resnet19'; expected one of alexnet"),

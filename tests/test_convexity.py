@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from configs import convexity as convexity_config
-from dlassign.convexity import (
+from dlassign.analysis.convexity import (
     BinaryData,
     flip_first_two_layers,
     mean_loss,
     mse_second_derivative,
     run_study,
 )
-from dlassign.hessian import exact_hessian, flatten_loss
+from dlassign.analysis.hessian import exact_hessian, flatten_loss
 from dlassign.models import DeepLinear, LogisticRegression
 
 
@@ -164,7 +164,7 @@ def test_study_derives_the_answers_on_synthetic_data():
 
 
 def test_diverging_gradient_descent_names_the_learning_rate():
-    from dlassign.convexity import gradient_descent
+    from dlassign.analysis.convexity import gradient_descent
     from dlassign.errors import NumericalError
 
     with jax.enable_x64(True):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlassign.hessian import (
+from dlassign.analysis.hessian import (
     dataset_hvp,
     exact_hessian,
     flatten_loss,
@@ -135,7 +135,7 @@ def test_forward_over_reverse_hvp_through_every_layer(name, shape, kwargs):
 def test_model_losses_run_nhwc_for_hessian_vector_products():
     """A batch-minor model's HVP took longer (ResNet-18: 550 against 434 ms), so the Hessian's
     loss runs it NHWC; the values are the same."""
-    from dlassign.hessian import model_batch_loss
+    from dlassign.analysis.hessian import model_batch_loss
 
     model = get_model("cnn", 10, conv_features=(4, 8), dense_width=16, impl="cpu")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from dlassign.metrics import classification_metrics, confusion_matrix, prediction_collapse
+from dlassign.training.metrics import classification_metrics, confusion_matrix, prediction_collapse
 
 
 def test_macro_metrics_by_hand():

@@ -158,7 +158,7 @@ def test_lenet_convolutions_take_output_tiles():
     """5x5 kernels to 6 and 16 channels: patches under 4 and 2 output pixels and one matmul with
     a banded kernel matrix [KH*(TILE+KW-1)*I, TILE*O]; the MNIST CNN's 3x3 layer to 64 channels
     and strided kernels keep im2col (tile 1)."""
-    from dlassign.models.layers import tile_width
+    from dlassign.kernels.conv import tile_width
 
     for cin, cout, size, tile in ((3, 6, 32, 4), (6, 16, 14, 2)):
         x = jnp.ones((2, size, size, cin))
@@ -174,7 +174,7 @@ def test_lenet_convolutions_take_output_tiles():
 @pytest.mark.parametrize("tile", [1, 3, 4, 7])
 def test_tiled_conv_with_any_tile_equals_xla(tile):
     """Tiles that do not divide the output width (10) pad it and crop; tile 1 is im2col."""
-    from dlassign.models.layers import _tiled_conv
+    from dlassign.kernels.conv import _tiled_conv
 
     with jax.enable_x64(True):
         k = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -202,7 +202,7 @@ def test_tiled_conv_with_any_tile_equals_xla(tile):
 def test_batch_minor_conv_equals_xla(kernel, stride, padding, size, cin, cout, tile):
     """[C, H, W, N] im2col (tile 1), output tiles (tile 3 leaves 8 columns uneven) and the
     dense form."""
-    from dlassign.models.layers import batch_minor, batch_minor_conv
+    from dlassign.kernels.batch_minor import batch_minor, batch_minor_conv
 
     with jax.enable_x64(True):
         k = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -227,7 +227,7 @@ def test_batch_minor_conv_equals_xla(kernel, stride, padding, size, cin, cout, t
 
 def test_batch_minor_conv_module_has_nn_conv_parameters():
     """Same names, shapes and initial values as nn.Conv, so checkpoints and ports carry over."""
-    from dlassign.models.layers import BatchMinorConv, batch_minor, batch_minor_conv
+    from dlassign.kernels.batch_minor import BatchMinorConv, batch_minor, batch_minor_conv
 
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 3))
     ref = conv(4, 3, 2, 1, impl="xla")
@@ -261,7 +261,7 @@ def test_conv_models_run_batch_minor_on_the_cpu_kernels(name, shape, kw):
 
 
 def test_two_by_two_outputs_keep_im2col():
-    from dlassign.models.layers import conv_path
+    from dlassign.kernels.conv import conv_path
 
     assert conv_path((128, 2, 2, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1))) == "im2col"
     assert conv_path((128, 2, 2, 256), (3, 3, 256, 512), (2, 2), ((1, 1), (1, 1))) == "dense"
@@ -269,7 +269,7 @@ def test_two_by_two_outputs_keep_im2col():
 
 
 def test_im2col_heuristic_picks_measured_winners():
-    from dlassign.models.layers import im2col_pays
+    from dlassign.kernels.conv import im2col_pays
 
     # (input shape, kernel shape, stride, padding) -> measured winner (benchmarks/conv_paths.py)
     assert im2col_pays((128, 2, 2, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1)))

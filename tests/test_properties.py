@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlassign.data import Split, eval_batches, stratified_kfold, stratified_subset
-from dlassign.metrics import classification_metrics
+from dlassign.training.metrics import classification_metrics
 
 labels_st = st.lists(st.integers(0, 6), min_size=6, max_size=300).map(np.asarray)
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from configs import base
-from dlassign.checkpoint import Checkpointer
 from dlassign.errors import CheckpointError
-from dlassign.train import abstract_tree, make_state, setup, train_and_evaluate
+from dlassign.runtime.checkpoint import Checkpointer
+from dlassign.training.trainer import abstract_tree, make_state, setup, train_and_evaluate
 from tests.helpers import checkpoint_steps, restore_checkpoint, synthetic_dataset, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +135,8 @@ def test_batch_minor_cnn_on_one_device_agrees_with_nhwc_on_eight(tmp_path):
 
     import jax
 
-    from dlassign import parallel
-    from dlassign.train import compile_steps
+    from dlassign.runtime import parallel
+    from dlassign.training.trainer import compile_steps
 
     data = synthetic_dataset(size=12)
     model = {"name": "cnn", "conv_features": (4, 8), "dense_width": 16, "padding": "same"}

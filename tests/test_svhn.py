@@ -8,11 +8,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import svhn
-from dlassign.compare import compare
+from dlassign.analysis.compare import compare
 from dlassign.data import Dataset, Normalizer, Split
 from dlassign.errors import PortingError
-from dlassign.evaluation import evaluate_checkpoint
-from dlassign.train import train_and_evaluate
+from dlassign.training.evaluation import evaluate_checkpoint
+from dlassign.training.trainer import train_and_evaluate
 from tests.test_data import write_svhn_mat
 
 
@@ -79,8 +79,8 @@ def test_collapse_is_recorded_and_warned(tmp_path, caplog):
 
 def test_ported_checkpoint_starts_training_and_evaluates(svhn_dir, tmp_path):
     torch = pytest.importorskip("torch")
+    from dlassign.porting.port import port
     from dlassign.porting.torch_models import build
-    from experiments.port_weights import port
 
     torch.manual_seed(0)
     model = build("lenet5", 10)
@@ -91,7 +91,7 @@ def test_ported_checkpoint_starts_training_and_evaluates(svhn_dir, tmp_path):
     assert evaluated["step"] == 0 and evaluated["test"]["num_examples"] == 40
     config.init_checkpoint = str(tmp_path / "ported")
     config.num_epochs = 1
-    from dlassign.train import initial_variables, setup
+    from dlassign.training.trainer import initial_variables, setup
 
     variables = initial_variables(setup(config))
     np.testing.assert_array_equal(np.asarray(variables["params"]["conv1"]["kernel"]),
@@ -103,9 +103,9 @@ def test_ported_checkpoint_starts_training_and_evaluates(svhn_dir, tmp_path):
 def test_ported_checkpoint_of_another_architecture_is_refused(svhn_dir, tmp_path):
     torch = pytest.importorskip("torch")
     from dlassign.errors import CheckpointError
+    from dlassign.porting.port import port
     from dlassign.porting.torch_models import build
-    from dlassign.train import initial_variables, setup
-    from experiments.port_weights import port
+    from dlassign.training.trainer import initial_variables, setup
 
     torch.manual_seed(0)
     state_dict = {k: v.numpy() for k, v in build("lenet5", 10).state_dict().items()}
@@ -140,11 +140,11 @@ def test_frozen_layers_and_backbone_learning_rate(tmp_path):
 
     data = synthetic_dataset()
     config = tiny_config({"optimizer.frozen": ("dense0",)})
-    from dlassign.train import make_state, setup
+    from dlassign.training.trainer import make_state, setup
 
     initial = make_state(setup(config, data)).params
     train_and_evaluate(config, str(tmp_path / "frozen"), data)
-    from dlassign.evaluation import restore_run
+    from dlassign.training.evaluation import restore_run
 
     _, state, _ = restore_run(str(tmp_path / "frozen"), dataset=data)
     np.testing.assert_array_equal(state.params["dense0"]["kernel"], initial["dense0"]["kernel"])

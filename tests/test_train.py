@@ -7,12 +7,18 @@ import jax
 import numpy as np
 import pytest
 
-from dlassign.checkpoint import Checkpointer
 from dlassign.data import stratified_kfold
 from dlassign.errors import NumericalError
-from dlassign.evaluation import evaluate_checkpoint
-from dlassign.train import abstract_tree, make_state, setup, state_tree, train_and_evaluate
-from dlassign.tune import cross_validate, tune
+from dlassign.runtime.checkpoint import Checkpointer
+from dlassign.training.evaluation import evaluate_checkpoint
+from dlassign.training.trainer import (
+    abstract_tree,
+    make_state,
+    setup,
+    state_tree,
+    train_and_evaluate,
+)
+from dlassign.training.tune import cross_validate, tune
 from tests.helpers import (
     checkpoint_steps,
     restore_checkpoint,
@@ -39,7 +45,7 @@ def test_mlp_learns_synthetic_task(tmp_path):
 
 def test_tiny_steps_run_on_one_cpu_device():
     """A step far below mesh.cpu_data_parallel_min_step_flops is not worth an all-reduce."""
-    from dlassign.train import setup
+    from dlassign.training.trainer import setup
 
     data = synthetic_dataset()
     assert setup(tiny_config(), data).mesh.devices.size == 1
@@ -59,7 +65,7 @@ def test_cnn_learns_synthetic_task(tmp_path):
 
 def test_step_reports_the_gradient_norm_and_its_finiteness():
     """With SGD at learning rate 1, the first step moves the parameters by minus the gradient."""
-    from dlassign.train import compile_steps
+    from dlassign.training.trainer import compile_steps
 
     data = synthetic_dataset()
     run = setup(tiny_config({"optimizer.name": "sgd", "optimizer.learning_rate": 1.0}), data)
@@ -103,7 +109,7 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, 
     train_and_evaluate(config(), str(full), data)
 
     # Interrupt the second run after 10 steps (KeyboardInterrupt checkpoints the last state).
-    import dlassign.train as train_module
+    import dlassign.training.trainer as train_module
 
     real_compile = train_module.compile_steps
 
@@ -139,7 +145,7 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, 
 
 
 def test_call_plan_keeps_boundaries_and_resumes_on_the_same_calls():
-    from dlassign.train import call_plan
+    from dlassign.training.trainer import call_plan
 
     full = list(call_plan(0, 23, 4, [10, 20, 20]))
     assert full == [(1, 4), (5, 4), (9, 2), (11, 4), (15, 4), (19, 2), (21, 3)]
@@ -153,7 +159,7 @@ def test_call_plan_keeps_boundaries_and_resumes_on_the_same_calls():
 
 def test_a_short_call_runs_only_its_steps():
     """A call with fewer steps than slots leaves the state as that many single steps do."""
-    from dlassign.train import compile_steps
+    from dlassign.training.trainer import compile_steps
 
     data = synthetic_dataset()
     run = setup(tiny_config({"optimizer.name": "adam"}), data)
@@ -174,7 +180,7 @@ def test_a_short_call_runs_only_its_steps():
 
 @pytest.mark.parametrize("leading", [0, 1])  # one step's batch; steps stacked in front
 def test_each_process_contributes_its_rows_of_the_batch_axis(monkeypatch, leading):
-    from dlassign import parallel
+    from dlassign.runtime import parallel
 
     mesh = parallel.make_mesh(8)
     images = np.arange(2 * 8 * 3).reshape(2, 8, 3)[0 if leading == 0 else slice(None)]
@@ -213,7 +219,7 @@ def test_steps_per_call_trains_like_single_steps(tmp_path):
 def test_non_finite_step_leaves_the_whole_state_unchanged(min_flops):
     """Adam's moments and count, BatchNorm's statistics and the parameters stay as they were;
     only the step counter moves. A finite step after it updates everything again."""
-    from dlassign.train import compile_steps
+    from dlassign.training.trainer import compile_steps
 
     data = synthetic_dataset()
     config = tiny_config({"optimizer.name": "adam",
@@ -310,7 +316,7 @@ def test_tune_writes_table_heatmap_and_best_test_metrics(tmp_path):
 def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     import jax.numpy as jnp
 
-    from dlassign.train import build_model
+    from dlassign.training.trainer import build_model
 
     config = tiny_config({"dtype": "bfloat16", "num_epochs": 4})
     results = train_and_evaluate(config, str(tmp_path), synthetic_dataset())
@@ -329,7 +335,7 @@ def test_host_allocator_keeps_freed_pages(monkeypatch):
     import resource
     import sys
 
-    from dlassign import host
+    from dlassign.runtime import host
 
     monkeypatch.setattr(host, "_done", False)
     monkeypatch.setenv("DLASSIGN_HOST_ALLOCATOR", "0")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from dlassign.models.layers import adaptive_avg_pool, conv, flatten_chw, logits, max_pool
+from dlassign.models.registry import Architecture, TorchEntry
 
 # (features, kernel, stride, padding, pool after) for torchvision's features.0/3/6/8/10.
 _CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False),
@@ -35,3 +36,18 @@ class AlexNet(nn.Module):
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
             x = nn.relu(nn.Dense(4096, dtype=self.dtype, name=name)(x))
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
+
+
+def torch_table() -> list[TorchEntry]:
+    """torchvision AlexNet: features.{0,3,6,8,10} are convs, classifier.{1,4,6} dense."""
+    convs = [TorchEntry(f"features.{i}", (f"conv{k + 1}",), "conv")
+             for k, i in enumerate((0, 3, 6, 8, 10))]
+    return convs + [TorchEntry("classifier.1", ("fc1",), "linear"),
+                    TorchEntry("classifier.4", ("fc2",), "linear"),
+                    TorchEntry("classifier.6", ("head",), "linear", head=True)]
+
+
+ARCHITECTURES = (Architecture("alexnet", AlexNet, min_image_size=MIN_IMAGE_SIZE,
+                              torch_table=torch_table, torchvision="alexnet",
+                              why="AlexNet needs inputs upsampled to at least 63 pixels, and its "
+                                  "large early strides discard detail that small digits need."),)

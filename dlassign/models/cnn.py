@@ -16,6 +16,7 @@ from dlassign.models.layers import (
     max_pool,
     use_batch_minor,
 )
+from dlassign.models.registry import Architecture
 
 
 class CNN(nn.Module):
@@ -34,7 +35,7 @@ class CNN(nn.Module):
       dtype: compute dtype.
       impl: 'auto', 'cpu' or 'xla' kernels (see `layers`).
       batch_minor: convolutions and pools on [C, H, W, N] arrays (None: with the CPU kernels;
-        see `layers.use_batch_minor`); the parameters are the same either way.
+        see `dlassign.kernels`); the parameters are the same either way.
     """
 
     num_classes: int
@@ -68,3 +69,12 @@ class CNN(nn.Module):
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
+
+
+def _smallest_input(fields) -> int:
+    """'valid' 3x3 convs and 2x2 pools need 10 pixels (10 -> 8 -> 4 -> 2 -> 1); 'same' only the
+    pools' 4."""
+    return 4 if fields.get("padding", "valid") == "same" else 10
+
+
+ARCHITECTURES = (Architecture("cnn", CNN, min_image_size=_smallest_input),)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from dlassign.models.layers import activation, logits
+from dlassign.models.registry import Architecture
 
 
 class MLP(nn.Module):
@@ -39,3 +40,6 @@ class MLP(nn.Module):
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
+
+
+ARCHITECTURES = (Architecture("mlp", MLP),)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ from dlassign.models.layers import (
     max_pool,
     use_batch_minor,
 )
+from dlassign.models.registry import Architecture, TorchEntry
 
 # blocks per stage, and whether the blocks are bottlenecks (expansion 4).
 RESNET_LAYOUTS: dict[int, tuple[tuple[int, int, int, int], bool]] = {
@@ -61,7 +63,7 @@ class ResNet(nn.Module):
     """conv1 7x7/2, bn1, max pool 3x3/2, stages layer1..layer4 (blocks layerS_B), mean, fc.
 
     With `batch_minor` the layers before the mean run on [C, H, W, N] arrays (None: with the
-    CPU kernels, see `layers.use_batch_minor`); the parameters are the same either way.
+    CPU kernels, see `dlassign.kernels`); the parameters are the same either way.
     """
 
     num_classes: int
@@ -91,3 +93,38 @@ class ResNet(nn.Module):
         if bm:
             x = x.T
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x))
+
+
+def torch_table(depth: int) -> list[TorchEntry]:
+    """torchvision ResNet: conv1, bn1, layerS.B.{conv,bn}{1,2[,3]}, downsample.{0,1}, fc."""
+    stages, bottleneck = RESNET_LAYOUTS[depth]
+    entries = [TorchEntry("conv1", ("conv1",), "conv"), TorchEntry("bn1", ("bn1",), "bn")]
+    in_planes = 64
+    for s, blocks in enumerate(stages):
+        planes = 64 * 2**s
+        out_planes = planes * (4 if bottleneck else 1)
+        for b in range(blocks):
+            t, f = f"layer{s + 1}.{b}", f"layer{s + 1}_{b}"
+            for i in range(1, 4 if bottleneck else 3):
+                entries += [TorchEntry(f"{t}.conv{i}", (f, f"conv{i}"), "conv"),
+                            TorchEntry(f"{t}.bn{i}", (f, f"bn{i}"), "bn")]
+            stride = 2 if (s > 0 and b == 0) else 1
+            if stride != 1 or in_planes != out_planes:
+                entries += [TorchEntry(f"{t}.downsample.0", (f, "downsample_conv"), "conv"),
+                            TorchEntry(f"{t}.downsample.1", (f, "downsample_bn"), "bn")]
+            in_planes = out_planes
+    return entries + [TorchEntry("fc", ("fc",), "linear", head=True)]
+
+
+WHY = ("Why a residual network suits SVHN: the crops are 32x32 with neighbouring digits as "
+       "clutter, so separating the centre digit takes depth but no more resolution than 32 "
+       "pixels; identity shortcuts keep gradients healthy through that depth and BatchNorm keeps "
+       "fine-tuning stable at a usable learning rate. VGG-16 without BatchNorm (the write-up's "
+       "collapsed run) and AlexNet need upsampled inputs and carry 4096-wide dense layers that "
+       "over-fit a 25% subset.")
+
+ARCHITECTURES = tuple(
+    Architecture(f"resnet{depth}", functools.partial(ResNet, depth=depth), head="fc",
+                 torch_table=functools.partial(torch_table, depth), torchvision=f"resnet{depth}",
+                 why=WHY)
+    for depth in (18, 34, 50, 101))

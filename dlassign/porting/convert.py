@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlassign.errors import PortingError
-from dlassign.models import get_model, min_image_size
-from dlassign.porting.tables import TABLES, table
+from dlassign.models import TorchEntry, architecture, architectures, get_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +49,28 @@ RULES = {
 DROPPED = {"bn": ("num_batches_tracked",)}
 
 
+def table(arch: str) -> list[TorchEntry]:
+    """The torch name table an architecture declares (`models.registry.Architecture`).
+
+    Raises:
+      PortingError: the architecture has no torch counterpart.
+    """
+    spec = architecture(arch)
+    if not spec.portable:
+        portable = ", ".join(n for n, a in architectures().items() if a.portable)
+        raise PortingError(f"architecture {arch!r} has no torch name table; portable "
+                           f"architectures: {portable}")
+    return spec.torch_table()
+
+
+def _input_side(arch: str) -> int:
+    return architecture(arch).smallest_input()
+
+
 def target_shapes(arch: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flat {(collection, *module path, leaf): shape} of a model's variables (no compute)."""
     model = get_model(arch, num_classes=num_classes)
-    size = min_image_size(arch)
+    size = _input_side(arch)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                  jnp.zeros((1, size, size, 3))))
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
@@ -93,7 +110,7 @@ def _list(keys, limit: int = 6) -> str:
 def guess_architecture(keys: set[str]) -> str | None:
     """The architecture whose torch names match `keys` best, or None."""
     best, best_score = None, 0.0
-    for arch in TABLES:
+    for arch in (n for n, a in architectures().items() if a.portable):
         expected, dropped = mappings(arch, target_shapes(arch, 10))
         names = {m.torch_key for m in expected} | dropped
         score = len(names & keys) / len(names | keys)
@@ -108,7 +125,7 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], arch: str, num_classes: int
 
     Args:
       state_dict: torch names to numpy arrays (see `io.read_state_dict`).
-      arch: one of `tables.TABLES`.
+      arch: an architecture with a torch name table.
       num_classes: classes of the Flax model; default: the checkpoint's head size.
       replace_head: allow the head's shape to differ (a 1000-class ImageNet head into a 10-class
         model); the head is then freshly initialised. Nothing else may differ.
@@ -159,7 +176,7 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], arch: str, num_classes: int
         flat[m.flax_key] = converted
     if replaced:
         model = get_model(arch, num_classes=num_classes)
-        size = min_image_size(arch)
+        size = _input_side(arch)
         fresh = traverse_util.flatten_dict(jax.jit(model.init)(
             rng if rng is not None else jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
         dtype = np.asarray(next(iter(state_dict.values()))).dtype

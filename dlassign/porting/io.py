@@ -7,11 +7,7 @@ import os
 import numpy as np
 
 from dlassign.errors import PortingError
-
-# torchvision's constructor names for our architectures (LeNet-5 has none).
-TORCHVISION_NAMES = {"alexnet": "alexnet", "vgg16": "vgg16", "vgg16_bn": "vgg16_bn",
-                     "resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
-                     "resnet101": "resnet101"}
+from dlassign.models import architecture, architectures
 
 
 def _import_torch():
@@ -82,13 +78,14 @@ def write_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
 
 def torchvision_state_dict(arch: str, weights: str) -> dict[str, np.ndarray]:
     """Downloads torchvision's pretrained weights (e.g. 'IMAGENET1K_V1'); needs internet."""
-    if arch not in TORCHVISION_NAMES:
+    name = architecture(arch).torchvision
+    if name is None:
+        with_weights = ", ".join(n for n, a in architectures().items() if a.torchvision)
         raise PortingError(f"torchvision has no pretrained {arch!r}; architectures with "
-                           f"weights: {', '.join(sorted(TORCHVISION_NAMES))}")
+                           f"weights: {with_weights}")
     _import_torch()
     import torchvision
 
-    name = TORCHVISION_NAMES[arch]
     try:
         enum = torchvision.models.get_model_weights(name)[weights]
     except KeyError:

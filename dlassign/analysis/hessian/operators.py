@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from dlassign.data.preprocess import Normalizer
-from dlassign.losses import get_loss
-from dlassign.models.layers import nhwc
+from dlassign.models import placement
+from dlassign.training.losses import get_loss
 
 MatVec = Callable[[jax.Array], jax.Array]
 
@@ -46,9 +46,8 @@ def model_batch_loss(model, variables: dict, loss: str, normalizer: Normalizer |
 
     Evaluation mode throughout: BatchNorm uses its running statistics (held fixed in
     `variables`) and dropout is off, so the loss is a deterministic function of the parameters.
-    Models that would run batch-minor (`layers.use_batch_minor`) run NHWC here: at batch 128 on
-    2 cores, ResNet-18's Hessian-vector product took 434 ms NHWC against 550 ms batch-minor
-    (the MNIST CNN 59.4 against 61.0 ms, LeNet-5 18.6 against 17.2 ms).
+    The model runs as `models.placement(..., hessian=True)` says (the layout that measured
+    fastest under forward-over-reverse).
 
     Args:
       model: a Flax module taking (x, train).
@@ -59,7 +58,7 @@ def model_batch_loss(model, variables: dict, loss: str, normalizer: Normalizer |
     """
     loss_fn = get_loss(loss, binary=binary)
     fixed = {k: v for k, v in variables.items() if k != "params"}
-    model = nhwc(model)
+    model, _ = placement(model, hessian=True)
 
     def batch_loss(params, batch):
         x = batch["image"]

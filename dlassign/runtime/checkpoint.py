@@ -20,8 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from dlassign import faults
 from dlassign.errors import CheckpointError
+from dlassign.runtime import faults
 
 # Config fields that fix the shapes and meaning of the state; a checkpoint must match them all.
 IDENTITY_FIELDS = ("model", "data.name", "data.pad_to", "data.image_size", "data.channels",
@@ -166,3 +166,17 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def load_variables(path: str) -> tuple[dict, dict]:
+    """({"params", "batch_stats"}, meta) from a `port_weights` output or a training workdir."""
+    directory = os.path.join(path, "checkpoints") if os.path.isdir(
+        os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"init_checkpoint {path!r} is not a directory")
+    with Checkpointer(directory) as ckpt:
+        steps = ckpt.steps()
+        if not steps:
+            raise CheckpointError(f"init_checkpoint {path!r} holds no checkpoint")
+        tree, meta = ckpt.restore_raw(steps[-1])
+    return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}, meta

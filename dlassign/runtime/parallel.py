@@ -19,8 +19,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dlassign import host
 from dlassign.errors import ConfigError
+from dlassign.runtime import host
 
 DATA = "data"
 
@@ -38,7 +38,7 @@ def configure_cpu_devices(num: int = 0) -> None:
     XLA:CPU runs one device's program on one stream, so a single device leaves cores idle on
     small models; data parallel over one host device per core uses them. Has no effect on GPU or
     TPU runs (they use their accelerators), and none once JAX's backend is up. Also lets the
-    host allocator reuse freed pages across steps (`dlassign.host`).
+    host allocator reuse freed pages across steps (`dlassign.runtime.host`).
     """
     host.keep_freed_memory()
     num = num or cpu_core_count()
@@ -51,22 +51,14 @@ def configure_cpu_devices(num: int = 0) -> None:
 
 def auto_num_devices(num_params: int, cpu_max_params: int,
                      step_flops: Callable[[], float | None] | None = None,
-                     cpu_min_step_flops: float = 0.0, batch_minor: bool = False) -> int:
-    """How many devices `mesh.num_devices = 0` uses.
+                     cpu_min_step_flops: float = 0.0) -> int:
+    """How many devices `mesh.num_devices = 0` uses, once the model left the count open
+    (`models.placement`).
 
-    On GPUs and TPUs: all of them. On CPU host devices, one for models that run batch-minor
-    (LeNet-5, the MNIST CNN and ResNet with the CPU kernels, `layers.use_batch_minor`): a batch
-    sharded over devices cannot stay so through their matmuls, and one device keeps every core
-    busy (1.7-1.9 CPU seconds per second on 2 cores). Their steps on 2 cores, interleaved: the
-    CNN 25.8 ms batch-minor on 1 device against 31.4 ms on 2 in NHWC, LeNet-5 10.3 against
-    16.0 ms (NHWC, 1 device), ResNet-18 216 against 261 ms (1 device).
-
-    For other models data parallelism pays only where they are small but not tiny: every step
-    all-reduces the gradients through an in-process rendezvous (about a millisecond on 2
-    cores), and one device already spreads a large model's matmuls over all cores. Measured
-    with benchmarks/throughput.py on 2 cores: the MNIST CNN in NHWC (2.05 GFLOP per step of
-    128) ran 1.2-1.3x faster on 2 devices than on 1; the 1.9M-parameter MLP (too many
-    parameters) and the 784-128-10 MLP (0.08 GFLOP: the all-reduce doubled its 1 ms step) on 1.
+    On GPUs and TPUs: all of them. On CPU host devices data parallelism pays only for models
+    that are small but not tiny: every step all-reduces the gradients through an in-process
+    rendezvous, and one device already spreads a large model's matmuls over every core
+    (measurements in docs/performance.md).
 
     Args:
       num_params: the model's parameter count.
@@ -74,11 +66,10 @@ def auto_num_devices(num_params: int, cpu_max_params: int,
       step_flops: returns the floating-point operations of one training step (None when
         unknown); called only where the answer depends on it (CPU, within cpu_max_params).
       cpu_min_step_flops: below it, one CPU device.
-      batch_minor: the model runs batch-minor; one CPU device.
     """
     if jax.default_backend() != "cpu":
         return jax.device_count()
-    if batch_minor or num_params > cpu_max_params:
+    if num_params > cpu_max_params:
         return 1
     flops = step_flops() if step_flops and cpu_min_step_flops > 0 else None
     if flops is not None and flops < cpu_min_step_flops:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -23,30 +22,22 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from dlassign import faults, parallel
-from dlassign.checkpoint import Checkpointer
-from dlassign.config_validation import validate_train_config
 from dlassign.data import Dataset, Split, eval_batches, prepare, steps_per_epoch, train_batches
 from dlassign.errors import CheckpointError, NumericalError
-from dlassign.metrics import classification_metrics, prediction_collapse
-from dlassign.models import get_model
-from dlassign.models.layers import nhwc, runs_batch_minor
-from dlassign.optim import make_optimizer
-from dlassign.steps import StepConfig, make_eval_step, make_train_step, stacked_or_single
-from dlassign.train_state import TrainState, create_train_state
+from dlassign.models import architecture, get_model, placement
+from dlassign.runtime import faults, parallel
+from dlassign.runtime.checkpoint import Checkpointer, load_variables
+from dlassign.runtime.files import write_json
+from dlassign.training.config_validation import validate_train_config
+from dlassign.training.metrics import classification_metrics, prediction_collapse
+from dlassign.training.optim import make_optimizer
+from dlassign.training.steps import StepConfig, make_eval_step, make_train_step, stacked_or_single
+from dlassign.training.train_state import TrainState, create_train_state
 
 # Compute dtypes. float32 leaves Flax's promotion alone (so float64 parameters, for Hessians and
 # parity checks, compute in float64); bfloat16 computes in bfloat16 with float32 parameters.
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 INPUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-HEADS = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "resnet101": "fc", "lenet5": "fc3"}
-
-
-def head_name(model_name: str) -> str:
-    """Top-level module name of a model's classification head."""
-    return HEADS.get(model_name, "head")
-
-
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
     """The model of `config.model` (its `name` plus the module's own fields)."""
     kwargs = {k: v for k, v in config.model.items() if k != "name"}
@@ -77,9 +68,9 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
     """Validates the config, loads the data and builds the model and mesh; no compute yet."""
     validate_train_config(config, dataset.image_shape[0] if dataset else None)
     dataset = dataset or prepare(config.data, config.seed)
-    model = build_model(config, dataset.num_classes)
     mesh_cfg = config.get("mesh", {})
-    num_devices = mesh_cfg.get("num_devices", 0)
+    model, num_devices = placement(build_model(config, dataset.num_classes),
+                                   mesh_cfg.get("num_devices", 0))
     if num_devices == 0:
         abstract = jax.eval_shape(lambda: model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, *dataset.image_shape)), train=False))
@@ -92,11 +83,8 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
         num_devices = parallel.auto_num_devices(
             parallel.tree_size(abstract["params"]),
             mesh_cfg.get("cpu_data_parallel_max_params", 1_000_000), step_flops,
-            mesh_cfg.get("cpu_data_parallel_min_step_flops", 0.0),
-            runs_batch_minor(model))
+            mesh_cfg.get("cpu_data_parallel_min_step_flops", 0.0))
     mesh = parallel.make_mesh(num_devices)
-    if mesh.devices.size > 1:
-        model = nhwc(model)  # see layers.use_batch_minor
     parallel.check_divisible(config.batch_size, mesh, "batch_size")
     parallel.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
     spe = steps_per_epoch(len(dataset.train), config.batch_size)
@@ -108,7 +96,7 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
 
 def make_tx(run: Run):
     return make_optimizer(run.config.optimizer, run.total_steps, run.steps_per_epoch,
-                          head_name(run.config.model.name))
+                          architecture(run.config.model.name).head)
 
 
 def make_state(run: Run, variables: dict | None = None) -> TrainState:
@@ -249,31 +237,6 @@ def _check_finite(host_metrics: list[dict], first_step: int, params) -> None:
                 "intact. Lower optimizer.learning_rate or set optimizer.grad_clip_norm")
 
 
-def write_json(path: str, obj) -> None:
-    """Writes JSON atomically: a crash leaves the old file or the new one, never half of one.
-
-    In a multi-process run only process 0 writes.
-    """
-    if jax.process_index() != 0:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def load_variables(path: str) -> tuple[dict, dict]:
-    """({"params", "batch_stats"}, meta) from a `port_weights` output or a training workdir."""
-    directory = os.path.join(path, "checkpoints") if os.path.isdir(
-        os.path.join(path, "checkpoints")) else path
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"init_checkpoint {path!r} is not a directory")
-    with Checkpointer(directory) as ckpt:
-        steps = ckpt.steps()
-        if not steps:
-            raise CheckpointError(f"init_checkpoint {path!r} holds no checkpoint")
-        tree, meta = ckpt.restore_raw(steps[-1])
-    return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}, meta
 
 
 def initial_variables(run: Run) -> dict | None:

@@ -9,13 +9,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from dlassign import parallel
+from dlassign.analysis.hessian.operators import dataset_hvp, model_batch_loss
+from dlassign.analysis.hessian.spectrum import hutchinson_trace, power_iteration, slq_density
 from dlassign.data import eval_batches, stratified_subset
-from dlassign.evaluation import restore_run
-from dlassign.hessian.operators import dataset_hvp, model_batch_loss
-from dlassign.hessian.spectrum import hutchinson_trace, power_iteration, slq_density
 from dlassign.report import plt
-from dlassign.train import write_json
+from dlassign.runtime import parallel
+from dlassign.runtime.files import write_json
+from dlassign.training.evaluation import restore_run
 
 
 def checkpoint_spectrum(workdir: str, num_examples: int = 4096, batch_size: int = 512,

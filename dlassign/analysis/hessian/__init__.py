@@ -1,13 +1,13 @@
 """Hessian tools over parameter pytrees: HVPs, exact Hessians, Lanczos, SLQ, power, trace."""
 
-from dlassign.hessian.operators import (
+from dlassign.analysis.hessian.operators import (
                                         dataset_hvp,
                                         exact_hessian,
                                         flatten_loss,
                                         hvp,
                                         model_batch_loss,
 )
-from dlassign.hessian.spectrum import (
+from dlassign.analysis.hessian.spectrum import (
                                         Density,
                                         hutchinson_trace,
                                         lanczos,

@@ -25,11 +25,11 @@ from absl import logging
 from jax.flatten_util import ravel_pytree
 from scipy.special import expit
 
+from dlassign.analysis.hessian import exact_hessian, flatten_loss
 from dlassign.data import load_split
 from dlassign.errors import NumericalError
-from dlassign.hessian import exact_hessian, flatten_loss
-from dlassign.losses import get_loss
 from dlassign.models import DeepLinear, LogisticRegression
+from dlassign.training.losses import get_loss
 
 LOSS_NAMES = ("cross_entropy", "mse")
 

@@ -31,21 +31,21 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dlassign import parallel
-from dlassign.config_validation import flatten_grid, validate_tune_config
 from dlassign.data import Dataset, Split, prepare, stratified_kfold
 from dlassign.data.batching import epoch_permutation
 from dlassign.errors import DlassignError, one_of
-from dlassign.steps import make_eval_step, make_train_step, stacked_or_single
-from dlassign.train import (
+from dlassign.runtime import parallel
+from dlassign.runtime.files import write_json
+from dlassign.training.config_validation import flatten_grid, validate_tune_config
+from dlassign.training.steps import make_eval_step, make_train_step, stacked_or_single
+from dlassign.training.train_state import create_train_state
+from dlassign.training.trainer import (
     call_plan,
     make_tx,
     setup,
     stacked_batches,
     train_and_evaluate,
-    write_json,
 )
-from dlassign.train_state import create_train_state
 
 
 def grid_cells(grid) -> list[dict[str, object]]:

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from dlassign.data.preprocess import Normalizer, random_crop
-from dlassign.losses import get_loss
-from dlassign.train_state import TrainState
+from dlassign.training.losses import get_loss
+from dlassign.training.train_state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)

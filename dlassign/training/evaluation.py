@@ -6,10 +6,11 @@ import os
 
 import ml_collections
 
-from dlassign.checkpoint import Checkpointer
 from dlassign.errors import CheckpointError
 from dlassign.report import confusion_matrix_png, per_class_table
-from dlassign.train import abstract_tree, compile_steps, evaluate, make_state, setup, write_json
+from dlassign.runtime.checkpoint import Checkpointer
+from dlassign.runtime.files import write_json
+from dlassign.training.trainer import abstract_tree, compile_steps, evaluate, make_state, setup
 
 
 def restore_run(workdir: str, step: int | None = None, overrides: dict | None = None,

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from dlassign.convexity import LOSS_NAMES, Q2_TEXT
+from dlassign.analysis.convexity import LOSS_NAMES, Q2_TEXT
 from dlassign.report import markdown_table, plt
 
 LABEL = {"cross_entropy": "cross-entropy", "mse": "MSE"}
@@ -225,8 +225,8 @@ def run_and_report(config, workdir: str, prefix: str = "") -> dict:
 
     Returns the results with the report section under "section" (figure links get `prefix`).
     """
-    from dlassign.convexity import run_study
-    from dlassign.train import write_json
+    from dlassign.analysis.convexity import run_study
+    from dlassign.runtime.files import write_json
 
     os.makedirs(workdir, exist_ok=True)
     results = run_study(config)

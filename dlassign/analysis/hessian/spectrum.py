@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlassign.hessian.operators import MatVec
+from dlassign.analysis.hessian.operators import MatVec
 
 
 @jax.jit

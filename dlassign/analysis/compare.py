@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from dlassign.errors import DlassignError
+from dlassign.models import architecture, architectures
 from dlassign.report import markdown_table, pct, plt
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
@@ -36,25 +37,6 @@ def load_runs(dirs: list[str]) -> list[dict]:
     return rows
 
 
-# Why an architecture family does well on SVHN-like digit crops; chosen by the measured winner.
-WHY = {
-    "resnet": "Why a residual network suits SVHN: the crops are 32x32 with neighbouring digits "
-              "as clutter, so separating the centre digit takes depth but no more resolution "
-              "than 32 pixels; identity shortcuts keep gradients healthy through that depth and "
-              "BatchNorm keeps fine-tuning stable at a usable learning rate. VGG-16 without "
-              "BatchNorm (the write-up's collapsed run) and AlexNet need upsampled inputs and "
-              "carry 4096-wide dense layers that over-fit a 25% subset.",
-    "vgg": "VGG's plain 3x3 stacks work on 32x32 crops once BatchNorm or a low learning rate "
-           "keeps training stable; its 4096-wide dense layers hold most of its parameters.",
-    "lenet": "LeNet-5 wins here: with little data and short training, 62k parameters fit "
-             "fastest; deeper networks need more data or epochs to overtake it.",
-    "alexnet": "AlexNet needs inputs upsampled to at least 63 pixels, and its large early "
-               "strides discard detail that small digits need.",
-    "cnn": "",
-    "mlp": "",
-}
-
-
 def table(rows: list[dict]) -> str:
     body = [[r["model"], pct(r["accuracy"]), f"{r['precision_macro']:.4f}",
              f"{r['recall_macro']:.4f}", f"{r['f1_macro']:.4f}", f"{r['num_params'] / 1e6:.2f}M",
@@ -78,7 +60,8 @@ def comment(rows: list[dict]) -> str:
     if len(rows) > 1:
         eff = max(rows, key=lambda r: r["accuracy"] / max(r["train_time_s"], 1e-9))
         lines.append(f"Per second of training, {eff['model']} gains the most accuracy.")
-    lines.append(WHY.get(best["model"].split("_")[0].rstrip("0123456789"), ""))
+    if best["model"] in architectures():
+        lines.append(architecture(best["model"]).why)
     return " ".join(lines) + "\n"
 
 

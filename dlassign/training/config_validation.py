@@ -5,17 +5,16 @@ Each failure is one `ConfigError` line that names the field, the value and what 
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 import os
 
 from dlassign.data.preprocess import NORMALIZATIONS
 from dlassign.data.sources import DATASETS, dataset_info
 from dlassign.errors import ConfigError, one_of
-from dlassign.losses import LOSSES
-from dlassign.models import MODELS, min_image_size, model_class
+from dlassign.models import architecture, architectures
 from dlassign.models.layers import ACTIVATIONS, IMPLS
-from dlassign.optim import OPTIMIZERS, SCHEDULES
+from dlassign.training.losses import LOSSES
+from dlassign.training.optim import OPTIMIZERS, SCHEDULES
 
 DTYPE_NAMES = ("float32", "bfloat16")
 
@@ -83,9 +82,8 @@ def final_image_size(data_cfg) -> int:
 
 
 def validate_model(model_cfg) -> None:
-    _choice("model.name", model_cfg.get("name"), MODELS)
-    cls = model_class(model_cfg.name)
-    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes"}
+    _choice("model.name", model_cfg.get("name"), architectures())
+    fields = architecture(model_cfg.name).fields
     for key, value in model_cfg.items():
         if key == "name":
             continue
@@ -123,13 +121,15 @@ def validate_data(data_cfg) -> None:
 
 
 def check_image_size(model_cfg, size: int) -> None:
-    need = min_image_size(model_cfg.name, model_cfg.get("padding", "valid"))
+    arch = architecture(model_cfg.name)
+    need = arch.smallest_input(model_cfg)
     if size < need:
         raise ConfigError(f"image size {size} is too small for model {model_cfg.name!r}, "
                           f"which needs at least {need}x{need}; set data.image_size>={need}")
-    if model_cfg.name == "lenet5" and size != 32:
-        raise ConfigError(f"model 'lenet5' takes 32x32 inputs; the data gives {size}x{size} "
-                          "(set data.pad_to=32 for MNIST or data.image_size=32)")
+    if arch.image_size is not None and size != arch.image_size:
+        s = arch.image_size
+        raise ConfigError(f"model {model_cfg.name!r} takes {s}x{s} inputs; the data gives "
+                          f"{size}x{size} (set data.pad_to={s} or data.image_size={s})")
 
 
 def validate_train_config(config, image_size: int | None = None) -> None:

@@ -1,0 +1,1 @@
+"""Analyses of models and runs: Hessian tools, the convexity studies, run comparisons."""

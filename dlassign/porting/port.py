@@ -1,0 +1,76 @@
+"""Ported weights as checkpoints: write them for training, verify them against torch, export.
+
+What `experiments.port_weights` runs; `port` writes a checkpoint that a training config's
+`init_checkpoint` starts from.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from dlassign.data import dataset_info
+from dlassign.porting.convert import flax_to_torch, torch_to_flax
+from dlassign.porting.io import write_state_dict
+from dlassign.porting.torch_models import build
+from dlassign.runtime.checkpoint import Checkpointer
+from dlassign.training.evaluation import restore_run
+from dlassign.training.trainer import compile_steps, predict
+
+
+def port(arch: str, state_dict: dict[str, np.ndarray], config, replace_head: bool, output: str,
+         source: str) -> dict:
+    """Converts `state_dict` for `config`'s dataset and writes it as a Flax checkpoint in
+    `output/checkpoints` (step 0) that `init_checkpoint`, evaluate and export read.
+
+    Returns:
+      The variables written, {"params", "batch_stats"}.
+    """
+    num_classes = dataset_info(config.data.name).num_classes
+    variables = torch_to_flax(state_dict, arch, num_classes, replace_head,
+                              rng=jax.random.PRNGKey(config.seed))
+    with config.unlocked():
+        config.model.name = arch
+    meta = {"kind": "variables", "arch": arch, "source": source, "num_classes": num_classes,
+            "config": config.to_dict()}
+    with Checkpointer(os.path.join(output, "checkpoints")) as ckpt:
+        ckpt.save(0, {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+                  meta)
+    return variables
+
+
+def verify(arch: str, state_dict: dict[str, np.ndarray], output: str) -> dict:
+    """Predictions of the torch model and of the ported checkpoint on the whole test split."""
+    import torch
+
+    run, state, _ = restore_run(output)
+    _, eval_step = compile_steps(run, state)
+    flax_preds, _ = predict(state, run.dataset.test, eval_step, run.mesh,
+                            run.config.eval_batch_size)
+    model = build(arch, run.dataset.num_classes)
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()})
+    model.eval()
+    norm = run.dataset.normalizer
+    torch_preds = []
+    with torch.no_grad():
+        for i in range(0, len(run.dataset.test), 500):
+            x = run.dataset.test.images[i:i + 500].astype(np.float32) / 255.0
+            x = (x - np.asarray(norm.mean, np.float32)) / np.asarray(norm.std, np.float32)
+            logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+            torch_preds.append(logits.argmax(1).numpy())
+    torch_preds = np.concatenate(torch_preds)
+    labels = run.dataset.test.labels
+    return {"num_examples": int(labels.size),
+            "agreement": float(np.mean(torch_preds == flax_preds)),
+            "torch_accuracy": float(np.mean(torch_preds == labels)),
+            "flax_accuracy": float(np.mean(flax_preds == labels))}
+
+
+def export(workdir: str, arch: str | None, path: str) -> None:
+    """Writes the newest weights of a training or `port` directory as a torch state dict."""
+    run, state, _ = restore_run(workdir)
+    write_state_dict(flax_to_torch(state.variables, arch or run.config.model.name), path)
+    logging.info("wrote %s", path)

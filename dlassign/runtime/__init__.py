@@ -1,0 +1,1 @@
+"""Where runs execute: the device mesh, host settings, checkpoints, atomic files, failpoints."""
