@@ -26,7 +26,7 @@ from jax.flatten_util import ravel_pytree
 from scipy.special import expit
 
 from dlassign.analysis.hessian import exact_hessian, flatten_loss
-from dlassign.data import load_split
+from dlassign.data import dataset_info, load_split
 from dlassign.errors import NumericalError
 from dlassign.models import DeepLinear, LogisticRegression
 from dlassign.training.losses import get_loss
@@ -44,9 +44,10 @@ class BinaryData:
 
 
 def load_binary_data(cfg) -> BinaryData:
-    """Two classes of digits or MNIST (pixels in [0, 1], flattened), or Gaussian blobs.
+    """Two classes of a registered dataset (pixels in [0, 1], flattened), or Gaussian blobs.
 
-    cfg fields: name ('digits', 'mnist', 'synthetic'), data_dir, classes (negative, positive),
+    cfg fields: name (a dataset such as 'digits' or 'mnist', or 'synthetic'), data_dir,
+    classes (negative, positive),
     max_examples (0: all; a stratified-by-order prefix of the training split otherwise),
     synthetic_examples, synthetic_dim, synthetic_separation, seed.
     """
@@ -66,9 +67,10 @@ def load_binary_data(cfg) -> BinaryData:
         keep = keep[: cfg.max_examples]
     x = split.images[keep].reshape(keep.size, -1).astype(np.float64) / 255.0
     y = (split.labels[keep] == pos).astype(np.float64)
-    return BinaryData(x, y, f"{cfg.name} training images of digits {neg} (label 0) and {pos} "
-                            f"(label 1): {keep.size} examples, {x.shape[1]} pixel features "
-                            "scaled to [0, 1]")
+    spec = dataset_info(cfg.name)
+    return BinaryData(x, y, f"{cfg.name} training images of classes {spec.class_name(neg)} "
+                            f"(label 0) and {spec.class_name(pos)} (label 1): {keep.size} "
+                            f"examples, {x.shape[1]} pixel features scaled to [0, 1]")
 
 
 def mean_loss(model, loss: str, data: BinaryData) -> Callable:

@@ -1,19 +1,21 @@
 """Reading a dataset split as `uint8[N, H, W, C]` images and `int32[N]` labels.
 
-Three sources, tried in this order:
+Each dataset is declared once, in a module of this package that exports `DATASETS` (a tuple of
+`DatasetSpec`): its classes, image shape, TFDS name and local file formats. A split comes from,
+in this order:
 
-* embedded: scikit-learn's 8x8 handwritten `digits` (no download);
-* a local directory (`data_dir`) holding the raw files users already have: MNIST IDX files
-  (gzipped or not) or a Keras `mnist.npz`; SVHN `train_32x32.mat` / `test_32x32.mat`;
+* embedded data that needs no download (scikit-learn's `digits`);
+* a local directory (`data_dir`) holding the raw files users already have, read by the
+  dataset's own reader;
 * TFDS (`tfds.data_source`), which downloads and builds the dataset on first use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import os
-import struct
+import functools
+import importlib
+import pkgutil
 from collections.abc import Callable
 
 import numpy as np
@@ -43,29 +45,56 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True)
-class DatasetInfo:
+class DatasetSpec:
+    """Everything about one dataset that code outside its module needs.
+
+    Attributes:
+      name: the config's `data.name`.
+      num_classes: labels are 0..num_classes-1.
+      image_shape: (H, W, C) as stored.
+      tfds_name: the TFDS builder, or None where TFDS has none.
+      local_files: what `data_dir` should hold, in words, for messages.
+      read_local: (data_dir, split) -> Split from the raw files; None: no local format.
+      has_local_files: data_dir -> whether it holds the files (checked before any compute).
+      embedded: split -> Split without any download; None for downloaded datasets.
+      class_names: a name per label, where the labels are not their own names.
+    """
+
     name: str
     num_classes: int
     image_shape: tuple[int, int, int]
-    tfds_name: str | None
-    local_files: str  # what a user should put in data_dir, for error messages
+    tfds_name: str | None = None
+    local_files: str = ""
+    read_local: Callable[[str, str], Split] | None = None
+    has_local_files: Callable[[str], bool] | None = None
+    embedded: Callable[[str], Split] | None = None
+    class_names: tuple[str, ...] | None = None
+
+    def class_name(self, label: int) -> str:
+        return self.class_names[label] if self.class_names else str(label)
 
 
-DATASETS: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo("digits", 10, (8, 8, 1), None, "(embedded, none needed)"),
-    "mnist": DatasetInfo(
-        "mnist", 10, (28, 28, 1), "mnist",
-        "train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
-        "t10k-labels-idx1-ubyte[.gz], or a Keras mnist.npz"),
-    "svhn_cropped": DatasetInfo(
-        "svhn_cropped", 10, (32, 32, 3), "svhn_cropped", "train_32x32.mat and test_32x32.mat"),
-}
+@functools.cache
+def datasets() -> dict[str, DatasetSpec]:
+    """Every registered dataset by name, collected from the modules of `dlassign.data`."""
+    import dlassign.data as package
+
+    found: dict[str, DatasetSpec] = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for spec in getattr(module, "DATASETS", ()):
+            if spec.name in found:
+                raise ValueError(f"dataset {spec.name!r} is declared twice")
+            found[spec.name] = spec
+    return dict(sorted(found.items()))
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise one_of("dataset", name, DATASETS)
-    return DATASETS[name]
+def dataset_info(name: str) -> DatasetSpec:
+    """The declared facts of one dataset; an unknown name lists the registered ones."""
+    specs = datasets()
+    if name not in specs:
+        raise one_of("dataset", name, specs)
+    return specs[name]
 
 
 def load_split(
@@ -74,9 +103,10 @@ def load_split(
     """Loads one split of a dataset.
 
     Args:
-      name: 'digits', 'mnist' or 'svhn_cropped'.
+      name: a registered dataset (see `datasets()`).
       split: 'train' or 'test'.
-      data_dir: a directory of raw files (see module docstring); when given, TFDS is not tried.
+      data_dir: a directory of raw files (see the dataset's `local_files`); when given, TFDS is
+        not tried.
       tfds_data_dir: where TFDS keeps its prepared datasets (TFDS's default when None).
 
     Returns:
@@ -86,22 +116,22 @@ def load_split(
       DataError: the files are missing or malformed, or TFDS could not provide the dataset; the
         message names the dataset, what was tried, and how to point at local files.
     """
-    info = dataset_info(name)
+    spec = dataset_info(name)
     if split not in SPLITS:
         raise one_of("split", split, SPLITS)
-    if name == "digits":
-        result = _load_digits(split)
-        source = "scikit-learn's embedded digits"
+    if spec.embedded is not None:
+        result, source = spec.embedded(split), "embedded data"
     elif data_dir:
-        result = _LOCAL_READERS[name](data_dir, split)
-        source = f"data_dir {data_dir!r}"
+        if spec.read_local is None:
+            raise DataError(f"dataset {name!r} has no local file format; leave data_dir empty "
+                            "to load it through TFDS")
+        result, source = spec.read_local(data_dir, split), f"data_dir {data_dir!r}"
     else:
-        result = _load_tfds(info, split, tfds_data_dir)
-        source = "TFDS"
-    return _validate(result, info, split, source)
+        result, source = _load_tfds(spec, split, tfds_data_dir), "TFDS"
+    return _validate(result, spec, split, source)
 
 
-def _validate(s: Split, info: DatasetInfo, split: str, source: str) -> Split:
+def _validate(s: Split, info: DatasetSpec, split: str, source: str) -> Split:
     where = f"{info.name} {split} split from {source}"
     if s.images.ndim != 4 or tuple(s.images.shape[1:]) != info.image_shape:
         raise DataError(f"{where}: images have shape {s.images.shape}; "
@@ -121,128 +151,10 @@ def _validate(s: Split, info: DatasetInfo, split: str, source: str) -> Split:
     return Split(np.ascontiguousarray(s.images), s.labels.astype(np.int32))
 
 
-# ----------------------------------------------------------------------------------- embedded
-
-
-def _load_digits(split: str) -> Split:
-    """scikit-learn's 1,797 8x8 digits, split 75/25 stratified with a fixed seed (1347/450)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = d.target.astype(np.int32)
-    from dlassign.data.folds import stratified_split
-
-    train_idx, test_idx = stratified_split(labels, test_fraction=0.25, seed=0)
-    idx = train_idx if split == "train" else test_idx
-    return Split(images[idx], labels[idx])
-
-
-# ------------------------------------------------------------------------------------- local
-
-
-def _read_maybe_gzip(path: str) -> bytes:
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-
-
-def read_idx(path: str) -> np.ndarray:
-    """Reads an IDX file (MNIST's format), gzipped or not, as a uint8 array."""
-    raw = _read_maybe_gzip(path)
-    if len(raw) < 4:
-        raise DataError(f"{path} is not an IDX file: only {len(raw)} bytes")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file "
-                        f"(magic {raw[:4].hex()}; expected 00000801 or 00000803)")
-    header = 4 + 4 * ndim
-    dims = struct.unpack(">" + "I" * ndim, raw[4:header])
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise DataError(f"{path} is truncated or padded: header says {dims} "
-                        f"({expected} bytes), file holds {len(raw) - header}")
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
-
-
-def _find(data_dir: str, candidates: list[str]) -> str | None:
-    for c in candidates:
-        p = os.path.join(data_dir, c)
-        if os.path.isfile(p):
-            return p
-    return None
-
-
-def _require_dir(data_dir: str, name: str) -> None:
-    if not os.path.isdir(data_dir):
-        raise DataError(f"data_dir {data_dir!r} for dataset '{name}' is not a directory; expected "
-                        f"one holding {DATASETS[name].local_files}")
-
-
-def _load_mnist_local(data_dir: str, split: str) -> Split:
-    _require_dir(data_dir, "mnist")
-    prefix = "train" if split == "train" else "t10k"
-    found = {}
-    for kind, ndim in (("images", 3), ("labels", 1)):
-        stem = f"{prefix}-{kind}"
-        names = [f"{stem}-idx{ndim}-ubyte", f"{stem}.idx{ndim}-ubyte"]
-        found[kind] = _find(data_dir, names + [n + ".gz" for n in names])
-    if found["images"] and found["labels"]:
-        images, labels = read_idx(found["images"]), read_idx(found["labels"])
-        if images.ndim != 3:
-            raise DataError(f"{found['images']} holds a {images.ndim}-d array {images.shape}; "
-                            "expected (N, 28, 28)")
-        return Split(images[..., None], labels.astype(np.int32))
-    npz = _find(data_dir, ["mnist.npz"])
-    if npz:
-        try:
-            with np.load(npz) as z:
-                x, y = z[f"x_{split}"], z[f"y_{split}"]
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"cannot read {npz}: {e}; expected a Keras mnist.npz with "
-                            "x_train, y_train, x_test, y_test") from None
-        return Split(x[..., None] if x.ndim == 3 else x, y)
-    raise DataError(f"no MNIST {split} files in data_dir {data_dir!r}; expected "
-                    f"{DATASETS['mnist'].local_files}")
-
-
-def _load_svhn_local(data_dir: str, split: str) -> Split:
-    _require_dir(data_dir, "svhn_cropped")
-    path = _find(data_dir, [f"{split}_32x32.mat"])
-    if path is None:
-        raise DataError(f"no {split}_32x32.mat in data_dir {data_dir!r}; expected "
-                        f"{DATASETS['svhn_cropped'].local_files}")
-    from scipy.io import loadmat
-
-    try:
-        mat = loadmat(path)
-        x, y = mat["X"], mat["y"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"cannot read {path}: {e}; expected a MATLAB file with X[32, 32, 3, N] "
-                        "and y[N, 1]") from None
-    if x.ndim != 4:
-        raise DataError(f"{path}: X has shape {x.shape}; expected (32, 32, 3, N)")
-    y = np.asarray(y).reshape(-1)
-    if y.size and (y.min() < 1 or y.max() > 10):
-        raise DataError(f"{path}: labels span [{y.min()}, {y.max()}]; SVHN's .mat files use "
-                        "1..10 (10 stands for the digit 0)")
-    # SVHN's files write the digit 0 as label 10; TFDS's svhn_cropped maps it to 0, as we do.
-    return Split(np.transpose(x, (3, 0, 1, 2)), (y % 10).astype(np.int32))
-
-
-_LOCAL_READERS: dict[str, Callable[[str, str], Split]] = {
-    "mnist": _load_mnist_local,
-    "svhn_cropped": _load_svhn_local,
-}
-
-
-# -------------------------------------------------------------------------------------- TFDS
-
-
-def _load_tfds(info: DatasetInfo, split: str, tfds_data_dir: str | None) -> Split:
+def _load_tfds(info: DatasetSpec, split: str, tfds_data_dir: str | None) -> Split:
+    if info.tfds_name is None:
+        raise DataError(f"dataset {info.name!r} is not in TFDS; point --config.data.data_dir at "
+                        f"a directory holding {info.local_files}")
     import tensorflow_datasets as tfds
 
     try:

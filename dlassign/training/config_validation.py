@@ -9,7 +9,7 @@ import numbers
 import os
 
 from dlassign.data.preprocess import NORMALIZATIONS
-from dlassign.data.sources import DATASETS, dataset_info
+from dlassign.data.sources import dataset_info, datasets
 from dlassign.errors import ConfigError, one_of
 from dlassign.models import architecture, architectures
 from dlassign.models.layers import ACTIVATIONS, IMPLS
@@ -56,23 +56,19 @@ def check_data_dir(name: str, data_dir: str) -> None:
     """A local data directory must exist and hold the dataset's raw files."""
     if not data_dir:
         return
-    info = dataset_info(name)
-    if name == "digits":
-        raise ConfigError(f"data.data_dir={data_dir!r} is set but dataset 'digits' is embedded; "
+    spec = dataset_info(name)
+    if spec.embedded is not None:
+        raise ConfigError(f"data.data_dir={data_dir!r} is set but dataset {name!r} is embedded; "
                           "leave data.data_dir empty")
+    if spec.read_local is None:
+        raise ConfigError(f"data.data_dir={data_dir!r} is set but dataset {name!r} has no local "
+                          "file format; leave data.data_dir empty to load it through TFDS")
     if not os.path.isdir(data_dir):
         raise ConfigError(f"data.data_dir={data_dir!r} is not a directory; expected one holding "
-                          f"{info.local_files}")
-    files = set(os.listdir(data_dir))
-    if name == "mnist":
-        stems = ("train-images", "train-labels", "t10k-images", "t10k-labels")
-        have_idx = all(any(f.startswith(s) for f in files) for s in stems)
-        ok = have_idx or "mnist.npz" in files
-    else:
-        ok = {"train_32x32.mat", "test_32x32.mat"} <= files
-    if not ok:
+                          f"{spec.local_files}")
+    if spec.has_local_files is not None and not spec.has_local_files(data_dir):
         raise ConfigError(f"data.data_dir={data_dir!r} lacks the {name} files; expected "
-                          f"{info.local_files}")
+                          f"{spec.local_files}")
 
 
 def final_image_size(data_cfg) -> int:
@@ -105,7 +101,7 @@ def validate_model(model_cfg) -> None:
 
 
 def validate_data(data_cfg) -> None:
-    _choice("data.name", data_cfg.get("name"), DATASETS)
+    _choice("data.name", data_cfg.get("name"), datasets())
     _number("data.subset_fraction", data_cfg.get("subset_fraction", 1.0), low=0, high=1,
             low_open=True)
     for key in ("pad_to", "image_size", "channels", "random_crop"):
