@@ -26,14 +26,8 @@ def main():
 
     from dlassign.data import Dataset, Normalizer, Split, train_batches
     from dlassign.runtime import parallel
-    from dlassign.training.trainer import (
-        call_plan,
-        compile_steps,
-        make_state,
-        prefetch,
-        setup,
-        stacked_batches,
-    )
+    from dlassign.training.loop import call_plan, prefetch, stacked_batches
+    from dlassign.training.trainer import compile_steps, make_state, setup
 
     config = importlib.import_module(f"configs.mnist_{args.model}").get_config()
     config.batch_size = args.batch_size

@@ -145,7 +145,7 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, 
 
 
 def test_call_plan_keeps_boundaries_and_resumes_on_the_same_calls():
-    from dlassign.training.trainer import call_plan
+    from dlassign.training.loop import call_plan
 
     full = list(call_plan(0, 23, 4, [10, 20, 20]))
     assert full == [(1, 4), (5, 4), (9, 2), (11, 4), (15, 4), (19, 2), (21, 3)]

@@ -20,7 +20,7 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
     Args:
       workdir: a directory written by `experiments.train`.
       step: the checkpoint step (None: the newest intact one).
-      overrides: config fields to change, e.g. {"data": {"data_dir": ...}} when the data moved.
+      overrides: dotted config fields to change, e.g. {"data.data_dir": DIR} when the data moved.
       dataset: the in-memory `Dataset` the run trained on, when it was not loaded from the
         config's data section (None: load it from the config).
 

@@ -2,7 +2,7 @@
 
 `make_train_step` closes over the static parts (loss, normaliser, augmentation, dtype) and
 returns a pure function; `stacked_or_single` lets it take several steps' batches at once, and
-`train.compile_steps` jit-compiles it with a donated state and explicit shardings. Batches hold
+`trainer.compile_steps` jit-compiles it with a donated state and explicit shardings. Batches hold
 uint8 images; scaling and augmentation happen inside the step.
 """
 
@@ -75,8 +75,8 @@ def make_train_step(cfg: StepConfig) -> Callable[[TrainState, dict], tuple[Train
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params)
         # One dot per leaf gives both the norm and the finiteness check (NaN and inf carry into
-        # the sum of squares); separate isfinite and square-and-sum passes cost XLA:CPU a
-        # materialised array each (ResNet-18's step took 1.04x longer with them).
+        # the sum of squares); separate isfinite and square-and-sum passes each materialise an
+        # array on XLA:CPU.
         with jax.named_scope("grad_check"):  # names the ops in profiles (profile_step.py)
             sq = jnp.stack([jnp.vdot(g.ravel(), g.ravel(),
                                      preferred_element_type=jnp.promote_types(g.dtype,
@@ -87,9 +87,8 @@ def make_train_step(cfg: StepConfig) -> Callable[[TrainState, dict], tuple[Train
 
         # A non-finite step keeps the old values but still counts, so the host can name it. A
         # branch rather than a select of new against old values: selecting makes XLA recompute
-        # the optimizer's moments inside the parameter update and copy the old ones to keep them
-        # alive (2-core CPU, interleaved: ResNet-18's step 187 -> 172 ms, the 784-1024-1024
-        # MLP's 10.6 -> 10.1 ms; the branch costs what no guard at all does on ResNet-18).
+        # the optimizer's moments inside the parameter update and keep copies of the old ones
+        # alive (docs/performance.md).
         def apply(old):
             params, opt_state, _ = old
             with jax.named_scope("optimizer"):
@@ -122,11 +121,8 @@ def stacked_or_single(train_step: Callable, label_ndim: int = 1) -> Callable:
     metrics stacked [k], whose padding rows are zeros. Every call of k slots is one compiled
     program, whatever `steps`.
 
-    One call per k steps saves the per-call dispatch and buffer hand-over (2-core CPU, k=8,
-    interleaved, a plain scan: the 784-128-10 MLP's step 0.73 -> 0.55 ms, 784-1024-1024
-    10.2 -> 8.9 ms, LeNet-5 8.0 -> 7.3 ms, the MNIST CNN 21.3 -> 20.7 ms, ResNet-18 unchanged;
-    the branch that skips padding slots costs the narrow MLP 0.56 -> 0.60 ms and nothing
-    measurable on the wide MLP or LeNet-5).
+    One call per k steps saves the per-call dispatch and buffer hand-over; the figures are in
+    docs/performance.md.
     """
 
     def step(state: TrainState, batch: dict, steps=None) -> tuple[TrainState, dict]:

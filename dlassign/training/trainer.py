@@ -8,11 +8,9 @@ run that was never interrupted.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import time
-from collections.abc import Iterable, Iterator
 
 import flax.traverse_util as traverse_util
 import jax
@@ -23,11 +21,12 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dlassign.data import Dataset, Split, eval_batches, prepare, steps_per_epoch, train_batches
-from dlassign.errors import CheckpointError, NumericalError
+from dlassign.errors import CheckpointError
 from dlassign.models import architecture, get_model, placement
-from dlassign.runtime import faults, parallel
+from dlassign.runtime import parallel
 from dlassign.runtime.checkpoint import Checkpointer, load_variables
 from dlassign.runtime.files import write_json
+from dlassign.training import loop
 from dlassign.training.config_validation import validate_train_config
 from dlassign.training.metrics import classification_metrics, prediction_collapse
 from dlassign.training.optim import make_optimizer
@@ -133,57 +132,11 @@ def compile_steps(run: Run, state: TrainState):
     return train_step, eval_step
 
 
-def call_plan(start: int, total: int, steps_per_call: int, boundaries: Iterable[int]
-              ) -> Iterator[tuple[int, int]]:
-    """The calls that run steps start+1..total: (first step, number of steps) each.
-
-    Calls never cross a boundary (the steps after which the loop logs or checkpoints, e.g.
-    multiples of log_every_steps) or `total`. Between two boundaries the steps go in calls of
-    `steps_per_call` from the first one, the last call taking what is left. The plan depends
-    only on the step numbers, so a resumed run makes the calls an uninterrupted one makes.
-    """
-    k = max(int(steps_per_call), 1)
-    cuts = sorted({b for b in boundaries if 0 < b < total} | {total})
-    lo = 0
-    for hi in cuts:
-        s = max(start, lo) + 1
-        while s <= hi:
-            n = min(k - (s - lo - 1) % k, hi - s + 1)  # to the next call start or boundary
-            yield s, n
-            s += n
-        lo = hi
-
-
-def stacked_batches(batches: Iterator[dict], plan: Iterable[tuple[int, int]],
-                    steps_per_call: int) -> Iterator[dict]:
-    """One batch per call of `plan`: single when steps_per_call is 1, else that call's batches
-    stacked on a new leading axis of steps_per_call slots (the last batch repeated as padding;
-    see `steps.stacked_or_single`)."""
-    for _, n in plan:
-        group = [next(batches) for _ in range(n)]
-        if steps_per_call == 1:
-            yield group[0]
-        else:
-            group += group[-1:] * (steps_per_call - n)
-            yield {k: np.stack([b[k] for b in group]) for k in group[0]}
-
-
-def prefetch(batches: Iterable[dict], sharding, size: int = 2) -> Iterator[dict]:
-    """Puts batches on the devices `size` steps ahead, overlapping the copy with compute."""
-    queue = collections.deque()
-    for batch in batches:
-        queue.append(parallel.global_batch(batch, sharding))
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
-
-
 def predict(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size: int
             ) -> tuple[np.ndarray, float]:
     """Predictions for every example of `split` (padded, masked last batch) and the mean loss."""
     preds, loss_sum, count = [], 0.0, 0
-    for batch in prefetch(eval_batches(split, batch_size), parallel.batch_sharding(mesh)):
+    for batch in loop.prefetch(eval_batches(split, batch_size), parallel.batch_sharding(mesh)):
         out = parallel.to_host(eval_step(state, batch))
         mask = parallel.to_host(batch["mask"])
         preds.append(out["pred"][mask])
@@ -208,35 +161,6 @@ def evaluate(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size:
                         "the model is not separating the classes", 100 * c["share"], len(preds),
                         c["top_classes"])
     return metrics
-
-
-def _leaf_names(params) -> list[str]:
-    return ["/".join(map(str, k)) for k in traverse_util.flatten_dict(params)]
-
-
-def _per_step(calls: list[tuple[int, dict]]) -> list[dict]:
-    """Per-step metrics from (steps, metrics) per call; a call of several steps has metrics
-    stacked on a leading axis, padding rows after its `steps`."""
-    out = []
-    for n, m in calls:
-        if np.ndim(m["loss"]) == 0:
-            out.append(m)
-        else:
-            out.extend({k: v[i] for k, v in m.items()} for i in range(n))
-    return out
-
-
-def _check_finite(host_metrics: list[dict], first_step: int, params) -> None:
-    for i, m in enumerate(host_metrics):
-        if not bool(m["finite"]):
-            bad = [n for n, ok in zip(_leaf_names(params), m["leaf_finite"]) if not ok]
-            where = f"; non-finite gradients in {', '.join(bad[:5])}" if bad else ""
-            raise NumericalError(
-                f"training diverged at step {first_step + i + 1}: loss {float(m['loss'])}"
-                f"{where}. The state was not updated by that step; the last checkpoint is "
-                "intact. Lower optimizer.learning_rate or set optimizer.grad_clip_norm")
-
-
 
 
 def initial_variables(run: Run) -> dict | None:
@@ -291,8 +215,9 @@ def run_meta(run: Run, history: list, train_time: float) -> dict:
 
 
 def _train(run: Run, state: TrainState, ckpt: Checkpointer):
-    """Resumes from `ckpt`'s newest intact checkpoint, if any, and trains to the last step,
-    checkpointing as configured; an interrupt saves the finished steps first.
+    """Resumes from `ckpt`'s newest intact checkpoint, if any, and trains to the last step
+    through `loop.run_steps`, logging and checkpointing as configured; an interrupt saves the
+    finished steps first.
 
     Returns:
       (state, eval_step, history, train_time).
@@ -306,63 +231,54 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
         history, train_time = meta.get("history", []), meta.get("train_time_s", 0.0)
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
     train_step, eval_step = compile_steps(run, state)
-    n_params = parallel.tree_size(state.params)
     logging.info("%s: %d parameters, %d train / %d test examples, %d steps (%d per epoch), "
-                 "%d devices", config.model.name, n_params, len(run.dataset.train),
-                 len(run.dataset.test), run.total_steps, run.steps_per_epoch,
-                 run.mesh.devices.size)
+                 "%d devices", config.model.name, parallel.tree_size(state.params),
+                 len(run.dataset.train), len(run.dataset.test), run.total_steps,
+                 run.steps_per_epoch, run.mesh.devices.size)
 
     start = int(state.step)
     log_every = config.get("log_every_steps", 100) or run.steps_per_epoch
     ckpt_every = config.get("checkpoint_every_steps", 0) or run.steps_per_epoch
-    pending, pending_start = [], start
-    interval_start, interval_step = time.perf_counter(), start
     boundaries = [*range(log_every, run.total_steps, log_every),
                   *range(ckpt_every, run.total_steps, ckpt_every)]
     per_call = config.get("steps_per_call", 1)
-    plan = list(call_plan(start, run.total_steps, per_call, boundaries))
-    batches = prefetch(stacked_batches(train_batches(run.dataset.train, config.batch_size,
-                                                     config.seed, start,
-                                                     run.total_steps - start), plan, per_call),
-                       parallel.batch_sharding(run.mesh, int(per_call > 1)))
-    limiter = parallel.DispatchLimiter()
+    plan = list(loop.call_plan(start, run.total_steps, per_call, boundaries))
+    batches = loop.stacked_batches(
+        train_batches(run.dataset.train, config.batch_size, config.seed, start,
+                      run.total_steps - start), plan, per_call)
+    clock = {"start": time.perf_counter(), "step": start}
+
+    def on_sync(state, step, host):
+        nonlocal train_time
+        now = time.perf_counter()
+        rate = (step - clock["step"]) / max(now - clock["start"], 1e-9)
+        train_time += now - clock["start"]
+        entry = {"step": step, "epoch": step / run.steps_per_epoch,
+                 **{k: float(np.mean([m[k] for m in host]))
+                    for k in ("loss", "accuracy", "grad_norm")}}
+        history.append(entry)
+        logging.info("step %d/%d epoch %.2f loss %.4f acc %.4f %.0f ex/s ETA %s", step,
+                     run.total_steps, entry["epoch"], entry["loss"], entry["accuracy"],
+                     rate * config.batch_size,
+                     _format_eta((run.total_steps - step) / max(rate, 1e-9)))
+        if step % ckpt_every == 0 or step == run.total_steps:
+            ckpt.save(step, state_tree(state), run_meta(run, history, train_time))
+        clock.update(start=time.perf_counter(), step=step)
+
+    guard = loop.Guard(loop.leaf_names(state.params))
     try:
-        for first, n in plan:
-            state, metrics = train_step(state, next(batches), np.int32(n))
-            limiter(metrics["loss"])
-            pending.append((n, metrics))
-            step = first + n - 1
-            for s in range(first, step + 1):
-                faults.after_step(s)
-            is_ckpt = step % ckpt_every == 0 or step == run.total_steps
-            if step % log_every == 0 or is_ckpt:
-                host = _per_step(jax.device_get(pending))
-                _check_finite(host, pending_start, state.params)
-                now = time.perf_counter()
-                rate = (step - interval_step) / max(now - interval_start, 1e-9)
-                train_time += now - interval_start
-                entry = {"step": step, "epoch": step / run.steps_per_epoch,
-                         "loss": float(np.mean([m["loss"] for m in host])),
-                         "accuracy": float(np.mean([m["accuracy"] for m in host])),
-                         "grad_norm": float(np.mean([m["grad_norm"] for m in host]))}
-                history.append(entry)
-                logging.info("step %d/%d epoch %.2f loss %.4f acc %.4f %.0f ex/s ETA %s", step,
-                             run.total_steps, entry["epoch"], entry["loss"], entry["accuracy"],
-                             rate * config.batch_size,
-                             _format_eta((run.total_steps - step) / max(rate, 1e-9)))
-                pending, pending_start = [], step
-                if is_ckpt:
-                    ckpt.save(step, state_tree(state), run_meta(run, history, train_time))
-                interval_start, interval_step = time.perf_counter(), step
-    except KeyboardInterrupt:
+        state = loop.run_steps(
+            train_step, state, plan, batches,
+            parallel.batch_sharding(run.mesh, int(per_call > 1)), guard,
+            sync=lambda step: step % log_every == 0 or step % ckpt_every == 0, on_sync=on_sync)
+    except loop.Interrupted as stop:
         # Keep the finished steps: checkpoint the last good state before leaving.
-        host = _per_step(jax.device_get(pending))
-        _check_finite(host, pending_start, state.params)
+        state = stop.state
         if int(state.step) > (ckpt.steps() or [0])[-1]:
             ckpt.save(int(state.step), state_tree(state), run_meta(run, history, train_time))
             logging.warning("interrupted: saved step %d; rerun the same command to resume",
                             int(state.step))
-        raise
+        raise KeyboardInterrupt from None
     return state, eval_step, history, train_time
 
 

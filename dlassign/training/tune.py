@@ -1,16 +1,11 @@
-"""Grid search with stratified k-fold cross-validation, the k folds trained as one program.
+"""Grid search with stratified k-fold cross-validation.
 
-The k folds of a grid cell have the same shapes, so one `jax.vmap` of the train step trains all
-of them at once: a [K, ...] stack of states and a [K, B, ...] stack of batches. Fold training sets
-differ in size by at most a few examples; every fold takes `min_k |train_k| // B` steps per epoch
-from its own seeded permutation, so the folds see equally many examples. `sequential=True` trains
-the same folds one after another with the same batches (the baseline of the benchmark).
-Either way the steps go `steps_per_call` to a call, as in the training loop (`train.call_plan`),
-which changes no result (tests compare each fold's validation loss). On a 2-core CPU, 8 steps
-per call against 1: the main job's digits grids trained in 18.4 s instead of 26.4 s (MLP
-cells, summed) and 43.5 s instead of 45.8 s (CNN cells); one MNIST cell (3 folds, sequential)
-took the same time either way (the 784-128-10 MLP 4.9 s for 3 epochs, mostly compilation; the
-CNN 25-27 s for one, compute-bound).
+Every cell trains its k folds through the training loop's runner (`loop.run_steps`), either as
+one vmapped program (a [K, ...] stack of states and [K, B, ...] batches, which fills an
+accelerator) or one fold after another (faster on a CPU, whose cores one fold already keeps
+busy; docs/performance.md). Fold training sets differ in size by at most a few examples; every
+fold takes `min_k |train_k| // B` steps per epoch from its own seeded permutation, so the folds
+see equally many examples, and both modes give the same numbers.
 
 Normalisation statistics ('standardize') come from the whole training split, not each fold's
 training part; with 'scale' (the MNIST configs) there are no statistics to leak. `tune.mode`
@@ -24,6 +19,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,16 +32,11 @@ from dlassign.data.batching import epoch_permutation
 from dlassign.errors import DlassignError, one_of
 from dlassign.runtime import parallel
 from dlassign.runtime.files import write_json
+from dlassign.training import loop
 from dlassign.training.config_validation import flatten_grid, validate_tune_config
 from dlassign.training.steps import make_eval_step, make_train_step, stacked_or_single
 from dlassign.training.train_state import create_train_state
-from dlassign.training.trainer import (
-    call_plan,
-    make_tx,
-    setup,
-    stacked_batches,
-    train_and_evaluate,
-)
+from dlassign.training.trainer import make_tx, predict, setup, train_and_evaluate
 
 
 def grid_cells(grid) -> list[dict[str, object]]:
@@ -74,16 +65,20 @@ def _fold_steps_per_epoch(fold_indices: list[np.ndarray], batch_size: int) -> in
     return min(len(ix) for ix in fold_indices) // batch_size
 
 
-def _fold_batches(train: Split, fold_indices: list[np.ndarray], batch_size: int, seed: int,
-                  num_epochs: int):
-    """[K, B, ...] batches; fold k's epoch e is permutation (seed, 1000 * (k + 1) + e)."""
-    steps = _fold_steps_per_epoch(fold_indices, batch_size)
+def _fold_batches(train: Split, indices: np.ndarray, fold: int, steps: int, batch_size: int,
+                  seed: int, num_epochs: int) -> Iterator[dict]:
+    """[B, ...] batches of one fold; its epoch e is permutation (seed, 1000 * (fold + 1) + e)."""
     for epoch in range(num_epochs):
-        perms = [ix[epoch_permutation(len(ix), seed, 1000 * (k + 1) + epoch)]
-                 for k, ix in enumerate(fold_indices)]
+        perm = indices[epoch_permutation(len(indices), seed, 1000 * (fold + 1) + epoch)]
         for i in range(steps):
-            idx = np.stack([p[i * batch_size:(i + 1) * batch_size] for p in perms])
+            idx = perm[i * batch_size:(i + 1) * batch_size]
             yield {"image": train.images[idx], "label": train.labels[idx]}
+
+
+def _stacked_folds(per_fold: list[Iterator[dict]]) -> Iterator[dict]:
+    """[K, B, ...] batches: the folds' batches of each step, stacked."""
+    for group in zip(*per_fold):
+        yield {k: np.stack([b[k] for b in group]) for k in group[0]}
 
 
 def _padded_folds(train: Split, val_indices: list[np.ndarray], batch_size: int):
@@ -101,18 +96,26 @@ def _padded_folds(train: Split, val_indices: list[np.ndarray], batch_size: int):
 
 
 def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
-                   folds: list[tuple[np.ndarray, np.ndarray]], sequential: bool = False) -> dict:
+                   folds: list[tuple[np.ndarray, np.ndarray]], sequential: bool = False,
+                   where: str = "") -> dict:
     """Trains one grid cell on every fold and scores each fold's validation set.
+
+    The folds train through the training loop's runner (`loop.run_steps`: call plan, batch
+    placement, non-finite guard), as one vmapped program or one fold after another.
 
     Args:
       config: the cell's training config.
       dataset: the prepared dataset; only its training split is used.
       folds: (train indices, validation indices) pairs from `stratified_kfold`.
       sequential: train the folds one after another instead of as one vmapped program.
+      where: names the cell in errors, e.g. "grid cell {'model.dense_width': 32}: ".
 
     Returns:
       fold_accuracies (list), mean, std, fold_losses (each fold's mean validation loss),
       train_time_s.
+
+    Raises:
+      NumericalError: a fold's step was not finite; names the cell, the fold and the step.
     """
     run = setup(config, dataset)
     k = len(folds)
@@ -121,58 +124,52 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     rngs = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), i) for i in range(k)])
     train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
     init = lambda rng: create_train_state(run.model, tx, rng, run.input_shape)
+    replicated = parallel.replicated(run.mesh)
 
-    start = time.perf_counter()
-    # steps_per_call steps per call as in the training loop: batches [S, K, B, ...], S slots
     per_call = max(int(config.get("steps_per_call", 1)), 1)
-    total = _fold_steps_per_epoch(train_ix, config.batch_size) * config.num_epochs
-    plan = list(call_plan(0, total, per_call, ()))
+    steps = _fold_steps_per_epoch(train_ix, config.batch_size)
+    plan = list(loop.call_plan(0, steps * config.num_epochs, per_call, ()))
     stacked = int(per_call > 1)
-    batches = zip(plan, stacked_batches(
-        _fold_batches(dataset.train, train_ix, config.batch_size, config.seed,
-                      config.num_epochs), iter(plan), per_call))
+    fold_batches = [_fold_batches(dataset.train, ix, i, steps, config.batch_size, config.seed,
+                                  config.num_epochs) for i, ix in enumerate(train_ix)]
+    start = time.perf_counter()
     if sequential:
         step = jax.jit(stacked_or_single(train_step), donate_argnums=0)
-        states = [jax.jit(init, out_shardings=parallel.replicated(run.mesh))(rngs[i])
-                  for i in range(k)]
-        limiter = parallel.DispatchLimiter()
         sharding = parallel.batch_sharding(run.mesh, stacked)  # [S,] B
-        for (_, n), batch in batches:
-            for i in range(k):
-                sub = jax.device_put({name: a[:, i] if stacked else a[i]
-                                      for name, a in batch.items()}, sharding)
-                states[i], metrics = step(states[i], sub, np.int32(n))
-                limiter(metrics["loss"])
-        jax.block_until_ready(states)
-        train_time = time.perf_counter() - start
-        evaluate = jax.jit(eval_step)
-        sharding = parallel.batch_sharding(run.mesh)
-        correct, loss = np.zeros(k), np.zeros(k)
-        for batch in _padded_folds(dataset.train, val_ix, config.eval_batch_size):
-            for i in range(k):
-                sub = jax.device_put({n: a[i] for n, a in batch.items()}, sharding)
-                out = jax.device_get(evaluate(states[i], sub))
-                correct[i] += np.sum((out["pred"] == batch["label"][i]) & batch["mask"][i])
-                loss[i] += out["loss_sum"]
+        states = []
+        for i in range(k):
+            state = jax.jit(init, out_shardings=replicated)(rngs[i])
+            guard = loop.Guard(loop.leaf_names(state.params), f"{where}fold {i}: ")
+            states.append(loop.run_steps(
+                step, state, plan, loop.stacked_batches(fold_batches[i], plan, per_call),
+                sharding, guard))
     else:
-        step = jax.jit(stacked_or_single(jax.vmap(train_step), label_ndim=2),
-                       donate_argnums=0)
-        states = jax.jit(jax.vmap(init), out_shardings=parallel.replicated(run.mesh))(rngs)
-        limiter = parallel.DispatchLimiter()
-        sharding = parallel.batch_sharding(run.mesh, stacked + 1)  # [S,] K, B
-        for (_, n), batch in batches:
-            states, metrics = step(states, jax.device_put(batch, sharding), np.int32(n))
-            limiter(metrics["loss"])
-        jax.block_until_ready(states)
-        train_time = time.perf_counter() - start
-        sharding = parallel.batch_sharding(run.mesh, 1)
+        step = jax.jit(stacked_or_single(jax.vmap(train_step), label_ndim=2), donate_argnums=0)
+        state = jax.jit(jax.vmap(init), out_shardings=replicated)(rngs)
+        one = jax.tree.map(lambda x: x[0], state.params)
+        guard = loop.Guard(loop.leaf_names(one), where, folds=True)
+        batches = loop.stacked_batches(_stacked_folds(fold_batches), plan, per_call)
+        state = loop.run_steps(step, state, plan, batches,
+                               parallel.batch_sharding(run.mesh, stacked + 1), guard)  # [S,] K, B
+    jax.block_until_ready(state if not sequential else states)
+    train_time = time.perf_counter() - start
+
+    correct, loss = np.zeros(k), np.zeros(k)
+    sizes = np.asarray([len(ix) for ix in val_ix])
+    if sequential:
+        evaluate = jax.jit(eval_step)
+        for i in range(k):
+            preds, mean_loss = predict(states[i], dataset.train.take(val_ix[i]), evaluate,
+                                       run.mesh, config.eval_batch_size)
+            correct[i] = np.sum(preds == dataset.train.labels[val_ix[i]])
+            loss[i] = mean_loss * sizes[i]
+    else:
         evaluate = jax.jit(jax.vmap(eval_step))
-        correct, loss = np.zeros(k), np.zeros(k)
+        sharding = parallel.batch_sharding(run.mesh, 1)
         for batch in _padded_folds(dataset.train, val_ix, config.eval_batch_size):
-            out = jax.device_get(evaluate(states, jax.device_put(batch, sharding)))
+            out = parallel.to_host(evaluate(state, parallel.global_batch(batch, sharding)))
             correct += np.sum((out["pred"] == batch["label"]) & batch["mask"], axis=1)
             loss += out["loss_sum"]
-    sizes = np.asarray([len(ix) for ix in val_ix])
     acc = correct / sizes
     return {"fold_accuracies": acc.tolist(), "mean": float(acc.mean()), "std": float(acc.std()),
             "fold_losses": (loss / sizes).tolist(), "train_time_s": train_time}
@@ -184,9 +181,9 @@ FOLD_MODES = ("auto", "vmap", "sequential")
 def sequential_folds(mode: str) -> bool:
     """'auto' trains folds one after another on CPUs and as one vmapped program elsewhere.
 
-    On a 2-core CPU the vmapped program was not faster (benchmarks/kfold.py: 0.7-0.96x of
-    sequential on MNIST): the cores are already busy, and batched matmuls over the fold axis
-    run less efficiently than plain ones. An accelerator has the idle width that vmap fills.
+    On a CPU the cores are already busy with one fold and batched matmuls over the fold axis run
+    less efficiently than plain ones (`benchmarks.kfold`); an accelerator has the idle width
+    that vmap fills.
     """
     if mode not in FOLD_MODES:
         raise one_of("tune.mode", mode, FOLD_MODES)
@@ -228,7 +225,8 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
             continue
         logging.info("cell %d/%d %s", i + 1, len(grid_cells(config.tune.grid)), overrides)
         cv = cross_validate(apply_overrides(config, overrides), dataset, folds,
-                            sequential=sequential_folds(config.tune.get("mode", "auto")))
+                            sequential=sequential_folds(config.tune.get("mode", "auto")),
+                            where=f"grid cell {overrides}: ")
         logging.info("  fold accuracies %s mean %.4f std %.4f (%.1fs)",
                      ", ".join(f"{a:.4f}" for a in cv["fold_accuracies"]), cv["mean"], cv["std"],
                      cv["train_time_s"])
