@@ -293,6 +293,31 @@ def test_folds_in_calls_of_several_steps_match_one_step_per_call(sequential):
     assert runs[0]["mean"] > 0.9
 
 
+@pytest.mark.parametrize("mode", ["vmap", "sequential"])
+def test_nan_in_one_fold_stops_the_grid_naming_cell_fold_and_step(tmp_path, monkeypatch, mode):
+    from dlassign.training import tune as tune_module
+
+    real = tune_module._fold_batches
+
+    def poisoned(train, indices, fold, *args):
+        for i, batch in enumerate(real(train, indices, fold, *args)):
+            if fold == 1 and i == 6:  # step 7 of fold 1: a label no class has gives a NaN loss
+                batch = dict(batch, label=np.full_like(batch["label"], 99))
+            yield batch
+
+    monkeypatch.setattr(tune_module, "_fold_batches", poisoned)
+    config = tiny_config({"num_epochs": 2, "log_every_steps": 0, "steps_per_call": 4})
+    with config.unlocked():
+        config.tune = {"num_folds": 3, "mode": mode,
+                       "grid": {"model": {"activation": ["relu", "tanh"]}}}
+    with pytest.raises(NumericalError) as e:
+        tune(config, str(tmp_path))
+    message = str(e.value)
+    assert "grid cell {'model.activation': 'relu'}" in message
+    assert "fold 1" in message and "step 7" in message and "loss nan" in message
+    assert not (tmp_path / "best").exists()  # the run stopped at the first cell
+
+
 def test_tune_writes_table_heatmap_and_best_test_metrics(tmp_path):
     config = tiny_config({"num_epochs": 2, "log_every_steps": 0})
     with config.unlocked():
