@@ -4,7 +4,7 @@ One code path for one device, several GPUs, TPU cores, or CPU host devices: the 
 along its leading axis, parameters and optimizer state are replicated, or with `shard_params`
 split along their largest divisible axis (ZeRO-3/FSDP style, for models that do not fit one
 device). XLA inserts the collectives. Multi-host runs call `jax.distributed.initialize()` first
-(see README); each process then feeds its own slice of every global batch.
+(docs/scale-out.md); each process then feeds its own slice of every global batch.
 """
 
 from __future__ import annotations
