@@ -9,11 +9,13 @@ collapse check and comparison as configs/svhn.py. The argument after ':' is the 
 import ml_collections
 
 from configs import base
+from dlassign.models import architecture
 
 
 def get_config(arch: str = "resnet18") -> ml_collections.ConfigDict:
     c = base.get_config()
-    c.data.image_size = 32
+    # 32 px as SVHN's crops, or the next multiple of 32 an architecture needs (AlexNet: 64)
+    c.data.image_size = max(32, -(-architecture(arch).smallest_input() // 32) * 32)
     c.data.channels = 3
     c.data.normalization = "standardize"
     c.data.random_crop = 2

@@ -268,10 +268,13 @@ def test_two_by_two_outputs_keep_im2col():
     assert conv_path((128, 1, 1, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1))) == "dense"
 
 
-def test_im2col_heuristic_picks_measured_winners():
+def test_im2col_heuristic_follows_its_documented_rule():
+    """The rule `im2col_pays` documents, case by case. Whether its choices are the faster ones
+    is measured by `python -m benchmarks.conv_paths` (docs/performance.md), not here: a test
+    on this shared 2-core machine could not time it reliably."""
     from dlassign.kernels.conv import im2col_pays
 
-    # (input shape, kernel shape, stride, padding) -> measured winner (benchmarks/conv_paths.py)
+    # (input shape, kernel shape, stride, padding) -> whether the rule rewrites it
     assert im2col_pays((128, 2, 2, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1)))
     assert im2col_pays((128, 8, 8, 64), (1, 1, 64, 128), (2, 2), ((0, 0), (0, 0)))
     assert im2col_pays((128, 13, 13, 32), (3, 3, 32, 64), (1, 1), ((0, 0), (0, 0)))

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import base
 from dlassign.errors import CheckpointError
 from dlassign.runtime.checkpoint import Checkpointer
 from dlassign.training.trainer import abstract_tree, make_state, setup, train_and_evaluate
@@ -227,5 +226,15 @@ def test_local_files_with_wrong_contents(tmp_path):
         load_split("mnist", "train", data_dir=str(tmp_path))
 
 
-def test_base_config_is_the_cli_default():
-    assert base.get_config().data.name == "digits"
+def test_main_job_needs_no_download():
+    """The README's first command runs on embedded data: every run of configs/main.py reads a
+    dataset that loads without a download or a data_dir."""
+    from configs import main
+    from dlassign.data import dataset_info
+
+    config = main.get_config()
+    runs = [config.convexity, config.tune_mlp, config.tune_cnn, *config.transfer.values()]
+    for run in runs:
+        data = run.data if "data" in run else run
+        assert dataset_info(data.name).embedded is not None, data.name
+        assert not data.get("data_dir")

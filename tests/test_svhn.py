@@ -153,3 +153,4 @@ def test_frozen_layers_and_backbone_learning_rate(tmp_path):
     train_and_evaluate(config, str(tmp_path / "scaled"), data)
     _, state, _ = restore_run(str(tmp_path / "scaled"), dataset=data)
     np.testing.assert_array_equal(state.params["dense0"]["kernel"], initial["dense0"]["kernel"])
+    assert not np.array_equal(state.params["head"]["kernel"], initial["head"]["kernel"])
