@@ -293,3 +293,26 @@ def test_overlapping_pool_breaks_ties_like_select_and_scatter(window, stride, pa
                                                                   impl=i)))(x)
                  for impl in ("cpu", "xla")]
         np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
+def test_only_models_and_kernels_import_the_cpu_kernels():
+    """The CPU kernels stay behind one door: no library module outside dlassign/models and
+    dlassign/kernels, no entry point, config or benchmark other than the kernels' own
+    benchmark imports them (the trainer, mesh and Hessian tools ask `models.placement`)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"^\s*(from|import)\s+dlassign\.kernels|^\s*from\s+dlassign\s+import\s+"
+                         r"[^\n]*\bkernels\b", re.M)
+    allowed = {root / "dlassign" / "models", root / "dlassign" / "kernels"}
+    offenders = []
+    for folder in ("dlassign", "experiments", "configs", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            if any(a in path.parents for a in allowed) or path.name == "conv_paths.py":
+                continue
+            if pattern.search(path.read_text()):
+                offenders.append(str(path.relative_to(root)))
+    assert not offenders, offenders
+    assert pattern.search("from dlassign.kernels.conv import conv_path")  # the check can fail
+    assert pattern.search("from dlassign import kernels")
