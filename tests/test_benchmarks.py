@@ -87,6 +87,7 @@ def test_hlo_ops_reads_opcodes_shapes_and_sources_of_a_compiled_program():
     assert all(op["kind"] for op in ops.values() if op["opcode"] == "fusion")
 
 
+@pytest.mark.slow
 def test_profile_step_runs_and_names_the_layers_and_the_optimizer(tmp_path):
     out = tmp_path / "profile.json"
     result = subprocess.run(

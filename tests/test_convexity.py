@@ -34,6 +34,7 @@ def logistic(data, loss):
     return f, x0, z
 
 
+@pytest.mark.slow
 def test_closed_form_logistic_hessians_match_autodiff():
     with jax.enable_x64(True):
         data = blobs()
@@ -83,6 +84,7 @@ def deep_linear(data, depth, loss, width=3):
     return raw, f, x0, unravel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,slope", [("cross_entropy", 1.0), ("mse", 0.5)])
 def test_one_hidden_layer_origin_is_a_strict_saddle(loss, slope):
     with jax.enable_x64(True):
@@ -96,6 +98,7 @@ def test_one_hidden_layer_origin_is_a_strict_saddle(loss, slope):
         np.testing.assert_allclose(jax.grad(f)(jnp.zeros_like(x0)), 0.0, atol=1e-15)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [2, 3])
 def test_deeper_origin_is_a_degenerate_saddle(depth):
     with jax.enable_x64(True):
@@ -133,6 +136,7 @@ def test_midpoint_certificate(depth, loss):
         assert float(raw(mid)) > (float(raw(a)) + float(raw(b))) / 2
 
 
+@pytest.mark.slow
 def test_study_derives_the_answers_on_synthetic_data():
     cfg = convexity_config.get_config()
     cfg.data.name = "synthetic"

@@ -136,6 +136,7 @@ def test_train_config_without_files_is_rejected(tmp_path):
     validate_train_config(config)  # the same config passes once the files are there
 
 
+@pytest.mark.slow
 def test_training_through_the_entry_point(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -45,6 +45,7 @@ def small_problem():
         yield {"f": f, "x0": x0, "h": h, "matvec": matvec, "dim": x0.size}
 
 
+@pytest.mark.slow
 def test_hessian_is_symmetric_and_hvp_matches(small_problem):
     p = small_problem
     with jax.enable_x64(True):
@@ -115,6 +116,7 @@ def test_slq_density_integrates_to_one_and_covers_the_spectrum(small_problem):
     ("lenet5", (2, 32, 32, 3), {}),
     ("resnet18", (2, 16, 16, 3), {"stage_sizes": (1, 1, 1, 1)}),
 ])
+@pytest.mark.slow
 def test_forward_over_reverse_hvp_through_every_layer(name, shape, kwargs):
     """HVPs run through the CPU fast paths (pooling, im2col, BatchNorm) and agree with
     reverse-over-reverse."""
@@ -132,6 +134,7 @@ def test_forward_over_reverse_hvp_through_every_layer(name, shape, kwargs):
         np.testing.assert_allclose(hvp(f, x0, v), reverse_over_reverse, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_model_losses_run_nhwc_for_hessian_vector_products():
     """A batch-minor model's HVP took longer (ResNet-18: 550 against 434 ms), so the Hessian's
     loss runs it NHWC; the values are the same."""

@@ -94,6 +94,7 @@ def test_max_pool_gives_a_tie_to_the_first_maximum(window, stride, padding):
     (3, 1, 1, 2, 4, 3), (5, 1, 2, 2, 2, 3), (3, 2, 1, 1, 3, 2), (5, 1, 2, 9, 3, 6),
     (5, 1, 0, 32, 3, 6),
 ])
+@pytest.mark.slow
 def test_conv_fast_path_equals_xla(kernel, stride, padding, size, cin, cout):
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, cin), jnp.float64)
@@ -108,6 +109,7 @@ def test_conv_fast_path_equals_xla(kernel, stride, padding, size, cin, cout):
                      gw_fast, gw_ref)
 
 
+@pytest.mark.slow
 def test_whole_models_agree_across_impls():
     with jax.enable_x64(True):
         for name, shape, kw in (("cnn", (2, 28, 28, 1), {}), ("lenet5", (2, 32, 32, 3), {}),
@@ -154,6 +156,7 @@ def test_one_pixel_outputs_take_the_dense_form(size, stride):
     assert f"f32[{2 * out * out},{9 * 8}]" not in jaxpr
 
 
+@pytest.mark.slow
 def test_lenet_convolutions_take_output_tiles():
     """5x5 kernels to 6 and 16 channels: patches under 4 and 2 output pixels and one matmul with
     a banded kernel matrix [KH*(TILE+KW-1)*I, TILE*O]; the MNIST CNN's 3x3 layer to 64 channels
@@ -171,6 +174,7 @@ def test_lenet_convolutions_take_output_tiles():
     assert tile_width((128, 32, 32, 3), (5, 5, 3, 6), (2, 2), ((0, 0), (0, 0))) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile", [1, 3, 4, 7])
 def test_tiled_conv_with_any_tile_equals_xla(tile):
     """Tiles that do not divide the output width (10) pad it and crop; tile 1 is im2col."""
@@ -199,6 +203,7 @@ def test_tiled_conv_with_any_tile_equals_xla(tile):
     (3, 1, 1, 7, 4, 3, 2), (1, 1, 0, 5, 4, 6, 1), (7, 2, 3, 16, 3, 4, 1),
     (3, 1, 1, 1, 4, 3, 1), (3, 2, 1, 2, 4, 5, 1),  # one-pixel outputs: the dense form
 ])
+@pytest.mark.slow
 def test_batch_minor_conv_equals_xla(kernel, stride, padding, size, cin, cout, tile):
     """[C, H, W, N] im2col (tile 1), output tiles (tile 3 leaves 8 columns uneven) and the
     dense form."""

@@ -49,6 +49,7 @@ def test_every_torchvision_architecture_is_portable():
             "resnet101"} <= set(PORTABLE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", PORTABLE)
 def test_parity_and_round_trip(arch):
     size = input_side(arch)
@@ -87,6 +88,7 @@ def test_parity_and_round_trip(arch):
     assert np.abs(out32 - ref32).max() <= 1e-4 * max(1.0, np.abs(ref32).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["vgg16_bn", "resnet18"])
 def test_train_mode_batch_norm_parity(arch):
     """Training-mode forward passes agree (batch statistics normalise), running means update
@@ -150,6 +152,7 @@ def test_misshaped_key_names_both_shapes(resnet18_sd):
         torch_to_flax(sd, "resnet18")
 
 
+@pytest.mark.slow
 def test_head_may_differ_only_when_asked(resnet18_sd):
     with pytest.raises(PortingError, match=r"fc.weight: checkpoint has shape \(10, 512\).*"
                                            r"needs \(7, 512\).*replace_head"):

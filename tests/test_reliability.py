@@ -44,6 +44,7 @@ def reference(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failpoint", ["after_step:15", "checkpoint_write:30", "after_step:42"])
 def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(reference, tmp_path, failpoint):
     killed = train_cli(tmp_path, failpoint)
@@ -60,6 +61,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(reference, tmp_pa
     assert a == b
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(reference, tmp_path):
     again = train_cli(tmp_path)
     assert again.returncode == 0
@@ -112,6 +114,7 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     assert "model.activation: checkpoint has 'relu', this run has 'tanh'" in msg
 
 
+@pytest.mark.slow
 def test_one_vs_eight_devices_agree(tmp_path):
     data = synthetic_dataset()
     one = train_and_evaluate(tiny_config({"mesh.num_devices": 1}), str(tmp_path / "one"), data)
@@ -127,6 +130,7 @@ def test_one_vs_eight_devices_agree(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_minor_cnn_on_one_device_agrees_with_nhwc_on_eight(tmp_path):
     """The CPU's default for the CNN (batch-minor, one device) against the layout `setup` gives
     it on a mesh of eight (NHWC): the same losses and parameters, and no all-gather."""
@@ -169,6 +173,7 @@ def jax_leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_restores_on_one_device(tmp_path):
     data = synthetic_dataset()
     config = tiny_config({"mesh.num_devices": 8, "mesh.shard_params": True,

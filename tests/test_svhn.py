@@ -27,6 +27,7 @@ def small(config, **fields):
     return config
 
 
+@pytest.mark.slow
 def test_svhn_on_tfds_mock_data(tmp_path):
     config = small(svhn.get_config("lenet5"))
     with tfds.testing.mock_data(num_examples=64):
@@ -42,6 +43,7 @@ def svhn_dir(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_svhn_mat_files_subset_and_comparison(svhn_dir, tmp_path):
     runs = []
     for arch, extra in (("lenet5", False), ("resnet18", True)):
@@ -77,6 +79,7 @@ def test_collapse_is_recorded_and_warned(tmp_path, caplog):
     assert any("PREDICTIONS COLLAPSED" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_ported_checkpoint_starts_training_and_evaluates(svhn_dir, tmp_path):
     torch = pytest.importorskip("torch")
     from dlassign.porting.port import port
@@ -135,6 +138,7 @@ def test_torchvision_download_offline_is_a_clear_error(monkeypatch):
         torchvision_state_dict("resnet18", "IMAGENET9K")
 
 
+@pytest.mark.slow
 def test_frozen_layers_and_backbone_learning_rate(tmp_path):
     from tests.helpers import synthetic_dataset, tiny_config
 

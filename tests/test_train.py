@@ -56,6 +56,7 @@ def test_tiny_steps_run_on_one_cpu_device():
     assert setup(capped, data).mesh.devices.size == 1
 
 
+@pytest.mark.slow
 def test_cnn_learns_synthetic_task(tmp_path):
     config = tiny_config({"num_epochs": 4})
     config.model = {"name": "cnn", "conv_features": (4, 8), "dense_width": 16, "padding": "same"}
@@ -101,6 +102,7 @@ def test_checkpoint_restores_identical_state(tmp_path):
     assert meta["step"] == 0 and len(meta["state_sha256"]) == 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps_per_call", [1, 2])
 def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, steps_per_call):
     data = synthetic_dataset()
@@ -194,6 +196,7 @@ def test_each_process_contributes_its_rows_of_the_batch_axis(monkeypatch, leadin
     np.testing.assert_array_equal(seen["rows"], want)
 
 
+@pytest.mark.slow
 def test_steps_per_call_trains_like_single_steps(tmp_path):
     """Four steps per call (a scan) give the history and parameters of one step per call."""
     data = synthetic_dataset()
@@ -215,6 +218,7 @@ def test_steps_per_call_trains_like_single_steps(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("min_flops", [1e30, 1.0])  # one device, then all eight
 def test_non_finite_step_leaves_the_whole_state_unchanged(min_flops):
     """Adam's moments and count, BatchNorm's statistics and the parameters stay as they were;
@@ -259,6 +263,7 @@ def test_non_finite_loss_stops_with_step(tmp_path):
         assert all(np.all(np.isfinite(x)) for x in leaves(tree["params"]))
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoint_reproduces_training_metrics(tmp_path):
     config = tiny_config()
     results = train_and_evaluate(config, str(tmp_path))  # embedded digits, loaded for real
@@ -269,6 +274,7 @@ def test_evaluate_checkpoint_reproduces_training_metrics(tmp_path):
         assert os.path.getsize(tmp_path / name) > 0
 
 
+@pytest.mark.slow
 def test_vmapped_folds_match_sequential_folds():
     data = synthetic_dataset(n_train=240)
     folds = stratified_kfold(data.train.labels, 3, seed=0)
@@ -280,6 +286,7 @@ def test_vmapped_folds_match_sequential_folds():
     assert vmapped["mean"] > 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sequential", [False, True])
 def test_folds_in_calls_of_several_steps_match_one_step_per_call(sequential):
     data = synthetic_dataset(n_train=240)
@@ -318,6 +325,7 @@ def test_nan_in_one_fold_stops_the_grid_naming_cell_fold_and_step(tmp_path, monk
     assert not (tmp_path / "best").exists()  # the run stopped at the first cell
 
 
+@pytest.mark.slow
 def test_tune_writes_table_heatmap_and_best_test_metrics(tmp_path):
     config = tiny_config({"num_epochs": 2, "log_every_steps": 0})
     with config.unlocked():
