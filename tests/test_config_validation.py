@@ -37,6 +37,18 @@ CASES = [
     ("impl", "gpu", "unknown impl 'gpu'; expected one of auto, cpu, im2col, xla"),
     ("mesh.num_devices", -1, "mesh.num_devices=-1 is invalid"),
     ("seed", -3, "seed=-3 is invalid"),
+    *[(field, value, f"{field}={value!r} is invalid; expected a finite number")
+      for field, value in [("optimizer.learning_rate", float("nan")),
+                           ("optimizer.learning_rate", float("inf")),
+                           ("optimizer.weight_decay", float("nan")),
+                           ("optimizer.momentum", float("nan")),
+                           ("optimizer.grad_clip_norm", float("inf")),
+                           ("optimizer.backbone_lr_scale", float("nan")),
+                           ("optimizer.warmup_epochs", float("inf")),
+                           ("optimizer.warmup_epochs", float("nan")),
+                           ("model.dropout", float("nan")),
+                           ("data.subset_fraction", float("nan")),
+                           ("mesh.cpu_data_parallel_min_step_flops", float("inf"))]],
 ]
 
 

@@ -5,6 +5,7 @@ Each failure is one `ConfigError` line that names the field, the value and what 
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 
@@ -32,6 +33,9 @@ def _number(field: str, value, *, low=None, high=None, low_open=False, high_open
     need = f"{kind}{' ' + ' and '.join(bounds) if bounds else ''}"
     if not ok_type:
         raise ConfigError(f"{field}={value!r} is invalid; expected {need}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{field}={value!r} is invalid; expected a finite number"
+                          f"{' ' + ' and '.join(bounds) if bounds else ''}")
     if low is not None and (value <= low if low_open else value < low):
         raise ConfigError(f"{field}={value!r} is invalid; expected {need}")
     if high is not None and (value >= high if high_open else value > high):
