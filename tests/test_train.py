@@ -253,8 +253,14 @@ def test_non_finite_step_leaves_the_whole_state_unchanged(min_flops):
 
 def test_non_finite_loss_stops_with_step(tmp_path):
     config = tiny_config({"optimizer.learning_rate": 1e30, "optimizer.name": "sgd"})
-    with pytest.raises(NumericalError, match=r"diverged at step \d+"):
+    with pytest.raises(NumericalError, match=r"diverged at step \d+ at learning rate 1e\+30: "
+                                             r"loss (nan|inf)") as e:
         train_and_evaluate(config, str(tmp_path), synthetic_dataset())
+    saved = checkpoint_steps(tmp_path / "checkpoints")
+    if saved:
+        assert f"the last checkpoint (step {saved[-1]})" in str(e.value)
+    else:
+        assert "no checkpoint was written yet" in str(e.value)
     # Every checkpoint written before the error is finite.
     run = setup(config, synthetic_dataset())
     for step in checkpoint_steps(tmp_path / "checkpoints"):

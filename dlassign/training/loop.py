@@ -91,10 +91,15 @@ class Guard:
       names: the parameter leaves' names (`leaf_names`).
       where: what is training, for the message (e.g. "grid cell {...} fold 2: "); may be "".
       folds: the metrics carry a leading fold axis (steps vmapped over folds).
+      learning_rate: the schedule, step -> learning rate, to say the rate in force.
+      saved: says what is saved, e.g. "the last checkpoint (step 40) is intact".
     """
 
-    def __init__(self, names: list[str], where: str = "", folds: bool = False):
+    def __init__(self, names: list[str], where: str = "", folds: bool = False,
+                 learning_rate: Callable[[int], float] | None = None,
+                 saved: Callable[[], str] | None = None):
         self.names, self.where, self.folds = names, where, folds
+        self.learning_rate, self.saved = learning_rate, saved
 
     def per_step(self, calls: list[tuple[int, dict]]) -> list[dict]:
         """Per-step metrics from (steps, metrics) per call; a call of several steps has its
@@ -122,10 +127,14 @@ class Guard:
             bad = [n for n, ok in zip(self.names, leaf_ok) if not ok]
             leaves = f"; non-finite gradients in {', '.join(bad[:5])}" if bad else ""
             in_fold = f" in fold {fold}" if fold is not None else ""
+            step = first_step + i + 1
+            rate = (f" at learning rate {float(self.learning_rate(step - 1)):.3g}"
+                    if self.learning_rate is not None else "")
+            saved = f"; {self.saved()}" if self.saved is not None else ""
             raise NumericalError(
-                f"{self.where}training diverged at step {first_step + i + 1}{in_fold}: loss "
-                f"{float(loss)}{leaves}. The state was not updated by that step; the last "
-                f"checkpoint is intact. {DIVERGED_HINT}")
+                f"{self.where}training diverged at step {step}{in_fold}{rate}: loss "
+                f"{float(loss)}{leaves}. The state was not updated by that step{saved}. "
+                f"{DIVERGED_HINT}")
 
 
 def run_steps(step: Callable, state, plan: list[tuple[int, int]], batches: Iterator[dict],

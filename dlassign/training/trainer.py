@@ -29,7 +29,7 @@ from dlassign.runtime.files import write_json
 from dlassign.training import loop
 from dlassign.training.config_validation import validate_train_config
 from dlassign.training.metrics import classification_metrics, prediction_collapse
-from dlassign.training.optim import make_optimizer
+from dlassign.training.optim import learning_rate_schedule, make_optimizer
 from dlassign.training.steps import StepConfig, make_eval_step, make_train_step, stacked_or_single
 from dlassign.training.train_state import TrainState, create_train_state
 
@@ -265,7 +265,13 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
             ckpt.save(step, state_tree(state), run_meta(run, history, train_time))
         clock.update(start=time.perf_counter(), step=step)
 
-    guard = loop.Guard(loop.leaf_names(state.params))
+    def saved() -> str:
+        steps = ckpt.steps()
+        return (f"the last checkpoint (step {steps[-1]}) in {ckpt.directory} is intact" if steps
+                else "no checkpoint was written yet")
+
+    schedule = learning_rate_schedule(config.optimizer, run.total_steps, run.steps_per_epoch)
+    guard = loop.Guard(loop.leaf_names(state.params), learning_rate=schedule, saved=saved)
     try:
         state = loop.run_steps(
             train_step, state, plan, batches,

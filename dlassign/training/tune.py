@@ -34,6 +34,7 @@ from dlassign.runtime import parallel
 from dlassign.runtime.files import write_json
 from dlassign.training import loop
 from dlassign.training.config_validation import flatten_grid, validate_tune_config
+from dlassign.training.optim import learning_rate_schedule
 from dlassign.training.steps import make_eval_step, make_train_step, stacked_or_single
 from dlassign.training.train_state import create_train_state
 from dlassign.training.trainer import make_tx, predict, setup, train_and_evaluate
@@ -132,6 +133,8 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     stacked = int(per_call > 1)
     fold_batches = [_fold_batches(dataset.train, ix, i, steps, config.batch_size, config.seed,
                                   config.num_epochs) for i, ix in enumerate(train_ix)]
+    schedule = learning_rate_schedule(config.optimizer, run.total_steps, run.steps_per_epoch)
+    unsaved = lambda: "grid-search folds keep no checkpoints; finished cells stay in results.json"
     start = time.perf_counter()
     if sequential:
         step = jax.jit(stacked_or_single(train_step), donate_argnums=0)
@@ -139,7 +142,8 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
         states = []
         for i in range(k):
             state = jax.jit(init, out_shardings=replicated)(rngs[i])
-            guard = loop.Guard(loop.leaf_names(state.params), f"{where}fold {i}: ")
+            guard = loop.Guard(loop.leaf_names(state.params), f"{where}fold {i}: ",
+                               learning_rate=schedule, saved=unsaved)
             states.append(loop.run_steps(
                 step, state, plan, loop.stacked_batches(fold_batches[i], plan, per_call),
                 sharding, guard))
@@ -147,7 +151,8 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
         step = jax.jit(stacked_or_single(jax.vmap(train_step), label_ndim=2), donate_argnums=0)
         state = jax.jit(jax.vmap(init), out_shardings=replicated)(rngs)
         one = jax.tree.map(lambda x: x[0], state.params)
-        guard = loop.Guard(loop.leaf_names(one), where, folds=True)
+        guard = loop.Guard(loop.leaf_names(one), where, folds=True, learning_rate=schedule,
+                           saved=unsaved)
         batches = loop.stacked_batches(_stacked_folds(fold_batches), plan, per_call)
         state = loop.run_steps(step, state, plan, batches,
                                parallel.batch_sharding(run.mesh, stacked + 1), guard)  # [S,] K, B
