@@ -35,17 +35,27 @@ class _QuietLibraries(logging.logging.Filter):
 
 
 def clean_errors(main):
-    """Reports a DlassignError (bad config, missing data, bad checkpoint) as one line, exit 2."""
+    """Reports a DlassignError (bad config, missing data, bad checkpoint) as one line, exit 2;
+    Ctrl-C and SIGTERM (which the training loop turns into a save between steps) as one line,
+    exit 130 and 143, the shells' conventions for those signals."""
 
     @functools.wraps(main)
     def wrapped(argv):
+        from dlassign.runtime import preemption
+
         logging.set_verbosity(logging.INFO)
         logging.get_absl_logger().addFilter(_QuietLibraries())
+        preemption.install()
         try:
             return main(argv)
         except DlassignError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            signal_name = "SIGTERM" if preemption.requested() else "interrupt"
+            print(f"stopped by {signal_name}: the finished steps are saved; rerun the same "
+                  "command to resume", file=sys.stderr)
+            sys.exit(143 if preemption.requested() else 130)
 
     return wrapped
 

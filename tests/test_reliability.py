@@ -243,3 +243,43 @@ def test_main_job_needs_no_download():
         data = run.data if "data" in run else run
         assert dataset_info(data.name).embedded is not None, data.name
         assert not data.get("data_dir")
+
+
+def test_second_process_on_a_workdir_is_refused_in_one_line(tmp_path):
+    """A live holder of the workdir's lock makes a second run stop at once, naming it; once the
+    holder is gone (even killed), the lock is taken over."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from dlassign.runtime.workdir import WorkdirLock\n"
+         f"with WorkdirLock({str(tmp_path)!r}):\n"
+         "    print('locked', flush=True); time.sleep(120)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = train_cli(tmp_path)
+        assert second.returncode == 2
+        assert "Traceback" not in second.stderr
+        error = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and f"process {holder.pid}" in error[0], second.stderr[-2000:]
+        assert not (tmp_path / "checkpoints").exists()  # refused before any work
+    finally:
+        holder.kill()
+        holder.wait()
+    from dlassign.runtime.workdir import WorkdirLock
+
+    with WorkdirLock(str(tmp_path)):  # the dead holder's lock is taken over
+        pass
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_resume_matches_uninterrupted_run_bitwise(reference, tmp_path):
+    stopped = train_cli(tmp_path, "sigterm_after_step:25")
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: the finished "
+                                                              "steps are saved")
+    saved = checkpoint_steps(tmp_path / "checkpoints")
+    assert 25 <= max(saved) < 30  # the steps finished before the stop, not a checkpoint step
+    resumed = train_cli(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert final_state(tmp_path) == final_state(reference)

@@ -4,6 +4,7 @@ Set DLASSIGN_FAILPOINT to make a run SIGKILL itself at a chosen moment, as a pow
 out-of-memory kill would:
 
 * `after_step:N`       right after training step N is dispatched, before its checkpoint;
+* `sigterm_after_step:N` sends itself SIGTERM there instead, as a scheduler would;
 * `checkpoint_write:N` while checkpoint N is being written (once Orbax's temporary directory
                        exists, before it is renamed into place).
 
@@ -32,6 +33,8 @@ def kill_now() -> None:
 def after_step(step: int) -> None:
     if _armed("after_step", step):
         kill_now()
+    if _armed("sigterm_after_step", step):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def during_checkpoint_write(step: int, directory: str) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from dlassign.errors import NumericalError
-from dlassign.runtime import faults, parallel
+from dlassign.runtime import faults, parallel, preemption
 
 DIVERGED_HINT = "Lower optimizer.learning_rate or set optimizer.grad_clip_norm"
 
@@ -155,7 +155,8 @@ def run_steps(step: Callable, state, plan: list[tuple[int, int]], batches: Itera
 
     Raises:
       NumericalError: a step was not finite (the guard's message).
-      Interrupted: Ctrl-C between calls; it carries the last state, whose steps passed the guard.
+      Interrupted: Ctrl-C, or a SIGTERM stop request (`runtime.preemption`), between calls; it
+        carries the last state, whose steps passed the guard.
     """
     limiter = parallel.DispatchLimiter()
     pending, synced = [], (plan[0][0] - 1 if plan else 0)
@@ -180,6 +181,8 @@ def run_steps(step: Callable, state, plan: list[tuple[int, int]], batches: Itera
                 host = flush(last)
                 if on_sync is not None:
                     on_sync(state, last, host)
+            if preemption.requested():
+                raise KeyboardInterrupt  # a SIGTERM asks to stop between calls, like Ctrl-C
     except KeyboardInterrupt:
         flush(synced)
         raise Interrupted(state) from None

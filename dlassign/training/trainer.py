@@ -26,6 +26,7 @@ from dlassign.models import architecture, get_model, placement
 from dlassign.runtime import parallel
 from dlassign.runtime.checkpoint import Checkpointer, load_variables
 from dlassign.runtime.files import write_json
+from dlassign.runtime.workdir import WorkdirLock
 from dlassign.training import loop
 from dlassign.training.config_validation import validate_train_config
 from dlassign.training.metrics import classification_metrics, prediction_collapse
@@ -308,8 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     os.makedirs(workdir, exist_ok=True)
     state = make_state(run, initial_variables(run))
     # closed on success and on any failure: lets the checkpoints being written finish
-    with Checkpointer(os.path.join(workdir, "checkpoints"),
-                      config.get("keep_checkpoints", 3)) as ckpt:
+    with WorkdirLock(workdir), Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            config.get("keep_checkpoints", 3)) as ckpt:
         state, eval_step, history, train_time = _train(run, state, ckpt)
         test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
                         run.dataset.num_classes)

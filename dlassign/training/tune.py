@@ -32,6 +32,7 @@ from dlassign.data.batching import epoch_permutation
 from dlassign.errors import DlassignError, one_of
 from dlassign.runtime import parallel
 from dlassign.runtime.files import write_json
+from dlassign.runtime.workdir import WorkdirLock
 from dlassign.training import loop
 from dlassign.training.config_validation import flatten_grid, validate_tune_config
 from dlassign.training.optim import learning_rate_schedule
@@ -210,7 +211,11 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     complete, and a rerun skips them.
     """
     validate_tune_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir):
+        return _tune(config, workdir)
+
+
+def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dataset = prepare(config.data, config.seed)
     folds = stratified_kfold(dataset.train.labels, config.tune.num_folds, config.seed)
     path = os.path.join(workdir, "results.json")

@@ -1,0 +1,69 @@
+"""One process per workdir: an exclusive lock held for the process's life.
+
+The lock is `fcntl.flock` on `WORKDIR/.lock`, which the operating system releases when the
+process dies however it dies, so a stale lock of a killed run is simply taken over. The file
+records who holds it, for the message a second process gets.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+import jax
+
+from dlassign.errors import DlassignError
+
+LOCK_NAME = ".lock"
+
+
+class WorkdirBusy(DlassignError):
+    """Another live process holds the workdir."""
+
+
+class WorkdirLock:
+    """`with WorkdirLock(workdir):` holds the workdir exclusively (process 0 of a multi-process
+    run holds it for all of them)."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, LOCK_NAME)
+        self._fd: int | None = None
+
+    def __enter__(self) -> WorkdirLock:
+        if jax.process_index() != 0:
+            return self
+        os.makedirs(self.workdir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(fd)
+            os.close(fd)
+            raise WorkdirBusy(f"workdir {self.workdir!r} is in use by {holder}; wait for it to "
+                              "finish or pass another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "command": " ".join(sys.argv), "since": time.time()}).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _describe(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "another process"
+    return f"process {info.get('pid')} on {info.get('host')} ({info.get('command', '')[:120]})"
