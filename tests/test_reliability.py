@@ -92,6 +92,42 @@ def test_damaged_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
         state, meta = ckpt.restore_latest(abstract_tree(make_state(run)), config.to_dict())
     assert meta["step"] < latest
     assert any("falling back" in r.getMessage() for r in caplog.records)
+    # moved aside, not deleted: the step number is free to be written again
+    assert not (tmp_path / "checkpoints" / str(latest)).exists()
+    assert [p.name.split("-")[0] for p in (tmp_path / "damaged_checkpoints").iterdir()] == [
+        str(latest)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["arrays", "metadata", "stray_step", "temporary"])
+def test_any_damage_to_the_newest_step_resumes_to_the_uninterrupted_result(reference, tmp_path,
+                                                                          damage):
+    """The run is killed after step 15 (checkpoint 10 on disk), then its newest step is
+    damaged; the rerun sets the damage aside, retrains, writes that step number again, and ends
+    bitwise where an uninterrupted run ends."""
+    killed = train_cli(tmp_path, "after_step:25")
+    assert killed.returncode == -signal.SIGKILL
+    ckpt_dir = tmp_path / "checkpoints"
+    if damage == "arrays":
+        _damage_latest(tmp_path)
+    elif damage == "metadata":
+        (ckpt_dir / "20" / "meta" / "metadata").write_text('{"step": 2')
+    elif damage == "stray_step":
+        (ckpt_dir / "24").mkdir()
+        (ckpt_dir / "24" / "junk").write_bytes(b"\x00" * 10)
+    else:
+        (ckpt_dir / "30.orbax-checkpoint-tmp-1234").mkdir()
+    resumed = train_cli(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr
+    assert final_state(tmp_path) == final_state(reference)
+    assert not list(ckpt_dir.glob("*orbax-checkpoint-tmp*"))
+    if damage != "temporary":
+        assert list((tmp_path / "damaged_checkpoints").iterdir())
+    evaluated = subprocess.run([sys.executable, "-m", "experiments.evaluate",
+                                f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 
 
 def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -24,6 +26,8 @@ from dlassign.errors import CheckpointError
 from dlassign.runtime import faults
 
 # Config fields that fix the shapes and meaning of the state; a checkpoint must match them all.
+MANIFEST = "dlassign_files.json"  # SHA-256 of every file of a step, written after the save
+
 IDENTITY_FIELDS = ("model", "data.name", "data.pad_to", "data.image_size", "data.channels",
                    "optimizer.name", "optimizer.frozen", "optimizer.backbone_lr_scale", "dtype")
 
@@ -84,6 +88,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
+        if jax.process_index() == 0:
+            _remove_temporaries(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -97,10 +103,72 @@ class Checkpointer:
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            _write_manifest(os.path.join(self.directory, str(int(step))))
+
+    def check_files(self, step: int) -> None:
+        """Compares a step's files with the manifest written after it was saved, so damage is
+        found (and named) without handing damaged bytes to Orbax, whose failed reads leave
+        tracebacks of abandoned callbacks on stderr. Steps saved without a manifest pass.
+
+        Raises:
+          CheckpointError: a file is missing, added or changed; names it.
+        """
+        folder = os.path.join(self.directory, str(step))
+        path = os.path.join(folder, MANIFEST)
+        if not os.path.isfile(path):
+            return
+        try:
+            with open(path) as f:
+                want = json.load(f)
+            assert isinstance(want, dict)
+        except (OSError, ValueError, AssertionError):
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: its file manifest "
+                                  f"{MANIFEST} is unreadable") from None
+        have = _file_hashes(folder)
+        for name in sorted(set(want) | set(have)):
+            if want.get(name) != have.get(name):
+                what = ("is missing" if name not in have else "is not in its manifest"
+                        if name not in want else "changed since it was saved")
+                raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged: "
+                                      f"{name} {what}")
 
     def read_meta(self, step: int) -> dict:
-        return self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        """The JSON meta of one step; CheckpointError when it is missing or unreadable."""
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # Orbax raises many types for missing or damaged files
+            raise CheckpointError(f"checkpoint {step} in {self.directory} has no readable "
+                                  f"metadata: {type(e).__name__}: "
+                                  f"{_first_line(e)}") from e
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"checkpoint {step} in {self.directory} has metadata of type "
+                                  f"{type(meta).__name__}; expected a JSON object")
+        return meta
+
+    def newest_meta(self) -> tuple[int, dict] | None:
+        """(step, meta) of the newest step whose metadata reads, or None."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.read_meta(step)
+            except CheckpointError:
+                continue
+        return None
+
+    def set_aside(self, steps: list[int], reasons: list[str]) -> None:
+        """Moves damaged steps out of the checkpoint directory (into `damaged/` beside it, never
+        deleted), so the run can write those step numbers again."""
+        if jax.process_index() != 0 or not steps:
+            return
+        aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step, reason in zip(steps, reasons):
+            target = os.path.join(aside, f"{step}-{stamp}")
+            os.replace(os.path.join(self.directory, str(step)), target)
+            logging.warning("moved damaged checkpoint %d to %s (%s)", step, target, reason)
+        self._manager.reload()
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores and verifies one step into `abstract_state`'s structure and shardings;
@@ -112,14 +180,15 @@ class Checkpointer:
         return self._restore_verified(step, ocp.args.StandardRestore())
 
     def _restore_verified(self, step: int, state_args) -> tuple[Any, dict]:
+        self.check_files(step)
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(
                 state=state_args, meta=ocp.args.JsonRestore()))
         except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
             raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+                                  f"{type(e).__name__}: {_first_line(e)}") from e
         state, meta = out["state"], out["meta"]
-        if meta.get("state_sha256") != fingerprint(state):
+        if not isinstance(meta, dict) or meta.get("state_sha256") != fingerprint(state):
             raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged: its "
                                   "contents do not match the fingerprint written with it")
         return state, meta
@@ -128,31 +197,41 @@ class Checkpointer:
                        ) -> tuple[Any, dict] | None:
         """The newest intact checkpoint, or None when there is none.
 
+        Steps newer than it that cannot be read or verified (any damage: arrays, metadata, a
+        stray folder named like a step) are moved aside with a warning naming each
+        (`set_aside`), so training can write their step numbers again.
+
         Args:
           abstract_state: the state's structure, shapes, dtypes and shardings.
           config: this run's config; a checkpoint whose identity fields differ is refused.
 
         Raises:
-          CheckpointError: the checkpoints belong to another model or config, or none is intact.
+          CheckpointError: the checkpoints belong to another model or config, or none is intact
+            (then nothing is moved, and the message names every step and its damage).
         """
         steps = self.steps()
         if not steps:
             return None
         if config is not None:
-            diffs = config_differences(self.read_meta(steps[-1]).get("config", {}), config)
-            if diffs:
-                raise CheckpointError(
-                    f"the checkpoints in {self.directory} were written for a different run; "
-                    f"{'; '.join(diffs)}. Use a new workdir, or the config that wrote them")
-        errors = []
+            newest = self.newest_meta()
+            if newest is not None:
+                diffs = config_differences(newest[1].get("config", {}), config)
+                if diffs:
+                    raise CheckpointError(
+                        f"the checkpoints in {self.directory} were written for a different "
+                        f"run; {'; '.join(diffs)}. Use a new workdir, or the config that wrote "
+                        "them")
+        damaged, errors = [], []
         for step in reversed(steps):
             try:
                 state, meta = self.restore(step, abstract_state)
             except CheckpointError as e:
+                damaged.append(step)
                 errors.append(str(e))
                 logging.warning("%s; falling back to an earlier checkpoint", e)
                 continue
-            if errors:
+            if damaged:
+                self.set_aside(damaged, errors)
                 logging.warning("resuming from checkpoint %d, the newest intact one", step)
             return state, meta
         raise CheckpointError("no intact checkpoint in " + self.directory + ": " +
@@ -180,3 +259,42 @@ def load_variables(path: str) -> tuple[dict, dict]:
             raise CheckpointError(f"init_checkpoint {path!r} holds no checkpoint")
         tree, meta = ckpt.restore_raw(steps[-1])
     return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}, meta
+
+
+def _remove_temporaries(directory: str) -> None:
+    """Deletes the temporary folders of saves that were interrupted (Orbax renames a finished
+    save into place, so a temporary folder never holds a complete checkpoint)."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if ".orbax-checkpoint-tmp" in name:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            logging.warning("removed %s, left by an interrupted checkpoint save", name)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:300]
+
+
+def _file_hashes(folder: str) -> dict[str, str]:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel in (MANIFEST, MANIFEST + ".tmp"):
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[rel] = h.hexdigest()
+    return out
+
+
+def _write_manifest(folder: str) -> None:
+    hashes = _file_hashes(folder)  # before the temporary file exists
+    tmp = os.path.join(folder, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(hashes, f, indent=0, sort_keys=True)
+    os.replace(tmp, os.path.join(folder, MANIFEST))

@@ -38,7 +38,13 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
         if step is not None and step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {ckpt_dir}; steps "
                                   f"present: {', '.join(map(str, steps))}")
-        first_meta = ckpt.read_meta(step or steps[-1])
+        if step is None:
+            newest = ckpt.newest_meta()
+            if newest is None:
+                raise CheckpointError(f"no checkpoint in {ckpt_dir} has readable metadata")
+            first_meta = newest[1]
+        else:
+            first_meta = ckpt.read_meta(step)
         config = ml_collections.ConfigDict(first_meta["config"])
         if overrides:
             config.update_from_flattened_dict(overrides)
