@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.init_checkpoint = ""        # start from ported weights (experiments.port_weights output)
     c.torchvision_weights = ""    # e.g. IMAGENET1K_V1: download through torchvision and port
+    c.continue_with_changes = False  # resume a workdir whose training config differs (recorded)
 
     c.dtype = "float32"           # float32 | bfloat16 (compute; parameters stay float32)
     c.impl = "auto"               # auto | cpu | xla: XLA:CPU fast paths (dlassign.kernels)

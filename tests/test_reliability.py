@@ -319,3 +319,23 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run_bitwise(reference, 
     resumed = train_cli(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert final_state(tmp_path) == final_state(reference)
+
+
+def test_resuming_with_another_training_config_is_refused_unless_asked(tmp_path):
+    data = synthetic_dataset()
+    train_and_evaluate(tiny_config(), str(tmp_path), data)
+    changed = tiny_config({"optimizer.learning_rate": 0.01, "seed": 3,
+                           "data.data_dir": "", "log_every_steps": 2})  # the last two: runtime
+    with pytest.raises(CheckpointError) as e:
+        train_and_evaluate(changed, str(tmp_path), data)
+    message = str(e.value)
+    assert "optimizer.learning_rate: checkpoint has 0.003, this run has 0.01" in message
+    assert "seed: checkpoint has 0, this run has 3" in message
+    assert "log_every_steps" not in message and "continue_with_changes=true" in message
+    with changed.unlocked():
+        changed.continue_with_changes = True
+    results = train_and_evaluate(changed, str(tmp_path), data)
+    (change,) = results["config_changes"]
+    assert change["step"] == results["steps"]  # the finished run, continued with no new steps
+    assert sorted(c.split(":")[0] for c in change["changes"]) == ["optimizer.learning_rate",
+                                                                    "seed"]

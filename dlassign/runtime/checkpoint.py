@@ -71,11 +71,21 @@ def _normalise(v):
     return json.loads(json.dumps(v)) if v is not None else None
 
 
-def config_differences(saved: dict, current: dict, fields=IDENTITY_FIELDS) -> list[str]:
-    """'field: checkpoint has X, this run has Y' for each identity field that differs."""
+# Config fields that say where and how fast a run goes, not what it computes: a resumed run may
+# change them freely.
+RUNTIME_FIELDS = ("data.data_dir", "data.tfds_data_dir", "log_every_steps",
+                  "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "steps_per_call",
+                  "num_cpu_devices", "mesh", "impl", "continue_with_changes")
+
+
+def config_differences(saved: dict, current: dict, fields=IDENTITY_FIELDS,
+                       ignore: tuple[str, ...] = ()) -> list[str]:
+    """'field: checkpoint has X, this run has Y' for each of `fields` that differs (None: every
+    field but those under `ignore`)."""
     s, c = _flatten(saved), _flatten(current)
-    keys = sorted(k for k in set(s) | set(c) if any(k == f or k.startswith(f + ".")
-                                                   for f in fields))
+    under = lambda k, names: any(k == f or k.startswith(f + ".") for f in names)
+    keys = sorted(k for k in set(s) | set(c)
+                  if (fields is None or under(k, fields)) and not under(k, ignore))
     pairs = [(k, _normalise(s.get(k)), _normalise(c.get(k))) for k in keys]
     return [f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, a, b in pairs if a != b]
 

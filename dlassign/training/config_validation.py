@@ -168,6 +168,7 @@ def validate_train_config(config, image_size: int | None = None) -> None:
             config.get("mesh", {}).get("cpu_data_parallel_max_params", 0), low=0, integer=True)
     _number("mesh.cpu_data_parallel_min_step_flops",
             config.get("mesh", {}).get("cpu_data_parallel_min_step_flops", 0.0), low=0)
+    _choice("continue_with_changes", config.get("continue_with_changes", False), (False, True))
     check_image_size(config.model, image_size or final_image_size(config.data))
     if config.get("init_checkpoint") and not os.path.isdir(config.init_checkpoint):
         raise ConfigError(f"init_checkpoint={config.init_checkpoint!r} is not a directory; "

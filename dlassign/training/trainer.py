@@ -24,7 +24,12 @@ from dlassign.data import Dataset, Split, eval_batches, prepare, steps_per_epoch
 from dlassign.errors import CheckpointError
 from dlassign.models import architecture, get_model, placement
 from dlassign.runtime import parallel
-from dlassign.runtime.checkpoint import Checkpointer, load_variables
+from dlassign.runtime.checkpoint import (
+    RUNTIME_FIELDS,
+    Checkpointer,
+    config_differences,
+    load_variables,
+)
 from dlassign.runtime.files import write_json
 from dlassign.runtime.workdir import WorkdirLock
 from dlassign.training import loop
@@ -58,6 +63,7 @@ class Run:
     step_config: StepConfig
     steps_per_epoch: int
     total_steps: int
+    config_changes: list = dataclasses.field(default_factory=list)  # set when resuming
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -212,7 +218,30 @@ def _format_eta(seconds: float) -> str:
 
 def run_meta(run: Run, history: list, train_time: float) -> dict:
     return {"config": run.config.to_dict(), "history": history, "train_time_s": train_time,
-            "dataset": run.dataset.name, "image_shape": list(run.dataset.image_shape)}
+            "dataset": run.dataset.name, "image_shape": list(run.dataset.image_shape),
+            "config_changes": run.config_changes}
+
+
+def _resume_changes(config, meta: dict, directory: str) -> list[dict]:
+    """The config changes a resumed run carries: those recorded before, plus this run's
+    differences from the config the checkpoint was written with.
+
+    Raises:
+      CheckpointError: the training config differs and `continue_with_changes` is not set.
+    """
+    changes = list(meta.get("config_changes", []))
+    diffs = config_differences(meta.get("config", {}), config.to_dict(), fields=None,
+                               ignore=RUNTIME_FIELDS)
+    if not diffs:
+        return changes
+    if not config.get("continue_with_changes", False):
+        raise CheckpointError(
+            f"{directory} holds a run started with another training config ({'; '.join(diffs)}). "
+            "Use a new workdir, rerun with the config that wrote it, or pass "
+            "--config.continue_with_changes=true to continue with the new values")
+    logging.warning("continuing from step %d with changed config: %s", meta.get("step", 0),
+                    "; ".join(diffs))
+    return changes + [{"step": int(meta.get("step", 0)), "changes": diffs}]
 
 
 def _train(run: Run, state: TrainState, ckpt: Checkpointer):
@@ -224,13 +253,15 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
       (state, eval_step, history, train_time).
     """
     config = run.config
-    history, train_time = [], 0.0
+    history, train_time, changes = [], 0.0, []
     restored = ckpt.restore_latest(abstract_tree(state), config.to_dict())
     if restored is not None:
         tree, meta = restored
+        changes = _resume_changes(config, meta, ckpt.directory)
         state = state.replace(**tree)
         history, train_time = meta.get("history", []), meta.get("train_time_s", 0.0)
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+    run.config_changes = changes
     train_step, eval_step = compile_steps(run, state)
     logging.info("%s: %d parameters, %d train / %d test examples, %d steps (%d per epoch), "
                  "%d devices", config.model.name, parallel.tree_size(state.params),
@@ -327,6 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "test": test,
         "prediction_collapse": test["collapse"],
         "history": history,
+        "config_changes": run.config_changes,
     }
     write_json(os.path.join(workdir, "results.json"), results)
     return results
