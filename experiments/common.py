@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import runpy
 import sys
 
 from absl import app, flags, logging
@@ -65,22 +66,53 @@ def data_dir_override(data_dir: str | None) -> dict | None:
     return {"data.data_dir": data_dir} if data_dir else None
 
 
-def _parse_flags(argv):
-    """absl's parser, with ml_collections' override errors as one line instead of a traceback."""
+def _config_fields(argv, field: str) -> str:
+    """', valid fields here: a, b, c' for the block that an unknown `--config.<field>` names,
+    or '' when the config file cannot be read."""
     try:
-        return flags.FLAGS(argv)
+        spec = next(a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config="))
+        path, _, arg = spec.partition(":")
+        module = runpy.run_path(path)
+        node = module["get_config"](*([arg] if arg else []))
+        for part in field.split(".")[:-1]:
+            node = node[part]
+        return f"; fields of {'.'.join(field.split('.')[:-1]) or 'the config'}: " + ", ".join(
+            sorted(node.keys()))
+    except Exception:  # only a hint: the one-line error stands without it
+        return ""
+
+
+def _parse_flags(argv):
+    """absl's parser, with every config-file and override error as one line, exit 2."""
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+            flags.FLAGS.config.get("seed")  # a config file that failed to load raises here
+        return rest
     except flags.Error as e:
         print(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.",
               file=sys.stderr)
+        sys.exit(2)
+    except (OSError, SyntaxError) as e:
+        # ml_collections loads --config=FILE while parsing: a missing file or a broken one.
+        spec = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
+        reason = (f"line {e.lineno}: {e.msg}" if isinstance(e, SyntaxError)
+                  else "no such file" if "No such file" in str(e)
+                  else (str(e).splitlines() or [type(e).__name__])[0])
+        print(f"error: cannot load {spec}: {reason}", file=sys.stderr)
         sys.exit(2)
     except (KeyError, AttributeError, TypeError, ValueError) as e:
         # ml_collections raises these for --config.<field> overrides: an unknown field (with a
         # "Did you mean" hint) or a value of the wrong type.
         message = str(e.args[0] if e.args else e)
-        if isinstance(e, KeyError) and "\n" in message:
-            field, hint = message.split("\n", 1)
-            message = f"no config field {field}. {hint}"
         bad = [a for a in argv[1:] if a.startswith("--config.")]
+        if isinstance(e, (KeyError, AttributeError)) and message.startswith(("'", '"')):
+            field, _, hint = message.partition("\n")
+            name = field.strip("'\"")
+            full = next((a.split("=", 1)[0][len("--config."):] for a in bad
+                         if a.split("=", 1)[0].endswith(name)), name)
+            message = f"no config field {full!r}{_config_fields(argv, full)}" + (
+                f". {hint}" if hint else "")
         print(f"error: bad config override {' '.join(bad)}: {message}".replace("\n", " "),
               file=sys.stderr)
         sys.exit(2)

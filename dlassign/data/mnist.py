@@ -28,7 +28,7 @@ def read_local(data_dir: str, split: str) -> Split:
     try:
         with np.load(npz) as z:
             x, y = z[f"x_{split}"], z[f"y_{split}"]
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except Exception as e:  # zipfile, pickle and numpy raise many types for a damaged file
         raise DataError(f"cannot read {npz}: {e}; expected a Keras mnist.npz with "
                         "x_train, y_train, x_test, y_test") from None
     return Split(x[..., None] if x.ndim == 3 else x, y)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dlassign.errors import DataError, one_of
+from dlassign.errors import DataError, DlassignError, one_of
 
 SPLITS = ("train", "test")
 
@@ -125,7 +125,15 @@ def load_split(
         if spec.read_local is None:
             raise DataError(f"dataset {name!r} has no local file format; leave data_dir empty "
                             "to load it through TFDS")
-        result, source = spec.read_local(data_dir, split), f"data_dir {data_dir!r}"
+        source = f"data_dir {data_dir!r}"
+        try:
+            result = spec.read_local(data_dir, split)
+        except DlassignError:
+            raise
+        except Exception as e:  # a reader that missed a malformed input still gets one line
+            raise DataError(f"cannot read the {name} {split} split from {source}: "
+                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}; "
+                            f"expected {spec.local_files}") from None
     else:
         result, source = _load_tfds(spec, split, tfds_data_dir), "TFDS"
     return _validate(result, spec, split, source)

@@ -25,7 +25,7 @@ def read_local(data_dir: str, split: str) -> Split:
     try:
         mat = loadmat(path)
         x, y = mat["X"], mat["y"]
-    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+    except Exception as e:  # scipy raises many types (MatReadError, ValueError, ...) for bad files
         raise DataError(f"cannot read {path}: {e}; expected a MATLAB (v5) file with "
                         "X[32, 32, 3, N] and y[N, 1]") from None
     if x.ndim != 4:

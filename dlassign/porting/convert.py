@@ -161,8 +161,13 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], arch: str, num_classes: int
     flat, replaced = {}, []
     for m in maps:
         value = np.asarray(state_dict[m.torch_key])
-        converted = m.rule.to_flax(value)
         want = shapes[m.flax_key]
+        if value.ndim != len(want):
+            want_torch = m.rule.to_torch(np.empty(want, np.int8)).shape
+            raise PortingError(f"{m.torch_key}: checkpoint has a {value.ndim}-d tensor of shape "
+                               f"{tuple(value.shape)}, {arch} needs {len(want)}-d "
+                               f"{tuple(want_torch)}")
+        converted = m.rule.to_flax(value)
         if converted.shape != want:
             if m.head and replace_head:
                 replaced.append(m.flax_key)

@@ -25,6 +25,25 @@ class WorkdirBusy(DlassignError):
     """Another live process holds the workdir."""
 
 
+def check_workdir(workdir: str) -> None:
+    """A workdir must be a directory this process can create and write; checked before any
+    data is read or any compute starts.
+
+    Raises:
+      DlassignError: it is a file, or it cannot be created or written; names it.
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise DlassignError(f"workdir {workdir!r} is a file; expected a directory (new or "
+                            "holding a run)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, LOCK_NAME), "a"):
+            pass
+    except OSError as e:
+        raise DlassignError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a "
+                            "--workdir this user can write") from None
+
+
 class WorkdirLock:
     """`with WorkdirLock(workdir):` holds the workdir exclusively (process 0 of a multi-process
     run holds it for all of them)."""
@@ -37,7 +56,7 @@ class WorkdirLock:
     def __enter__(self) -> WorkdirLock:
         if jax.process_index() != 0:
             return self
-        os.makedirs(self.workdir, exist_ok=True)
+        check_workdir(self.workdir)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -31,7 +31,7 @@ from dlassign.runtime.checkpoint import (
     load_variables,
 )
 from dlassign.runtime.files import write_json
-from dlassign.runtime.workdir import WorkdirLock
+from dlassign.runtime.workdir import WorkdirLock, check_workdir
 from dlassign.training import loop
 from dlassign.training.config_validation import validate_train_config
 from dlassign.training.metrics import classification_metrics, prediction_collapse
@@ -336,8 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     Returns:
       The results dict.
     """
+    check_workdir(workdir)
     run = setup(config, dataset)
-    os.makedirs(workdir, exist_ok=True)
     state = make_state(run, initial_variables(run))
     # closed on success and on any failure: lets the checkpoints being written finish
     with WorkdirLock(workdir), Checkpointer(os.path.join(workdir, "checkpoints"),

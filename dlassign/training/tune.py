@@ -32,7 +32,7 @@ from dlassign.data.batching import epoch_permutation
 from dlassign.errors import DlassignError, one_of
 from dlassign.runtime import parallel
 from dlassign.runtime.files import write_json
-from dlassign.runtime.workdir import WorkdirLock
+from dlassign.runtime.workdir import WorkdirLock, check_workdir
 from dlassign.training import loop
 from dlassign.training.config_validation import flatten_grid, validate_tune_config
 from dlassign.training.optim import learning_rate_schedule
@@ -211,6 +211,7 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     complete, and a rerun skips them.
     """
     validate_tune_config(config)
+    check_workdir(workdir)
     with WorkdirLock(workdir):
         return _tune(config, workdir)
 
