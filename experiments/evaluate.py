@@ -1,6 +1,7 @@
 """Evaluates a checkpoint of a training workdir on the test split.
 
-  python -m experiments.evaluate --workdir=runs/mnist_cnn [--step=N] [--data_dir=PATH]
+  python -m experiments.evaluate --workdir=runs/mnist_cnn [--step=N] [--data_dir=PATH] \
+      [--eval_batch_size=N]
 
 Prints the metrics as JSON and writes eval.json, eval_per_class.md and confusion_matrix.png.
 """
@@ -15,6 +16,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest intact one.")
 flags.DEFINE_string("data_dir", None, "Where the dataset's raw files are now, if they moved.")
+flags.DEFINE_integer("eval_batch_size", None, "Evaluation batch; default: the run's config's.",
+                     lower_bound=1)
 flags.mark_flag_as_required("workdir")
 
 
@@ -24,7 +27,9 @@ def main(argv):
     prepare_platform()
     from dlassign.training.evaluation import evaluate_checkpoint
 
-    overrides = data_dir_override(FLAGS.data_dir)
+    overrides = data_dir_override(FLAGS.data_dir) or {}
+    if FLAGS.eval_batch_size:
+        overrides["eval_batch_size"] = FLAGS.eval_batch_size
     result = evaluate_checkpoint(FLAGS.workdir, FLAGS.step, overrides)
     test = {k: result["test"][k] for k in ("accuracy", "precision_macro", "recall_macro",
                                            "f1_macro", "loss", "num_examples")}

@@ -339,3 +339,25 @@ def test_resuming_with_another_training_config_is_refused_unless_asked(tmp_path)
     assert change["step"] == results["steps"]  # the finished run, continued with no new steps
     assert sorted(c.split(":")[0] for c in change["changes"]) == ["optimizer.learning_rate",
                                                                     "seed"]
+
+
+def test_evaluation_that_cannot_fit_in_memory_fails_before_training(tmp_path, monkeypatch):
+    from dlassign.errors import ConfigError
+    from dlassign.training import trainer
+
+    monkeypatch.setattr(trainer, "available_memory", lambda: 10_000)  # 10 kB left
+    with pytest.raises(ConfigError, match=r"eval_batch_size=64 needs about .* GiB to evaluate"):
+        train_and_evaluate(tiny_config(), str(tmp_path), synthetic_dataset())
+    assert checkpoint_steps(tmp_path / "checkpoints") == []  # nothing trained
+
+
+def test_disk_without_room_for_a_checkpoint_fails_before_training(tmp_path, monkeypatch):
+    import collections
+    import shutil as shutil_module
+
+    from dlassign.errors import ConfigError
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
+    with pytest.raises(ConfigError, match=r"has 0 MiB free; a checkpoint of this run takes"):
+        train_and_evaluate(tiny_config(), str(tmp_path), synthetic_dataset())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 
 import flax.traverse_util as traverse_util
@@ -21,7 +22,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dlassign.data import Dataset, Split, eval_batches, prepare, steps_per_epoch, train_batches
-from dlassign.errors import CheckpointError
+from dlassign.errors import CheckpointError, ConfigError
 from dlassign.models import architecture, get_model, placement
 from dlassign.runtime import parallel
 from dlassign.runtime.checkpoint import (
@@ -137,6 +138,61 @@ def compile_steps(run: Run, state: TrainState):
                          out_shardings=(state_sharding, parallel.replicated(run.mesh)))
     eval_step = jax.jit(make_eval_step(run.step_config))
     return train_step, eval_step
+
+
+def available_memory() -> int | None:
+    """Bytes the first device can still allocate: the accelerator's free memory, or the host's
+    MemAvailable on the CPU (None when unknown)."""
+    device = jax.local_devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_resources(run: Run, state: TrainState, eval_step, workdir: str) -> None:
+    """Fails before training, in one line, where the run could only fail after it: an
+    evaluation batch that does not fit in memory (XLA's own estimate of the compiled eval
+    program, which also warms its compilation), or a disk without room for a checkpoint.
+
+    Raises:
+      ConfigError: names eval_batch_size, or the workdir, with the sizes.
+    """
+    sharding = parallel.batch_sharding(run.mesh)
+    n = run.config.eval_batch_size
+    batch = {"image": jax.ShapeDtypeStruct((n, *run.dataset.image_shape), np.uint8,
+                                           sharding=sharding),
+             "label": jax.ShapeDtypeStruct((n,), np.int32, sharding=sharding),
+             "mask": jax.ShapeDtypeStruct((n,), np.bool_, sharding=sharding)}
+    try:
+        stats = eval_step.lower(state, batch).compile().memory_analysis()
+    except Exception:  # memory analysis is best-effort; evaluation itself will still run
+        stats = None
+    have = available_memory()
+    if stats is not None and have is not None:
+        per_device = (stats.temp_size_in_bytes + stats.argument_size_in_bytes
+                      + stats.output_size_in_bytes)
+        need = per_device * (run.mesh.devices.size if jax.local_devices()[0].platform == "cpu"
+                             else 1)  # CPU host devices share the host's memory
+        if need > have:
+            raise ConfigError(f"eval_batch_size={n} needs about {need / 2**30:.1f} GiB to "
+                              f"evaluate, {have / 2**30:.1f} GiB are available; lower "
+                              "eval_batch_size")
+    size = sum(x.nbytes for x in jax.tree.leaves(state_tree(state)))
+    free = shutil.disk_usage(workdir).free
+    if free < 2 * size:  # a save writes the new step before the oldest is dropped
+        raise ConfigError(f"workdir {workdir!r} has {free / 2**20:.0f} MiB free; a checkpoint "
+                          f"of this run takes {size / 2**20:.0f} MiB and a save needs room for "
+                          "two")
 
 
 def predict(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size: int
@@ -263,6 +319,7 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
     run.config_changes = changes
     train_step, eval_step = compile_steps(run, state)
+    check_resources(run, state, eval_step, os.path.dirname(ckpt.directory))
     logging.info("%s: %d parameters, %d train / %d test examples, %d steps (%d per epoch), "
                  "%d devices", config.model.name, parallel.tree_size(state.params),
                  len(run.dataset.train), len(run.dataset.test), run.total_steps,
