@@ -86,6 +86,7 @@ def variables64(torch_model64):
     return torch_to_flax(state_dict_numpy(torch_model64), ARCH)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [1, 32, 37])
 def test_eval_parity_float64(torch_model64, variables64, size):
     assert architecture(ARCH).smallest_input() == 1
@@ -100,6 +101,7 @@ def test_eval_parity_float64(torch_model64, variables64, size):
     assert relative_error(out, ref) <= 1e-10
 
 
+@pytest.mark.slow
 def test_round_trip_is_bit_exact_and_torch_loads_it_strictly(torch_model64, variables64):
     sd = state_dict_numpy(torch_model64)
     back = flax_to_torch(variables64, ARCH, num_batches_tracked=7)
@@ -110,6 +112,7 @@ def test_round_trip_is_bit_exact_and_torch_loads_it_strictly(torch_model64, vari
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
 
 
+@pytest.mark.slow
 def test_train_mode_batch_norm_parity(torch_model64):
     """A training-mode forward pass (dropout off: the frameworks draw different masks) gives
     the same logits; running means update identically; running variances differ only by
@@ -172,6 +175,7 @@ def test_torchvision_weights_are_read_from_torch_home(tmp_path, monkeypatch):
                                   want["features.18.1.running_var"])
 
 
+@pytest.mark.slow
 def test_fine_tunes_on_digits32_from_ported_weights(tmp_path):
     """A short fine-tune from ported (random) torchvision weights learns without collapse.
 
