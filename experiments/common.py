@@ -109,10 +109,14 @@ def _parse_flags(argv):
         if isinstance(e, (KeyError, AttributeError)) and message.startswith(("'", '"')):
             field, _, hint = message.partition("\n")
             name = field.strip("'\"")
-            full = next((a.split("=", 1)[0][len("--config."):] for a in bad
-                         if a.split("=", 1)[0].endswith(name)), name)
-            message = f"no config field {full!r}{_config_fields(argv, full)}" + (
-                f". {hint}" if hint else "")
+            full = name  # the path up to the unknown part, e.g. 'optimizer.lr' or 'optimzer'
+            for arg in bad:
+                parts = arg.split("=", 1)[0][len("--config."):].split(".")
+                if name in parts:
+                    full = ".".join(parts[:parts.index(name) + 1])
+                    break
+            message = (f"no config field {full!r}" + (f". {hint.strip()}" if hint else "")
+                       + _config_fields(argv, full))
         print(f"error: bad config override {' '.join(bad)}: {message}".replace("\n", " "),
               file=sys.stderr)
         sys.exit(2)

@@ -361,3 +361,21 @@ def test_disk_without_room_for_a_checkpoint_fails_before_training(tmp_path, monk
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
     with pytest.raises(ConfigError, match=r"has 0 MiB free; a checkpoint of this run takes"):
         train_and_evaluate(tiny_config(), str(tmp_path), synthetic_dataset())
+
+
+def test_sigterm_outside_a_training_loop_stops_at_once():
+    """Only the training loop defers SIGTERM (to save between calls); elsewhere it interrupts."""
+    code = ("import os, signal, time\n"
+            "from dlassign.runtime import preemption\n"
+            "preemption.install()\n"
+            "with preemption.deferred():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+            "assert preemption.requested()\n"
+            "print('deferred', flush=True)\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted', flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["deferred", "interrupted"], out.stderr[-2000:]

@@ -76,8 +76,9 @@ def leaf_names(params) -> list[str]:
     return ["/".join(map(str, k)) for k in traverse_util.flatten_dict(params)]
 
 
-class Interrupted(Exception):  # noqa: N818 - it is a signal, not an error
-    """Ctrl-C arrived between calls; `state` holds every finished (and checked) step."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM arrived between calls; `state` holds every finished (and checked)
+    step. Callers that do not save it see a KeyboardInterrupt."""
 
     def __init__(self, state):
         super().__init__("interrupted")
@@ -169,21 +170,22 @@ def run_steps(step: Callable, state, plan: list[tuple[int, int]], batches: Itera
         return host
 
     placed = prefetch(batches, sharding)
-    try:
-        for i, (first, n) in enumerate(plan):
-            state, metrics = step(state, next(placed), np.int32(n))
-            limiter(metrics["loss"])
-            pending.append((n, metrics))
-            last = first + n - 1
-            for s in range(first, last + 1):
-                faults.after_step(s)
-            if sync(last) or i == len(plan) - 1:
-                host = flush(last)
-                if on_sync is not None:
-                    on_sync(state, last, host)
-            if preemption.requested():
-                raise KeyboardInterrupt  # a SIGTERM asks to stop between calls, like Ctrl-C
-    except KeyboardInterrupt:
-        flush(synced)
-        raise Interrupted(state) from None
+    with preemption.deferred():
+        try:
+            for i, (first, n) in enumerate(plan):
+                state, metrics = step(state, next(placed), np.int32(n))
+                limiter(metrics["loss"])
+                pending.append((n, metrics))
+                last = first + n - 1
+                for s in range(first, last + 1):
+                    faults.after_step(s)
+                if sync(last) or i == len(plan) - 1:
+                    host = flush(last)
+                    if on_sync is not None:
+                        on_sync(state, last, host)
+                if preemption.requested():
+                    raise KeyboardInterrupt  # a SIGTERM asks to stop between calls, as Ctrl-C
+        except KeyboardInterrupt:
+            flush(synced)
+            raise Interrupted(state) from None
     return state
