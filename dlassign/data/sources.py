@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import pkgutil
 from collections.abc import Callable
 
 import numpy as np
 
+from dlassign.discovery import collect
 from dlassign.errors import DataError, DlassignError, one_of
 
 SPLITS = ("train", "test")
@@ -77,16 +76,7 @@ class DatasetSpec:
 @functools.cache
 def datasets() -> dict[str, DatasetSpec]:
     """Every registered dataset by name, collected from the modules of `dlassign.data`."""
-    import dlassign.data as package
-
-    found: dict[str, DatasetSpec] = {}
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        for spec in getattr(module, "DATASETS", ()):
-            if spec.name in found:
-                raise ValueError(f"dataset {spec.name!r} is declared twice")
-            found[spec.name] = spec
-    return dict(sorted(found.items()))
+    return collect("dlassign.data", "DATASETS")
 
 
 def dataset_info(name: str) -> DatasetSpec:

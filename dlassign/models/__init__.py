@@ -7,11 +7,10 @@ Each module of this package that exports `ARCHITECTURES` declares its architectu
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 
 import flax.linen as nn
 
+from dlassign.discovery import collect
 from dlassign.errors import ConfigError, one_of
 from dlassign.kernels import placement
 from dlassign.models.linear import DeepLinear, LogisticRegression
@@ -21,14 +20,7 @@ from dlassign.models.registry import Architecture, TorchEntry
 @functools.cache
 def architectures() -> dict[str, Architecture]:
     """Every registered architecture by name, collected from this package's modules."""
-    found: dict[str, Architecture] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for arch in getattr(module, "ARCHITECTURES", ()):
-            if arch.name in found:
-                raise ValueError(f"architecture {arch.name!r} is declared twice")
-            found[arch.name] = arch
-    return dict(sorted(found.items()))
+    return collect(__name__, "ARCHITECTURES")
 
 
 def architecture(name: str) -> Architecture:
