@@ -25,9 +25,9 @@ from absl import logging
 from dlassign.errors import CheckpointError
 from dlassign.runtime import faults
 
-# Config fields that fix the shapes and meaning of the state; a checkpoint must match them all.
 MANIFEST = "dlassign_files.json"  # SHA-256 of every file of a step, written after the save
 
+# Config fields that fix the shapes and meaning of the state; a checkpoint must match them all.
 IDENTITY_FIELDS = ("model", "data.name", "data.pad_to", "data.image_size", "data.channels",
                    "optimizer.name", "optimizer.frozen", "optimizer.backbone_lr_scale", "dtype")
 
@@ -167,8 +167,8 @@ class Checkpointer:
         return None
 
     def set_aside(self, steps: list[int], reasons: list[str]) -> None:
-        """Moves damaged steps out of the checkpoint directory (into `damaged/` beside it, never
-        deleted), so the run can write those step numbers again."""
+        """Moves damaged steps out of the checkpoint directory (into `damaged_checkpoints/`
+        beside it, never deleted), so the run can write those step numbers again."""
         if jax.process_index() != 0 or not steps:
             return
         aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")

@@ -44,6 +44,8 @@ from dlassign.training.train_state import TrainState, create_train_state
 # parity checks, compute in float64); bfloat16 computes in bfloat16 with float32 parameters.
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 INPUT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
     """The model of `config.model` (its `name` plus the module's own fields)."""
     kwargs = {k: v for k, v in config.model.items() if k != "name"}
@@ -64,7 +66,6 @@ class Run:
     step_config: StepConfig
     steps_per_epoch: int
     total_steps: int
-    config_changes: list = dataclasses.field(default_factory=list)  # set when resuming
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -272,10 +273,11 @@ def _format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def run_meta(run: Run, history: list, train_time: float) -> dict:
+def run_meta(run: Run, history: list, train_time: float, changes: list[dict]) -> dict:
+    """The JSON meta saved with a checkpoint; `changes` are the config changes resumes made."""
     return {"config": run.config.to_dict(), "history": history, "train_time_s": train_time,
             "dataset": run.dataset.name, "image_shape": list(run.dataset.image_shape),
-            "config_changes": run.config_changes}
+            "config_changes": changes}
 
 
 def _resume_changes(config, meta: dict, directory: str) -> list[dict]:
@@ -306,7 +308,7 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
     finished steps first.
 
     Returns:
-      (state, eval_step, history, train_time).
+      (state, eval_step, history, train_time, config changes made by resumes).
     """
     config = run.config
     history, train_time, changes = [], 0.0, []
@@ -317,7 +319,6 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
         state = state.replace(**tree)
         history, train_time = meta.get("history", []), meta.get("train_time_s", 0.0)
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
-    run.config_changes = changes
     train_step, eval_step = compile_steps(run, state)
     check_resources(run, state, eval_step, os.path.dirname(ckpt.directory))
     logging.info("%s: %d parameters, %d train / %d test examples, %d steps (%d per epoch), "
@@ -351,7 +352,7 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
                      rate * config.batch_size,
                      _format_eta((run.total_steps - step) / max(rate, 1e-9)))
         if step % ckpt_every == 0 or step == run.total_steps:
-            ckpt.save(step, state_tree(state), run_meta(run, history, train_time))
+            ckpt.save(step, state_tree(state), run_meta(run, history, train_time, changes))
         clock.update(start=time.perf_counter(), step=step)
 
     def saved() -> str:
@@ -370,11 +371,12 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
         # Keep the finished steps: checkpoint the last good state before leaving.
         state = stop.state
         if int(state.step) > (ckpt.steps() or [0])[-1]:
-            ckpt.save(int(state.step), state_tree(state), run_meta(run, history, train_time))
+            ckpt.save(int(state.step), state_tree(state),
+                      run_meta(run, history, train_time, changes))
             logging.warning("interrupted: saved step %d; rerun the same command to resume",
                             int(state.step))
         raise KeyboardInterrupt from None
-    return state, eval_step, history, train_time
+    return state, eval_step, history, train_time, changes
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -399,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # closed on success and on any failure: lets the checkpoints being written finish
     with WorkdirLock(workdir), Checkpointer(os.path.join(workdir, "checkpoints"),
                                             config.get("keep_checkpoints", 3)) as ckpt:
-        state, eval_step, history, train_time = _train(run, state, ckpt)
+        state, eval_step, history, train_time, changes = _train(run, state, ckpt)
         test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
                         run.dataset.num_classes)
     n_params = parallel.tree_size(state.params)
@@ -415,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "test": test,
         "prediction_collapse": test["collapse"],
         "history": history,
-        "config_changes": run.config_changes,
+        "config_changes": changes,
     }
     write_json(os.path.join(workdir, "results.json"), results)
     return results
