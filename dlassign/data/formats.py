@@ -72,9 +72,10 @@ def has_idx_files(data_dir: str) -> bool:
                for split in IDX_STEMS for kind in ("images", "labels"))
 
 
-def read_idx_split(data_dir: str, split: str, name: str, local_files: str) -> Split | None:
-    """One split from MNIST-format IDX files ([N, H, W] images, [N] labels), or None when
-    `data_dir` lacks them."""
+def read_idx_split(data_dir: str, split: str, name: str, local_files: str,
+                   num_classes: int) -> Split | None:
+    """One split from MNIST-format IDX files ([N, H, W] images, [N] labels in
+    [0, num_classes)), or None when `data_dir` lacks them. A bad file is named."""
     require_dir(data_dir, name, local_files)
     images_path = find_file(data_dir, idx_names(split, "images"))
     labels_path = find_file(data_dir, idx_names(split, "labels"))
@@ -87,4 +88,8 @@ def read_idx_split(data_dir: str, split: str, name: str, local_files: str) -> Sp
     if labels.ndim != 1:
         raise DataError(f"{labels_path} holds a {labels.ndim}-d array {labels.shape}; "
                         "expected (N,)")
+    if labels.size and int(labels.max()) >= num_classes:
+        raise DataError(f"{labels_path} holds label {int(labels.max())}; labels span "
+                        f"[{int(labels.min())}, {int(labels.max())}], {name} has labels "
+                        f"0..{num_classes - 1}")
     return Split(images[..., None], labels.astype(np.int32))

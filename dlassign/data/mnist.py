@@ -7,18 +7,18 @@ import os
 
 import numpy as np
 
-from dlassign.data.formats import find_file, has_idx_files, read_idx_split, require_dir
+from dlassign.data.formats import find_file, has_idx_files, read_idx_split
 from dlassign.data.sources import DatasetSpec, Split
 from dlassign.errors import DataError
 
+NUM_CLASSES = 10
 LOCAL_FILES = ("train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
                "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz], or a Keras mnist.npz")
 
 
 def read_local(data_dir: str, split: str) -> Split:
     """One split from IDX files, else from `mnist.npz` (x_train, y_train, x_test, y_test)."""
-    require_dir(data_dir, "mnist", LOCAL_FILES)
-    found = read_idx_split(data_dir, split, "mnist", LOCAL_FILES)
+    found = read_idx_split(data_dir, split, "mnist", LOCAL_FILES, NUM_CLASSES)
     if found is not None:
         return found
     npz = find_file(data_dir, ["mnist.npz"])
@@ -38,5 +38,6 @@ def has_local_files(data_dir: str) -> bool:
     return has_idx_files(data_dir) or os.path.isfile(os.path.join(data_dir, "mnist.npz"))
 
 
-DATASETS = (DatasetSpec("mnist", 10, (28, 28, 1), tfds_name="mnist", local_files=LOCAL_FILES,
-                        read_local=read_local, has_local_files=has_local_files),)
+DATASETS = (DatasetSpec("mnist", NUM_CLASSES, (28, 28, 1), tfds_name="mnist",
+                        local_files=LOCAL_FILES, read_local=read_local,
+                        has_local_files=has_local_files),)
