@@ -5,7 +5,10 @@
 Reports the peak resident set size of a process that builds the model and runs
 max(`--steps_per_call`, 5) training steps (baseline: the same process before the model is
 built; ours `--steps_per_call` per call, as the training loop runs them), and for ours also
-XLA's own account of one call's buffers (arguments, outputs, temporaries).
+XLA's own account of one call's buffers (arguments, outputs, temporaries) and the peak reached
+before the first step: with the state built and the step compiled (`compiled`), and what the
+process still holds then (`held`; with DLASSIGN_HOST_ALLOCATOR=0 the C library hands freed
+memory back, by default it keeps it, see `dlassign/runtime/host.py`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,15 @@ import torch
 import numpy as np
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = {{}}
+def held():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
 if framework == "ours":
     from benchmarks.throughput import ours
     run_steps, devices, split = ours(jax, name, batch, steps_per_call=per_call)
+    run_steps.compiled_text()  # compiles the step program without running it
+    out = {{"compiled_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "held_mb": held() / 1024}}
     run_steps(max(per_call, 5))
 else:
     from benchmarks.throughput import theirs
@@ -40,7 +49,7 @@ else:
                   rng.integers(0, 10, batch).astype(np.int32))
     theirs(torch, name, split)(max(per_call, 5))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"baseline_mb": base / 1024, "peak_mb": peak / 1024}}))
+print(json.dumps({{"baseline_mb": base / 1024, "peak_mb": peak / 1024, **out}}))
 """
 
 
@@ -85,12 +94,16 @@ def main():
         ours = measure("ours", name, args.batch_size, k)
         torch = measure("torch", name, args.batch_size, k)
         rows.append({"model": name, "ours_mb": ours["peak_mb"] - ours["baseline_mb"],
+                     "compiled_mb": ours["compiled_mb"] - ours["baseline_mb"],
+                     "held_mb": ours["held_mb"] - ours["baseline_mb"],
                      "torch_mb": torch["peak_mb"] - torch["baseline_mb"],
                      "xla_mb": xla_buffers(name, args.batch_size, k)})
         print(rows[-1], flush=True)
     print(f"\nbatch {args.batch_size}, ours {k} steps per call: peak RSS above each process's "
           "baseline (MiB)\n")
     report(rows, [("model", "model", "{}"), ("dlassign MiB", "ours_mb", "{:.0f}"),
+                  ("peak before step 1 MiB", "compiled_mb", "{:.0f}"),
+                  ("held before step 1 MiB", "held_mb", "{:.0f}"),
                   ("XLA step buffers MiB", "xla_mb", "{:.0f}"),
                   ("PyTorch MiB", "torch_mb", "{:.0f}")], args.json)
 

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -100,3 +101,54 @@ def test_profile_step_runs_and_names_the_layers_and_the_optimizer(tmp_path):
     assert any("dense0/dot_general" in s for s in sources)
     assert any(s.startswith("optimizer/") for s in sources)
     assert all(r["share_ms"] <= r["ms"] + 1e-9 and r["calls"] > 0 for r in rows)
+
+
+def test_end_to_end_gives_the_pytorch_script_our_configs_settings():
+    from benchmarks.end_to_end import commands
+
+    args = SimpleNamespace(data_dir="/mnist", num_epochs=2, subset_fraction=1.0)
+    flags = lambda cmd: dict(a[2:].split("=", 1) for a in cmd if a.startswith("--"))
+    ours, theirs = map(flags, commands("cnn", args, "/w"))
+    assert ours["config"] == "configs/mnist_cnn.py" and ours["config.num_epochs"] == "2"
+    assert ours["config.data.data_dir"] == theirs["data_dir"] == "/mnist"
+    assert {k: theirs[k] for k in ("model", "optimizer", "learning_rate", "weight_decay",
+                                   "schedule", "dropout", "random_crop", "batch_size")} == {
+        "model": "cnn", "optimizer": "adamw", "learning_rate": "0.002", "weight_decay": "0.0001",
+        "schedule": "cosine", "dropout": "0.3", "random_crop": "2", "batch_size": "128"}
+    _, theirs = map(flags, commands("lenet5", args, "/w"))
+    assert (theirs["model"], theirs["optimizer"], theirs["pad_to"], theirs["channels"]) == (
+        "lenet5", "sgd", "32", "3")
+    _, theirs = map(flags, commands("mlp", args, "/w"))
+    assert (theirs["dropout"], theirs["random_crop"]) == ("0.2", "0")
+
+
+def test_end_to_end_torch_shifts_each_image_by_at_most_the_padding():
+    import torch
+
+    from benchmarks.end_to_end_torch import shift
+
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    out = shift(x, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    assert out.shape == x.shape
+    for b in range(2):  # each image is one window of its edge-padded self, all channels alike
+        assert any(torch.equal(out[b], padded[b, :, i:i + 6, j:j + 6])
+                   for i in range(5) for j in range(5))
+
+
+@pytest.mark.slow
+def test_end_to_end_runs_both_processes_and_prints_the_table(tmp_path):
+    from tests.test_data import write_mnist
+
+    (tmp_path / "mnist").mkdir()
+    write_mnist(tmp_path / "mnist", n_train=256, n_test=50)
+    out = tmp_path / "end_to_end.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.end_to_end", f"--data_dir={tmp_path / 'mnist'}",
+         "--models=lenet5", "--modes=cold", "--num_epochs=1", "--repeats=1", f"--json={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| LeNet-5, 32x32x3 (mnist_ported.py:lenet5) | cold |" in result.stdout
+    (row,) = json.loads(out.read_text())
+    assert row["ours_s"] > 0 and row["torch_s"] > 0 and len(row["ours_runs"]) == 1
+    assert 0 <= row["ours_acc"] <= 1 and 0 <= row["torch_acc"] <= 1
