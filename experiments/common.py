@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import runpy
 import sys
 
@@ -10,21 +11,41 @@ from absl import app, flags, logging
 
 from dlassign.errors import DlassignError
 
-flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
-                  "(TPU pods and SLURM are detected; elsewhere set JAX_COORDINATOR_ADDRESS, "
+flags.DEFINE_bool("distributed", False, "Join a multi-process run through "
+                  "jax.distributed.initialize() (experiments.launch sets this; TPU pods, SLURM "
+                  "and Open MPI are detected; elsewhere set JAX_COORDINATOR_ADDRESS, "
                   "JAX_NUM_PROCESSES and JAX_PROCESS_ID).")
 
 
 def prepare_platform(num_cpu_devices: int = 0) -> None:
     """Joins a multi-host run (--distributed), and creates one CPU host device per core (or
     `num_cpu_devices`) before JAX starts."""
-    import jax
-
+    from dlassign.runtime import compilation_cache, distributed
     from dlassign.runtime.parallel import configure_cpu_devices
 
-    if flags.FLAGS.distributed:
-        jax.distributed.initialize()
+    compilation_cache.enable()  # DLASSIGN_COMPILATION_CACHE=0 switches it off
     configure_cpu_devices(num_cpu_devices)
+    if flags.FLAGS.distributed:
+        distributed.initialize()
+
+
+def single_process(entry_point: str, why: str) -> None:
+    """Refuses --distributed for an entry point that runs in one process.
+
+    Raises:
+      DlassignError: --distributed was passed; says why and what to do.
+    """
+    if flags.FLAGS.distributed:
+        raise DlassignError(f"{entry_point} runs in one process ({why}); run it without "
+                            "--distributed")
+
+
+def say(text: str) -> None:
+    """Prints on process 0 only (every process of a run holds the same result)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(text)
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -35,10 +56,27 @@ class _QuietLibraries(logging.logging.Filter):
         return record.levelno >= logging.logging.WARNING or not noisy
 
 
+LOST_PEER_STATUS = 75  # EX_TEMPFAIL: a temporary failure, worth a retry
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether `e` is JAX's runtime failing in a multi-process run (a collective or the
+    coordination service losing a peer)."""
+    import jax
+
+    return (isinstance(e, jax.errors.JaxRuntimeError) and jax.distributed.is_initialized()
+            and jax.process_count() > 1)
+
+
 def clean_errors(main):
     """Reports a DlassignError (bad config, missing data, bad checkpoint) as one line, exit 2;
     Ctrl-C and SIGTERM (which the training loop turns into a save between steps) as one line,
-    exit 130 and 143, the shells' conventions for those signals."""
+    exit 130 and 143, the shells' conventions for those signals; in a multi-process run, a
+    collective that fails because a peer died as one line, exit 75 (EX_TEMPFAIL: rerun)."""
 
     @functools.wraps(main)
     def wrapped(argv):
@@ -52,6 +90,15 @@ def clean_errors(main):
         except DlassignError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Exception as e:
+            if not _lost_peer(e):
+                raise
+            # JAX's exit handler would now wait at a shutdown barrier the lost peer never
+            # reaches, then abort with a C++ stack trace: leave at once instead.
+            print(f"error: a collective across processes failed ({_first_line(e)}); a peer "
+                  "process has probably died. The newest checkpoint is intact: rerun the same "
+                  "command to resume", file=sys.stderr, flush=True)
+            os._exit(LOST_PEER_STATUS)
         except KeyboardInterrupt:
             signal_name = "SIGTERM" if preemption.requested() else "interrupt"
             print(f"stopped by {signal_name}: the finished steps are saved; rerun the same "

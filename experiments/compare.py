@@ -8,7 +8,7 @@ Writes comparison.md (table and comment), comparison.png (bar chart) and compari
 
 from absl import flags
 
-from experiments.common import clean_errors, run
+from experiments.common import clean_errors, run, single_process
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Directory for the comparison (default: the first run's "
@@ -17,6 +17,7 @@ flags.DEFINE_string("output", None, "Directory for the comparison (default: the 
 
 @clean_errors
 def main(argv):
+    single_process("experiments.compare", "it only reads finished workdirs")
     import os
 
     from dlassign.analysis.compare import compare

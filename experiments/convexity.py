@@ -11,7 +11,7 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform, run
+from experiments.common import clean_errors, prepare_platform, run, single_process
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Convexity config file.", lock_config=True)
@@ -22,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 @clean_errors
 def main(argv):
     del argv
+    single_process("experiments.convexity", "its problems are small enough that one "
+                   "CPU device computes every Hessian exactly")
     prepare_platform(1)
     from dlassign.analysis.convexity_report import run_and_report
 

@@ -11,7 +11,7 @@ import json
 
 from absl import flags
 
-from experiments.common import clean_errors, data_dir_override, prepare_platform, run
+from experiments.common import clean_errors, data_dir_override, prepare_platform, run, say
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
@@ -38,7 +38,7 @@ def main(argv):
     r = checkpoint_spectrum(FLAGS.workdir, FLAGS.num_examples, FLAGS.batch_size,
                             FLAGS.lanczos_order, FLAGS.num_draws, FLAGS.top_k, FLAGS.power_iters,
                             FLAGS.trace_samples, FLAGS.seed, FLAGS.step, overrides)
-    print(json.dumps({k: v for k, v in r.items() if k != "density"}, indent=2))
+    say(json.dumps({k: v for k, v in r.items() if k != "density"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform, run
+from experiments.common import clean_errors, prepare_platform, run, single_process
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("arch", None, "Architecture with a torch name table, e.g. lenet5, alexnet, "
@@ -42,6 +42,8 @@ def default_config(arch: str):
 @clean_errors
 def main(argv):
     del argv
+    single_process("experiments.port_weights", "converting a state dict needs no devices "
+                   "beyond one")
     prepare_platform()
     from dlassign.errors import PortingError
     from dlassign.porting import read_state_dict, torchvision_state_dict

@@ -10,7 +10,7 @@ Writes checkpoints, `results.json` (test accuracy, macro precision/recall/F1, th
 from absl import flags
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform, run
+from experiments.common import clean_errors, prepare_platform, run, say
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -26,7 +26,7 @@ def main(argv):
 
     results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     t = results["test"]
-    print(f"test accuracy {t['accuracy']:.4f} precision {t['precision_macro']:.4f} "
+    say(f"test accuracy {t['accuracy']:.4f} precision {t['precision_macro']:.4f} "
           f"recall {t['recall_macro']:.4f} f1 {t['f1_macro']:.4f}")
 
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from experiments.common import clean_errors, run
+from experiments.common import clean_errors, run, single_process
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("arch", "lenet5", ["lenet5", "resnet18"], "Architecture.")
@@ -30,6 +30,7 @@ flags.mark_flags_as_required(["data_dir", "output"])
 @clean_errors
 def main(argv):
     del argv
+    single_process("experiments.train_torch_reference", "it is a plain PyTorch script")
     import torch
 
     from configs import mnist_ported

@@ -10,7 +10,7 @@ results.md and heatmap.png into --workdir. A rerun skips the cells already finis
 from absl import flags
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform, run
+from experiments.common import clean_errors, prepare_platform, run, say
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Tuning config file.", lock_config=True)
@@ -22,11 +22,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     prepare_platform(FLAGS.config.get("num_cpu_devices", 0))
+    from dlassign.report import grid_table
     from dlassign.training.tune import tune
 
-    results = tune(FLAGS.config, FLAGS.workdir)
-    print(open(f"{FLAGS.workdir}/results.md").read())
-    del results
+    say(grid_table(tune(FLAGS.config, FLAGS.workdir)))
 
 
 if __name__ == "__main__":

@@ -120,11 +120,22 @@ def commands_in(text: str, name: str) -> list[Command]:
     return found
 
 
+def _split_launched(cmd: Command) -> list[Command]:
+    """`python -m experiments.launch ... -- MODULE ARGS` is two commands: the launcher's and the
+    module's it starts."""
+    if "--" not in cmd.args:
+        return [cmd]
+    i = cmd.args.index("--")
+    inner = cmd.args[i + 1:]
+    return [Command(cmd.where, cmd.module, cmd.args[:i]),
+            *([Command(cmd.where, inner[0], inner[1:])] if inner else [])]
+
+
 def documented_commands() -> list[Command]:
     cmds = []
     for path in DOC_FILES:
         cmds += commands_in(path.read_text(), str(path.relative_to(ROOT)))
-    return [c for c in cmds if c.module not in SKIPPED]
+    return [c for cmd in cmds for c in _split_launched(cmd) if c.module not in SKIPPED]
 
 
 # ----------------------------------------------------------------------------- module facts
@@ -396,3 +407,11 @@ def test_checker_reports_bogus_commands(command, needle):
 def test_checker_accepts_good_commands(command):
     (cmd,) = commands_in(f"```\n{command}\n```", "good.md")
     assert problems_of(cmd, all_facts()) == []
+
+
+def test_a_launched_command_is_checked_as_the_launcher_and_the_module():
+    cmd = Command("x.md:1", "experiments.launch",
+                  ("--processes=2", "--", "experiments.train", "--config=configs/base.py"))
+    assert _split_launched(cmd) == [
+        Command("x.md:1", "experiments.launch", ("--processes=2",)),
+        Command("x.md:1", "experiments.train", ("--config=configs/base.py",))]

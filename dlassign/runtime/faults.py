@@ -8,6 +8,9 @@ out-of-memory kill would:
 * `checkpoint_write:N` while checkpoint N is being written (once Orbax's temporary directory
                        exists, before it is renamed into place).
 
+In a multi-process run a failpoint fires in every process, or with a suffix `@P` (e.g.
+`after_step:5@1`) only in process P.
+
 Unset (the normal case), every check is a dictionary lookup that returns at once.
 """
 
@@ -23,7 +26,15 @@ ENV = "DLASSIGN_FAILPOINT"
 
 def _armed(point: str, step: int) -> bool:
     spec = os.environ.get(ENV, "")
-    return bool(spec) and spec == f"{point}:{step}"
+    if not spec:
+        return False
+    spec, _, process = spec.partition("@")
+    if process:
+        import jax  # started by now: failpoints fire inside a run
+
+        if process != str(jax.process_index()):
+            return False
+    return spec == f"{point}:{step}"
 
 
 def kill_now() -> None:

@@ -32,8 +32,12 @@ def cpu_core_count() -> int:
         return os.cpu_count() or 1
 
 
+CPU_DEVICES_ENV = "DLASSIGN_NUM_CPU_DEVICES"  # the default when `num` is 0 (set by the launcher)
+
+
 def configure_cpu_devices(num: int = 0) -> None:
-    """Asks JAX for `num` CPU host devices (0: one per core) before its backend starts.
+    """Asks JAX for `num` CPU host devices (0: $DLASSIGN_NUM_CPU_DEVICES, else one per core)
+    before its backend starts.
 
     XLA:CPU runs one device's program on one stream, so a single device leaves cores idle on
     small models; data parallel over one host device per core uses them. Has no effect on GPU or
@@ -41,7 +45,7 @@ def configure_cpu_devices(num: int = 0) -> None:
     host allocator reuse freed pages across steps (`dlassign.runtime.host`).
     """
     host.keep_freed_memory()
-    num = num or cpu_core_count()
+    num = num or int(os.environ.get(CPU_DEVICES_ENV) or 0) or cpu_core_count()
     try:
         jax.config.update("jax_num_cpu_devices", num)
     except RuntimeError as e:  # the backend is already initialised
@@ -91,9 +95,20 @@ def forward_flops(apply_fn, abstract_variables, input_shape) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def requested_devices(num_devices: int) -> int:
+    """The mesh size a config's `mesh.num_devices` asks for: a multi-process run always spans
+    every device of every process (each process feeds its own rows), single-process runs
+    leave 0 open for the model to decide."""
+    return jax.device_count() if num_devices == 0 and jax.process_count() > 1 else num_devices
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D mesh over the first `num_devices` devices (0: all of them)."""
     devices = jax.devices()
+    if jax.process_count() > 1 and num_devices not in (0, len(devices)):
+        raise ConfigError(f"mesh.num_devices={num_devices}, but a run of "
+                          f"{jax.process_count()} processes spans all {len(devices)} devices; "
+                          f"use 0 or {len(devices)}")
     if num_devices < 0 or num_devices > len(devices):
         raise ConfigError(f"mesh.num_devices={num_devices} but {len(devices)} devices exist; "
                           f"use 0 (all) or 1..{len(devices)}")
@@ -159,14 +174,24 @@ def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding
 
 
 def to_host(tree):
-    """Fetches a pytree (replicated or sharded) to numpy on this host; across hosts, the
-    sharded parts are gathered from every process first."""
-    if jax.process_count() > 1:
+    """Fetches a pytree to numpy on this host. Leaves that are not JAX arrays stay as they
+    are; across processes, replicated arrays are read from a local copy and sharded ones are
+    gathered from every process (one collective for all of them, which every process must
+    join)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    out = [np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+           and not x.is_fully_addressable and x.is_fully_replicated
+           else np.asarray(jax.device_get(x)) if isinstance(x, jax.Array)
+           and x.is_fully_addressable else x for x in leaves]
+    sharded = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)
+               and not x.is_fully_addressable and not x.is_fully_replicated]
+    if sharded:
         from jax.experimental import multihost_utils
 
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if isinstance(x, jax.Array)
-                        else x, tree)
+        gathered = multihost_utils.process_allgather([leaves[i] for i in sharded], tiled=True)
+        for i, x in zip(sharded, gathered):
+            out[i] = np.asarray(x)
+    return jax.tree.unflatten(treedef, out)
 
 
 class DispatchLimiter:
@@ -195,4 +220,5 @@ def tree_size(tree) -> int:
 
 __all__ = ["DATA", "DispatchLimiter", "auto_num_devices", "batch_sharding", "check_divisible",
            "configure_cpu_devices", "forward_flops", "global_batch", "make_mesh",
+           "requested_devices",
            "param_sharding", "replicated", "state_shardings", "to_host", "tree_size"]

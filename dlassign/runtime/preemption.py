@@ -4,6 +4,11 @@ SLURM, Kubernetes and preemptible VMs send SIGTERM some seconds before they kill
 training loop (`deferred`) the handler only records the request, and the loop checks it between
 calls (`requested`), so a save never starts halfway through a step or a checkpoint write;
 elsewhere SIGTERM stops the process at once, as Ctrl-C does.
+
+In a multi-process run the processes must stop at the same step, or the save would wait forever
+for the ones still training. There JAX's distributed runtime owns SIGTERM: a notice to any one
+process reaches all of them, and `stop_at(call)` answers True in every process at the same
+call (JAX's preemption sync point), after which they save together.
 """
 
 from __future__ import annotations
@@ -36,6 +41,21 @@ def deferred():
 def install() -> None:
     """Routes SIGTERM to a stop request (call once, from the main thread of an entry point)."""
     signal.signal(signal.SIGTERM, _handler)
+
+
+def stop_at(call: int) -> bool:
+    """Whether the loop should stop before call number `call` (0, 1, 2, ... in every process
+    of a run; the loop asks before each call, in order)."""
+    import jax
+
+    if jax.distributed.is_initialized():  # JAX's runtime took SIGTERM over
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.reached_preemption_sync_point(call):
+            _stop.set()
+            return True
+        return False
+    return _stop.is_set()
 
 
 def requested() -> bool:

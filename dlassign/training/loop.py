@@ -15,7 +15,6 @@ import collections
 from collections.abc import Callable, Iterable, Iterator
 
 import flax.traverse_util as traverse_util
-import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -164,7 +163,8 @@ def run_steps(step: Callable, state, plan: list[tuple[int, int]], batches: Itera
 
     def flush(last: int) -> list[dict]:
         nonlocal pending, synced
-        host = guard.per_step(jax.device_get(pending))
+        metrics = parallel.to_host([m for _, m in pending])
+        host = guard.per_step([(n, m) for (n, _), m in zip(pending, metrics)])
         guard.check(host, synced)
         pending, synced = [], last
         return host
@@ -183,7 +183,7 @@ def run_steps(step: Callable, state, plan: list[tuple[int, int]], batches: Itera
                     host = flush(last)
                     if on_sync is not None:
                         on_sync(state, last, host)
-                if preemption.requested():
+                if preemption.stop_at(i):
                     raise KeyboardInterrupt  # a SIGTERM asks to stop between calls, as Ctrl-C
         except KeyboardInterrupt:
             flush(synced)

@@ -14,7 +14,7 @@ from dlassign.analysis.hessian.spectrum import hutchinson_trace, power_iteration
 from dlassign.data import eval_batches, stratified_subset
 from dlassign.report import plt
 from dlassign.runtime import parallel
-from dlassign.runtime.files import write_json
+from dlassign.runtime.files import save_figure, write_json
 from dlassign.training.evaluation import restore_run
 
 
@@ -34,7 +34,7 @@ def checkpoint_spectrum(workdir: str, num_examples: int = 4096, batch_size: int 
     sample = train.take(stratified_subset(train.labels, n / len(train), seed))
     parallel.check_divisible(batch_size, run.mesh, "batch_size")
     sharding = parallel.batch_sharding(run.mesh)
-    batches = [jax.device_put(b, sharding) for b in eval_batches(sample, batch_size)]
+    batches = [parallel.global_batch(b, sharding) for b in eval_batches(sample, batch_size)]
     batch_loss = model_batch_loss(run.model, state.variables, run.config.loss,
                                   run.dataset.normalizer)
     matvec, x0, _ = dataset_hvp(batch_loss, state.params, batches,
@@ -77,5 +77,5 @@ def density_plot(result: dict, path: str) -> None:
     ax.set_title(f"{result['model']} Hessian on {result['num_examples']} examples: "
                  f"[{result['lanczos_min']:.3g}, {result['lanczos_max']:.3g}]", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     pyplot.close(fig)
