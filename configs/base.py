@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""          # local raw files; empty: TFDS (or embedded for digits)
     c.data.tfds_data_dir = ""     # where TFDS keeps prepared data; empty: TFDS's default
     c.data.subset_fraction = 1.0  # stratified fraction of the training split
+    c.data.validation_fraction = 0.0  # stratified part of the training split held out (0: none)
     c.data.pad_to = 0             # zero-pad to this square size (0: off)
     c.data.image_size = 0         # bilinear resize to this square size (0: native)
     c.data.channels = 0           # 3 repeats a grayscale channel (0: as stored)
@@ -48,11 +49,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 10
     c.log_every_steps = 50
     c.checkpoint_every_steps = 0  # 0: once per epoch
+    c.eval_every_steps = 0        # validation interval (with validation_fraction); 0: each epoch
+    c.checkpoint_best = False     # keep the best checkpoint by validation accuracy in WORKDIR/best
     c.steps_per_call = 8          # steps per jitted call (a scan; logs and checkpoints stay exact)
     c.keep_checkpoints = 3
     c.init_checkpoint = ""        # start from ported weights (experiments.port_weights output)
     c.torchvision_weights = ""    # e.g. IMAGENET1K_V1: download through torchvision and port
     c.continue_with_changes = False  # resume a workdir whose training config differs (recorded)
+
+    # Curvature during training (dlassign.analysis.hessian.tracking): the top Hessian eigenvalue
+    # of the training loss on a fixed stratified training sample, by warm-started power
+    # iteration, into TensorBoard (curvature/) and results.json. See docs/performance.md for
+    # its cost.
+    c.curvature = ml_collections.ConfigDict()
+    c.curvature.every_steps = 0   # 0: off; N: at every multiple of N steps
+    c.curvature.num_examples = 256  # the sample (stratified, chosen by the seed)
+    c.curvature.power_iters = 10  # Hessian-vector products per measurement at most
+    c.curvature.tol = 1e-3        # stop when the Rayleigh quotient moves by less (relative)
+    c.curvature.trace_samples = 0  # Hutchinson probes for the trace (0: no trace)
 
     c.dtype = "float32"           # float32 | bfloat16 (compute; parameters stay float32)
     c.impl = "auto"               # auto | cpu | xla: XLA:CPU fast paths (dlassign.kernels)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dlassign.runtime.files import save_figure
+
 
 def plt():
     """pyplot on the Agg backend, chosen on first use rather than at import."""
@@ -84,7 +86,7 @@ def grid_heatmap(results: dict, path: str) -> None:
         ax.set_ylabel("mean CV accuracy (%)")
     ax.set_title(f"{results.get('num_folds', '')}-fold CV accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     pyplot.close(fig)
 
 
@@ -98,6 +100,13 @@ def per_class_table(metrics: dict) -> str:
 
 
 def confusion_matrix_png(cm: np.ndarray, path: str, title: str = "confusion matrix") -> None:
+    fig = confusion_matrix_figure(cm, title)
+    save_figure(fig, path, dpi=120)
+    plt().close(fig)
+
+
+def confusion_matrix_figure(cm: np.ndarray, title: str = "confusion matrix"):
+    """The confusion matrix (rows true, columns predicted) with its counts, as a figure."""
     pyplot = plt()
     cm = np.asarray(cm)
     fig, ax = pyplot.subplots(figsize=(5, 4.5))
@@ -111,5 +120,30 @@ def confusion_matrix_png(cm: np.ndarray, path: str, title: str = "confusion matr
     ax.set_title(title)
     fig.colorbar(im)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def training_curves_png(history: list[dict], validation: list[dict], path: str,
+                        title: str = "") -> None:
+    """Loss and accuracy against steps: the training history (mean over each logging interval)
+    and, when there is one, the validation history."""
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        for name, rows, style in (("training", history, "-"), ("validation", validation, "o-")):
+            rows = [r for r in rows if key in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=name,
+                        markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if all(r.get("loss", 1.0) > 0 for r in history + validation):
+        axes[0].set_yscale("log")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
     pyplot.close(fig)

@@ -292,6 +292,29 @@ def test_vmapped_folds_match_sequential_folds():
     assert vmapped["mean"] > 0.9
 
 
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_activation_cells_share_one_initializer_with_each_cells_own_state(vmapped):
+    from dlassign.training import tune as tune_module
+    from dlassign.training.train_state import create_train_state
+    from dlassign.training.trainer import make_tx
+
+    data = synthetic_dataset(n_train=240)
+    rng = jax.random.PRNGKey(3)
+    rngs = jax.numpy.stack([rng, jax.random.fold_in(rng, 1)]) if vmapped else rng
+    before = len(tune_module._INITIALIZERS)
+    for activation in ("relu", "tanh", "sigmoid"):
+        run = setup(tiny_config({"model.activation": activation}), data)
+        tx = make_tx(run)
+        state = tune_module._initializer(run, tx, vmapped)(rngs)
+        make = lambda r: create_train_state(run.model, tx, r, run.input_shape)  # noqa: B023
+        direct = jax.vmap(make)(rngs) if vmapped else make(rngs)
+        assert state.apply_fn == run.model.apply and state.tx is tx
+        assert jax.tree.structure(state) == jax.tree.structure(direct)
+        for a, b in zip(leaves(state), leaves(direct)):
+            assert a.dtype == b.dtype and np.array_equal(a, b)  # bitwise
+    assert len(tune_module._INITIALIZERS) - before <= 1  # one program for the three cells
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sequential", [False, True])
 def test_folds_in_calls_of_several_steps_match_one_step_per_call(sequential):

@@ -19,11 +19,23 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from dlassign.errors import CheckpointError
-from dlassign.runtime import faults
+from dlassign.runtime import distributed, faults, parallel
+
+
+class _Orbax:
+    """`orbax.checkpoint`, imported on first use: 0.4 s that importing the trainer, or a
+    command that writes no checkpoint, does without."""
+
+    def __getattr__(self, name: str):
+        import orbax.checkpoint
+
+        return getattr(orbax.checkpoint, name)
+
+
+ocp = _Orbax()
 
 MANIFEST = "dlassign_files.json"  # SHA-256 of every file of a step, written after the save
 
@@ -47,10 +59,10 @@ def fingerprint(tree: Any) -> str:
     without its target structure has the fingerprint it was saved with.
     """
     h = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(parallel.to_host(tree))[0]
     named = sorted(("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves)
     for name, leaf in named:
-        a = np.ascontiguousarray(jax.device_get(leaf))
+        a = np.ascontiguousarray(leaf)
         h.update(f"{name}:{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
@@ -71,11 +83,12 @@ def _normalise(v):
     return json.loads(json.dumps(v)) if v is not None else None
 
 
-# Config fields that say where and how fast a run goes, not what it computes: a resumed run may
-# change them freely.
+# Config fields that say where and how fast a run goes, or what it measures on the way (the
+# curvature), not what it trains: a resumed run may change them freely.
 RUNTIME_FIELDS = ("data.data_dir", "data.tfds_data_dir", "log_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "steps_per_call",
-                  "num_cpu_devices", "mesh", "impl", "continue_with_changes")
+                  "num_cpu_devices", "mesh", "impl", "continue_with_changes", "eval_every_steps",
+                  "checkpoint_best", "curvature")
 
 
 def config_differences(saved: dict, current: dict, fields=IDENTITY_FIELDS,
@@ -100,6 +113,7 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         if jax.process_index() == 0:
             _remove_temporaries(self.directory)
+        distributed.barrier("dlassign_checkpointer_open")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -115,6 +129,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
         if jax.process_index() == 0:
             _write_manifest(os.path.join(self.directory, str(int(step))))
+        distributed.barrier(f"dlassign_checkpoint_{int(step)}_saved")
 
     def check_files(self, step: int) -> None:
         """Compares a step's files with the manifest written after it was saved, so damage is
@@ -168,9 +183,16 @@ class Checkpointer:
 
     def set_aside(self, steps: list[int], reasons: list[str]) -> None:
         """Moves damaged steps out of the checkpoint directory (into `damaged_checkpoints/`
-        beside it, never deleted), so the run can write those step numbers again."""
-        if jax.process_index() != 0 or not steps:
+        beside it, never deleted), so the run can write those step numbers again. Every
+        process calls it; process 0 moves the folders."""
+        if not steps:
             return
+        if jax.process_index() == 0:
+            self._move_aside(steps, reasons)
+        distributed.barrier("dlassign_set_aside_" + "_".join(map(str, steps)))
+        self._manager.reload()
+
+    def _move_aside(self, steps: list[int], reasons: list[str]) -> None:
         aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
         os.makedirs(aside, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -178,7 +200,6 @@ class Checkpointer:
             target = os.path.join(aside, f"{step}-{stamp}")
             os.replace(os.path.join(self.directory, str(step)), target)
             logging.warning("moved damaged checkpoint %d to %s (%s)", step, target, reason)
-        self._manager.reload()
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores and verifies one step into `abstract_state`'s structure and shardings;
@@ -186,8 +207,22 @@ class Checkpointer:
         return self._restore_verified(step, ocp.args.StandardRestore(abstract_state))
 
     def restore_raw(self, step: int) -> tuple[Any, dict]:
-        """Restores a step as saved (numpy arrays, no target structure), verified."""
-        return self._restore_verified(step, ocp.args.StandardRestore())
+        """Restores a step as saved (numpy arrays in its own structure), verified, whatever
+        devices and processes wrote it: every array is read whole onto this process's first
+        device."""
+        self.check_files(step)
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                saved = reader.metadata(os.path.join(self.directory, str(step), "state"))
+            saved = getattr(saved, "item_metadata", saved)
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), saved)
+        except Exception as e:  # Orbax raises many types for missing or damaged metadata
+            raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read: "
+                                  f"{type(e).__name__}: {_first_line(e)}") from e
+        state, meta = self._restore_verified(step, ocp.args.StandardRestore(target))
+        return jax.tree.map(np.asarray, state), meta
 
     def _restore_verified(self, step: int, state_args) -> tuple[Any, dict]:
         self.check_files(step)

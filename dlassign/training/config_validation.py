@@ -108,6 +108,8 @@ def validate_data(data_cfg) -> None:
     _choice("data.name", data_cfg.get("name"), datasets())
     _number("data.subset_fraction", data_cfg.get("subset_fraction", 1.0), low=0, high=1,
             low_open=True)
+    _number("data.validation_fraction", data_cfg.get("validation_fraction", 0.0), low=0, high=1,
+            high_open=True)
     for key in ("pad_to", "image_size", "channels", "random_crop"):
         _number(f"data.{key}", data_cfg.get(key, 0), low=0, integer=True)
     if data_cfg.get("channels", 0) not in (0, 1, 3):
@@ -156,8 +158,12 @@ def validate_train_config(config, image_size: int | None = None) -> None:
     _number("batch_size", config.batch_size, low=1, integer=True)
     _number("eval_batch_size", config.eval_batch_size, low=1, integer=True)
     _number("num_epochs", config.num_epochs, low=1, integer=True)
-    for key in ("log_every_steps", "checkpoint_every_steps"):
+    for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
         _number(key, config.get(key, 0), low=0, integer=True)
+    _choice("checkpoint_best", config.get("checkpoint_best", False), (False, True))
+    if config.get("checkpoint_best", False) and not config.data.get("validation_fraction", 0.0):
+        raise ConfigError("checkpoint_best=True needs a validation split to choose by; set "
+                          "data.validation_fraction, e.g. 0.1")
     _number("keep_checkpoints", config.get("keep_checkpoints", 3), low=1, integer=True)
     _number("steps_per_call", config.get("steps_per_call", 1), low=1, integer=True)
     _choice("dtype", config.get("dtype", "float32"), DTYPE_NAMES)
@@ -169,10 +175,32 @@ def validate_train_config(config, image_size: int | None = None) -> None:
     _number("mesh.cpu_data_parallel_min_step_flops",
             config.get("mesh", {}).get("cpu_data_parallel_min_step_flops", 0.0), low=0)
     _choice("continue_with_changes", config.get("continue_with_changes", False), (False, True))
+    validate_curvature(config.get("curvature", {}))
     check_image_size(config.model, image_size or final_image_size(config.data))
     if config.get("init_checkpoint") and not os.path.isdir(config.init_checkpoint):
         raise ConfigError(f"init_checkpoint={config.init_checkpoint!r} is not a directory; "
                           "expected the output of experiments.port_weights or a training workdir")
+
+
+CURVATURE_FIELDS = ("every_steps", "num_examples", "power_iters", "tol", "trace_samples")
+
+
+def validate_curvature(curvature) -> None:
+    """The `curvature` block: curvature during training (dlassign.analysis.hessian.tracking)."""
+    for key in curvature.keys():
+        if key not in CURVATURE_FIELDS:
+            raise ConfigError(f"curvature.{key} is not a field of curvature; its fields are "
+                              f"{', '.join(CURVATURE_FIELDS)}")
+    _number("curvature.every_steps", curvature.get("every_steps", 0), low=0, integer=True)
+    _number("curvature.num_examples", curvature.get("num_examples", 256), low=1, integer=True)
+    _number("curvature.power_iters", curvature.get("power_iters", 10), low=2, integer=True)
+    _number("curvature.tol", curvature.get("tol", 1e-3), low=0, high=1, low_open=True,
+            high_open=True)
+    trace = curvature.get("trace_samples", 0)
+    _number("curvature.trace_samples", trace, low=0, integer=True)
+    if trace == 1:
+        raise ConfigError("curvature.trace_samples=1 is invalid; expected 0 (no trace) or at "
+                          "least 2 (the trace's standard error needs two probes)")
 
 
 def validate_tune_config(config) -> None:

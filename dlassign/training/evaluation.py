@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
+from absl import logging
 
-from dlassign.errors import CheckpointError
+from dlassign.errors import CheckpointError, one_of
 from dlassign.report import confusion_matrix_png, per_class_table
 from dlassign.runtime.checkpoint import Checkpointer
-from dlassign.runtime.files import write_json
+from dlassign.runtime.files import write_json, write_text
 from dlassign.training.trainer import abstract_tree, compile_steps, evaluate, make_state, setup
+
+# Which checkpoints of a training workdir: its latest ones, or the best by validation accuracy
+# (`checkpoint_best`), and the folder that holds them.
+CHECKPOINT_FOLDERS = {"latest": "checkpoints", "best": "best"}
+
+
+def _fit_mesh_to_this_machine(config) -> None:
+    """Checkpoints restore on any devices: a mesh size the run used that this machine (or
+    this set of processes) cannot form is left open instead."""
+    mesh = config.get("mesh")
+    wanted = mesh.get("num_devices", 0) if mesh is not None else 0
+    have = jax.device_count()
+    feasible = wanted in (0, have) if jax.process_count() > 1 else wanted <= have
+    if not feasible:
+        logging.info("the run used mesh.num_devices=%d; %d devices here: using all of them",
+                     wanted, have)
+        mesh.num_devices = 0
 
 
 def restore_run(workdir: str, step: int | None = None, overrides: dict | None = None,
-                dataset=None):
+                dataset=None, which: str = "latest"):
     """Rebuilds the run of a training workdir and restores a checkpoint into it.
 
     Args:
@@ -23,11 +42,19 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
       overrides: dotted config fields to change, e.g. {"data.data_dir": DIR} when the data moved.
       dataset: the in-memory `Dataset` the run trained on, when it was not loaded from the
         config's data section (None: load it from the config).
+      which: 'latest' (`checkpoints/`) or 'best' (`best/`, the best state by validation
+        accuracy, kept by a run with `checkpoint_best`).
 
     Returns:
       (run, state, meta).
     """
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if which not in CHECKPOINT_FOLDERS:
+        raise one_of("which", which, tuple(CHECKPOINT_FOLDERS))
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_FOLDERS[which])
+    if not os.path.isdir(ckpt_dir) and which == "best":
+        raise CheckpointError(f"{workdir!r} holds no best/ directory; a run keeps its best "
+                              "checkpoint with --config.checkpoint_best=true and a "
+                              "data.validation_fraction above 0")
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{workdir!r} holds no checkpoints/ directory; expected a workdir "
                               "written by experiments.train")
@@ -48,6 +75,7 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
         config = ml_collections.ConfigDict(first_meta["config"])
         if overrides:
             config.update_from_flattened_dict(overrides)
+        _fit_mesh_to_this_machine(config)
         run = setup(config, dataset)
         state = make_state(run)
         if first_meta.get("kind") == "variables":  # an experiments.port_weights output
@@ -61,21 +89,27 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
     return run, state.replace(**tree), meta
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, overrides: dict | None = None
-                        ) -> dict:
+def evaluate_checkpoint(workdir: str, step: int | None = None, overrides: dict | None = None,
+                        which: str = "latest") -> dict:
     """Scores the test split with a checkpoint; writes eval.json, eval_per_class.md and
-    confusion_matrix.png into `workdir`."""
-    run, state, meta = restore_run(workdir, step, overrides)
+    confusion_matrix.png into `workdir` (eval_best.json, eval_best_per_class.md and
+    confusion_matrix_best.png for `which='best'`, the best checkpoint by validation
+    accuracy)."""
+    run, state, meta = restore_run(workdir, step, overrides, which=which)
+    tail = "" if which == "latest" else f"_{which}"
     _, eval_step = compile_steps(run, state)
     metrics = evaluate(state, run.dataset.test, eval_step, run.mesh, run.config.eval_batch_size,
                        run.dataset.num_classes)
-    result = {"step": int(state.step), "model": run.config.model.name,
+    result = {"step": int(state.step), "which": which, "model": run.config.model.name,
               "dataset": run.dataset.name, "test": metrics}
-    write_json(os.path.join(workdir, "eval.json"), result)
-    with open(os.path.join(workdir, "eval_per_class.md"), "w") as f:
-        f.write(f"# {run.config.model.name} on {run.dataset.name}, step {int(state.step)}\n\n")
-        f.write(per_class_table(metrics))
-    confusion_matrix_png(metrics["confusion_matrix"], os.path.join(workdir,
-                                                                   "confusion_matrix.png"),
+    if "validation_accuracy" in meta:
+        result["validation_accuracy"] = meta["validation_accuracy"]
+    write_json(os.path.join(workdir, f"eval{tail}.json"), result)
+    write_text(os.path.join(workdir, f"eval{tail}_per_class.md"),
+               f"# {run.config.model.name} on {run.dataset.name}, step {int(state.step)}"
+               f"{' (best by validation accuracy)' if which == 'best' else ''}\n\n"
+               + per_class_table(metrics))
+    confusion_matrix_png(metrics["confusion_matrix"],
+                         os.path.join(workdir, f"confusion_matrix{tail}.png"),
                          f"{run.config.model.name}, test accuracy {metrics['accuracy']:.4f}")
     return result

@@ -4,10 +4,16 @@ The loop is thin: batches are a pure function of (seed, step), the step is a pur
 and the state lives in Orbax checkpoints under `workdir/checkpoints`. A run started in a workdir
 that holds checkpoints continues from the newest intact one and ends with the same parameters as a
 run that was never interrupted.
+
+With `data.validation_fraction` the run scores its held-out validation part every
+`eval_every_steps` (default: each epoch) and, with `checkpoint_best`, keeps the best of those
+states in `workdir/best`. Every run writes TensorBoard event files (`summaries`) and `curves.png`
+into its workdir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -21,9 +27,19 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from dlassign.data import Dataset, Split, eval_batches, prepare, steps_per_epoch, train_batches
+from dlassign.analysis.hessian import tracking
+from dlassign.data import (
+    Dataset,
+    Split,
+    eval_batches,
+    hold_out_validation,
+    prepare,
+    steps_per_epoch,
+    train_batches,
+)
 from dlassign.errors import CheckpointError, ConfigError
 from dlassign.models import architecture, get_model, placement
+from dlassign.report import confusion_matrix_figure, training_curves_png
 from dlassign.runtime import parallel
 from dlassign.runtime.checkpoint import (
     RUNTIME_FIELDS,
@@ -33,12 +49,16 @@ from dlassign.runtime.checkpoint import (
 )
 from dlassign.runtime.files import write_json
 from dlassign.runtime.workdir import WorkdirLock, check_workdir
-from dlassign.training import loop
+from dlassign.training import loop, summaries
 from dlassign.training.config_validation import validate_train_config
 from dlassign.training.metrics import classification_metrics, prediction_collapse
 from dlassign.training.optim import learning_rate_schedule, make_optimizer
 from dlassign.training.steps import StepConfig, make_eval_step, make_train_step, stacked_or_single
-from dlassign.training.train_state import TrainState, create_train_state
+from dlassign.training.train_state import (
+    TrainState,
+    create_train_state,
+    init_compiler_options,
+)
 
 # Compute dtypes. float32 leaves Flax's promotion alone (so float64 parameters, for Hessians and
 # parity checks, compute in float64); bfloat16 computes in bfloat16 with float32 parameters.
@@ -76,9 +96,12 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
     """Validates the config, loads the data and builds the model and mesh; no compute yet."""
     validate_train_config(config, dataset.image_shape[0] if dataset else None)
     dataset = dataset or prepare(config.data, config.seed)
+    if dataset.validation is None:  # a dataset passed in: hold the validation part out here
+        dataset = hold_out_validation(dataset, config.data.get("validation_fraction", 0.0),
+                                      config.seed)
     mesh_cfg = config.get("mesh", {})
     model, num_devices = placement(build_model(config, dataset.num_classes),
-                                   mesh_cfg.get("num_devices", 0))
+                                   parallel.requested_devices(mesh_cfg.get("num_devices", 0)))
     if num_devices == 0:
         abstract = jax.eval_shape(lambda: model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, *dataset.image_shape)), train=False))
@@ -110,11 +133,14 @@ def make_tx(run: Run):
 def make_state(run: Run, variables: dict | None = None) -> TrainState:
     """A fresh train state created directly with its shardings (no full copy on one device)."""
     tx, rng = make_tx(run), jax.random.PRNGKey(run.config.seed)
-    make = lambda v: create_train_state(run.model, tx, rng, run.input_shape, v)
-    abstract = jax.eval_shape(make, variables)
+    # the key is an argument, not a constant: one compiled program (and cache entry) per
+    # architecture and shape, whatever the seed
+    make = lambda v, key: create_train_state(run.model, tx, key, run.input_shape, v)
+    abstract = jax.eval_shape(make, variables, rng)
     shardings = parallel.state_shardings(run.mesh, abstract, run.config.mesh.get("shard_params",
                                                                                 False))
-    return jax.jit(make, out_shardings=shardings)(variables)
+    return jax.jit(make, out_shardings=shardings,
+                   compiler_options=init_compiler_options())(variables, rng)
 
 
 def state_tree(state: TrainState) -> dict:
@@ -227,6 +253,14 @@ def evaluate(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size:
     return metrics
 
 
+def validation_metrics(run: Run, state: TrainState, eval_step) -> dict:
+    """Loss, accuracy and macro F1 over the whole validation split (padded, masked batches)."""
+    split = run.dataset.validation
+    preds, loss = predict(state, split, eval_step, run.mesh, run.config.eval_batch_size)
+    metrics = classification_metrics(split.labels, preds, run.dataset.num_classes)
+    return {"loss": loss, "accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"]}
+
+
 def initial_variables(run: Run) -> dict | None:
     """Starting weights: `init_checkpoint`, or torchvision's `torchvision_weights`, or None.
 
@@ -273,11 +307,29 @@ def _format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def run_meta(run: Run, history: list, train_time: float, changes: list[dict]) -> dict:
-    """The JSON meta saved with a checkpoint; `changes` are the config changes resumes made."""
+def run_meta(run: Run, history: list, train_time: float, changes: list[dict],
+             validation: list | None = None, curvature: list | None = None) -> dict:
+    """The JSON meta saved with a checkpoint; `changes` are the config changes resumes made,
+    `validation` the validation scores so far, `curvature` the curvature measured so far."""
     return {"config": run.config.to_dict(), "history": history, "train_time_s": train_time,
             "dataset": run.dataset.name, "image_shape": list(run.dataset.image_shape),
-            "config_changes": changes}
+            "config_changes": changes, "validation": list(validation or []),
+            "curvature": list(curvature or [])}
+
+
+# Config fields added after checkpoints were written, and the value a checkpoint written
+# without one ran with.
+ADDED_FIELDS = {"data": {"validation_fraction": 0.0}}
+
+
+def _with_added_fields(saved: dict, added: dict = ADDED_FIELDS) -> dict:
+    out = dict(saved)
+    for key, value in added.items():
+        if isinstance(value, dict):
+            out[key] = _with_added_fields(out.get(key) or {}, value)
+        else:
+            out.setdefault(key, value)
+    return out
 
 
 def _resume_changes(config, meta: dict, directory: str) -> list[dict]:
@@ -288,8 +340,8 @@ def _resume_changes(config, meta: dict, directory: str) -> list[dict]:
       CheckpointError: the training config differs and `continue_with_changes` is not set.
     """
     changes = list(meta.get("config_changes", []))
-    diffs = config_differences(meta.get("config", {}), config.to_dict(), fields=None,
-                               ignore=RUNTIME_FIELDS)
+    diffs = config_differences(_with_added_fields(meta.get("config", {})), config.to_dict(),
+                               fields=None, ignore=RUNTIME_FIELDS)
     if not diffs:
         return changes
     if not config.get("continue_with_changes", False):
@@ -302,22 +354,30 @@ def _resume_changes(config, meta: dict, directory: str) -> list[dict]:
     return changes + [{"step": int(meta.get("step", 0)), "changes": diffs}]
 
 
-def _train(run: Run, state: TrainState, ckpt: Checkpointer):
+def _train(run: Run, state: TrainState, ckpt: Checkpointer,
+           board: summaries.Summaries | None = None, best: Checkpointer | None = None):
     """Resumes from `ckpt`'s newest intact checkpoint, if any, and trains to the last step
-    through `loop.run_steps`, logging and checkpointing as configured; an interrupt saves the
+    through `loop.run_steps`, logging (to `board` too), validating and checkpointing as
+    configured, the best validated state into `best`, and measuring the curvature at the
+    multiples of `curvature.every_steps` (`tracking.CurvatureTracker`); an interrupt saves the
     finished steps first.
 
     Returns:
-      (state, eval_step, history, train_time, config changes made by resumes).
+      (state, eval_step, history, train_time, config changes made by resumes, validation
+      history, curvature history).
     """
     config = run.config
-    history, train_time, changes = [], 0.0, []
+    board = board or summaries.Summaries(None)
+    history, train_time, changes, validation = [], 0.0, [], []
+    curvature = []  # one entry per measurement (tracking.CurvatureTracker.measure)
     restored = ckpt.restore_latest(abstract_tree(state), config.to_dict())
     if restored is not None:
         tree, meta = restored
         changes = _resume_changes(config, meta, ckpt.directory)
         state = state.replace(**tree)
         history, train_time = meta.get("history", []), meta.get("train_time_s", 0.0)
+        validation = meta.get("validation", [])
+        curvature = tracking.resumed_entries(meta.get("curvature", []), int(state.step))
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
     train_step, eval_step = compile_steps(run, state)
     check_resources(run, state, eval_step, os.path.dirname(ckpt.directory))
@@ -327,10 +387,20 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
                  run.steps_per_epoch, run.mesh.devices.size)
 
     start = int(state.step)
+    board.open(start)
     log_every = config.get("log_every_steps", 100) or run.steps_per_epoch
     ckpt_every = config.get("checkpoint_every_steps", 0) or run.steps_per_epoch
+    eval_every = ((config.get("eval_every_steps", 0) or run.steps_per_epoch)
+                  if run.dataset.validation is not None else 0)
+    tracker = tracking.CurvatureTracker(config.get("curvature", {}), run.model, config.loss,
+                                        run.dataset, run.mesh, config.seed,
+                                        config.eval_batch_size)
     boundaries = [*range(log_every, run.total_steps, log_every),
-                  *range(ckpt_every, run.total_steps, ckpt_every)]
+                  *range(ckpt_every, run.total_steps, ckpt_every),
+                  *(range(eval_every, run.total_steps, eval_every) if eval_every else ()),
+                  *tracker.boundaries(run.total_steps)]
+    newest_best = best.newest_meta() if best is not None else None
+    best_accuracy = newest_best[1].get("validation_accuracy") if newest_best else None
     per_call = config.get("steps_per_call", 1)
     plan = list(loop.call_plan(start, run.total_steps, per_call, boundaries))
     batches = loop.stacked_batches(
@@ -351,9 +421,33 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
                      run.total_steps, entry["epoch"], entry["loss"], entry["accuracy"],
                      rate * config.batch_size,
                      _format_eta((run.total_steps - step) / max(rate, 1e-9)))
+        board.scalars(step, {**{k: entry[k] for k in ("loss", "accuracy", "grad_norm")},
+                             "learning_rate": float(schedule(step - 1)),
+                             "examples_per_second": rate * config.batch_size}, "train/")
+        if tracker.due(step):
+            curvature.append(tracker.measure(state, step))
+            board.scalars(step, tracking.board_scalars(curvature[-1]), "curvature/")
+        if eval_every and (step % eval_every == 0 or step == run.total_steps):
+            validate(state, step)
+        board.flush()  # everything up to a checkpoint is on disk before the checkpoint
         if step % ckpt_every == 0 or step == run.total_steps:
-            ckpt.save(step, state_tree(state), run_meta(run, history, train_time, changes))
+            ckpt.save(step, state_tree(state),
+                      run_meta(run, history, train_time, changes, validation, curvature))
         clock.update(start=time.perf_counter(), step=step)
+
+    def validate(state, step):
+        nonlocal best_accuracy
+        scores = validation_metrics(run, state, eval_step)
+        validation.append({"step": step, "epoch": step / run.steps_per_epoch, **scores})
+        board.scalars(step, scores, "validation/")
+        logging.info("step %d validation loss %.4f acc %.4f (%d examples)", step,
+                     scores["loss"], scores["accuracy"], len(run.dataset.validation))
+        if best is not None and (best_accuracy is None or scores["accuracy"] > best_accuracy) \
+                and step not in best.steps():
+            best_accuracy = scores["accuracy"]
+            best.save(step, state_tree(state),
+                      dict(run_meta(run, history, train_time, changes, validation, curvature),
+                           validation_accuracy=best_accuracy))
 
     def saved() -> str:
         steps = ckpt.steps()
@@ -366,17 +460,20 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer):
         state = loop.run_steps(
             train_step, state, plan, batches,
             parallel.batch_sharding(run.mesh, int(per_call > 1)), guard,
-            sync=lambda step: step % log_every == 0 or step % ckpt_every == 0, on_sync=on_sync)
+            sync=lambda step: (step % log_every == 0 or step % ckpt_every == 0
+                               or bool(eval_every) and step % eval_every == 0
+                               or tracker.due(step)),
+            on_sync=on_sync)
     except loop.Interrupted as stop:
         # Keep the finished steps: checkpoint the last good state before leaving.
         state = stop.state
         if int(state.step) > (ckpt.steps() or [0])[-1]:
             ckpt.save(int(state.step), state_tree(state),
-                      run_meta(run, history, train_time, changes))
+                      run_meta(run, history, train_time, changes, validation, curvature))
             logging.warning("interrupted: saved step %d; rerun the same command to resume",
                             int(state.step))
         raise KeyboardInterrupt from None
-    return state, eval_step, history, train_time, changes
+    return state, eval_step, history, train_time, changes, validation, curvature
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -384,8 +481,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains (resuming from `workdir` when it holds checkpoints), evaluates the test split.
 
     Writes `workdir/results.json`: the config, test metrics (accuracy, precision_macro,
-    recall_macro, f1_macro as fractions), a collapse check, parameter count, training time and
-    the logged history.
+    recall_macro, f1_macro as fractions), a collapse check, parameter count, training time,
+    the logged history, the validation history (with the best checkpoint's step when
+    `checkpoint_best`) and the curvature history (`curvature.every_steps`: step, top_eigenvalue,
+    iterations, seconds, and the trace with `curvature.trace_samples`); TensorBoard event files
+    (`summaries`: training scalars at each log step, validation and test metrics, curvature/
+    scalars, the test confusion matrix) and `curves.png` (loss and accuracy against steps).
 
     Args:
       config: a training config (see configs/).
@@ -398,12 +499,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_workdir(workdir)
     run = setup(config, dataset)
     state = make_state(run, initial_variables(run))
+    keep_best = config.get("checkpoint_best", False) and run.dataset.validation is not None
     # closed on success and on any failure: lets the checkpoints being written finish
     with WorkdirLock(workdir), Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            config.get("keep_checkpoints", 3)) as ckpt:
-        state, eval_step, history, train_time, changes = _train(run, state, ckpt)
+                                            config.get("keep_checkpoints", 3)) as ckpt, \
+            (Checkpointer(os.path.join(workdir, "best"), 1) if keep_best
+             else contextlib.nullcontext()) as best, summaries.Summaries(workdir) as board:
+        state, eval_step, history, train_time, changes, validation, curvature = _train(
+            run, state, ckpt, board, best)
         test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
                         run.dataset.num_classes)
+        step = int(state.step)
+        board.scalars(step, {k: test[k] for k in ("loss", "accuracy", "precision_macro",
+                                                  "recall_macro", "f1_macro")}, "test/")
+        board.figure("test/confusion_matrix", lambda: confusion_matrix_figure(
+            test["confusion_matrix"], f"{config.model.name}, step {step}, test accuracy "
+            f"{test['accuracy']:.4f}"), step)
+        newest_best = best.newest_meta() if keep_best else None
+        if jax.process_index() == 0:
+            training_curves_png(history, validation, os.path.join(workdir, "curves.png"),
+                                f"{config.model.name} on {run.dataset.name}")
     n_params = parallel.tree_size(state.params)
     logging.info("test accuracy %.4f, macro F1 %.4f", test["accuracy"], test["f1_macro"])
     results = {
@@ -417,7 +532,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "test": test,
         "prediction_collapse": test["collapse"],
         "history": history,
+        "validation": validation,
+        "curvature": curvature,
         "config_changes": changes,
     }
+    if newest_best is not None:
+        results["best_checkpoint"] = {"step": newest_best[0], "validation_accuracy":
+                                      newest_best[1].get("validation_accuracy")}
     write_json(os.path.join(workdir, "results.json"), results)
     return results

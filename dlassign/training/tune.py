@@ -10,6 +10,10 @@ see equally many examples, and both modes give the same numbers.
 Normalisation statistics ('standardize') come from the whole training split, not each fold's
 training part; with 'scale' (the MNIST configs) there are no statistics to leak. `tune.mode`
 chooses vmapped or sequential folds (see `sequential_folds`).
+
+Each cell's folds are TensorBoard runs, `WORKDIR/cells/NN_<values>/fold<k>`: the training curves
+(from the metrics the runner brings back at the end, so no extra sync), the fold's validation
+score and the cell's hyperparameters for TensorBoard's hparams view.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import copy
 import itertools
 import json
 import os
+import re
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -31,13 +37,13 @@ from dlassign.data import Dataset, Split, prepare, stratified_kfold
 from dlassign.data.batching import epoch_permutation
 from dlassign.errors import DlassignError, one_of
 from dlassign.runtime import parallel
-from dlassign.runtime.files import write_json
+from dlassign.runtime.files import write_json, write_text
 from dlassign.runtime.workdir import WorkdirLock, check_workdir
-from dlassign.training import loop
+from dlassign.training import loop, summaries
 from dlassign.training.config_validation import flatten_grid, validate_tune_config
 from dlassign.training.optim import learning_rate_schedule
 from dlassign.training.steps import make_eval_step, make_train_step, stacked_or_single
-from dlassign.training.train_state import create_train_state
+from dlassign.training.train_state import TrainState, create_train_state, init_compiler_options
 from dlassign.training.trainer import make_tx, predict, setup, train_and_evaluate
 
 
@@ -97,9 +103,82 @@ def _padded_folds(train: Split, val_indices: list[np.ndarray], batch_size: int):
                "mask": mask[:, s:s + batch_size]}
 
 
+def cell_name(index: int, overrides: dict) -> str:
+    """The folder of a grid cell's TensorBoard runs: its index and values, e.g.
+    '03_dense_width=64,activation=tanh'."""
+    value = lambda v: "x".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    name = ",".join(f"{path.split('.')[-1]}={value(v)}" for path, v in overrides.items())
+    return f"{index:02d}_" + re.sub(r"[^A-Za-z0-9._=,+-]", "", name)[:80]
+
+
+STEP_METRICS = ("loss", "accuracy", "grad_norm")
+
+# Model fields that only choose a parameter-free function (`layers.activation`): cells that
+# differ in them start from the same parameters, so they share one compiled initialiser (built
+# with this value; the initialiser's forward pass is dropped by XLA anyway).
+INIT_FREE_FIELDS = ("activation", "conv_activation")
+_INIT_CANONICAL = "linear"
+_INITIALIZERS: dict = {}
+
+
+def _initializer(run, tx, vmapped: bool):
+    """A jitted `rng -> (step, params, batch_stats, opt_state, rng)` of the cell's initial
+    state, one per model (up to `INIT_FREE_FIELDS`), input shape, optimizer and mesh, so that
+    the cells of an activation grid compile it once (the in-process jit cache keys on the
+    function; a fresh closure per cell compiled it again for every cell)."""
+    model = run.model.clone(**{f: _INIT_CANONICAL for f in INIT_FREE_FIELDS
+                               if hasattr(run.model, f)})
+    replicated = parallel.replicated(run.mesh)
+    # make_tx's inputs determine the optimizer, hence its state
+    key = (model, run.input_shape, json.dumps(run.config.optimizer.to_dict(), sort_keys=True,
+                                              default=str),
+           run.total_steps, run.steps_per_epoch, run.config.model.name, replicated, vmapped,
+           str(init_compiler_options()))
+    if key not in _INITIALIZERS:
+        def arrays(rng):
+            s = create_train_state(model, tx, rng, run.input_shape)
+            return s.step, s.params, s.batch_stats, s.opt_state, s.rng
+
+        _INITIALIZERS[key] = jax.jit(jax.vmap(arrays) if vmapped else arrays,
+                                     out_shardings=replicated,
+                                     compiler_options=init_compiler_options())
+    init = _INITIALIZERS[key]
+
+    def state(rng) -> TrainState:
+        step, params, batch_stats, opt_state, state_rng = init(rng)
+        return TrainState(step=step, params=params, batch_stats=batch_stats,
+                          opt_state=opt_state, rng=state_rng, apply_fn=run.model.apply, tx=tx)
+
+    return state
+
+
+def _write_fold_runs(logdir: str, per_fold: list[dict[str, np.ndarray]], log_every: int,
+                     schedule, accuracies: np.ndarray, losses: np.ndarray, hparams: dict) -> None:
+    """One TensorBoard run per fold under `logdir` (replacing any earlier attempt's): the
+    training metrics averaged over each `log_every` steps, the fold's validation accuracy and
+    loss at its last step, and the cell's hyperparameters with those two as its metrics."""
+    if jax.process_index() != 0:
+        return
+    for k, series in enumerate(per_fold):
+        fold_dir = os.path.join(logdir, f"fold{k}")
+        shutil.rmtree(fold_dir, ignore_errors=True)  # a cell redone after an interruption
+        total = len(series["loss"])
+        ends = sorted({*range(log_every, total + 1, log_every), total})
+        with summaries.Summaries(fold_dir).open(0) as board:
+            lo = 0
+            for end in ends:
+                board.scalars(end, {**{m: float(np.mean(series[m][lo:end])) for m in STEP_METRICS},
+                                    "learning_rate": float(schedule(end - 1))}, "train/")
+                lo = end
+            board.scalars(total, {"accuracy": accuracies[k], "loss": losses[k]}, "validation/")
+            board.hparams(hparams, {"hparam/val_accuracy": float(accuracies[k]),
+                                    "hparam/val_loss": float(losses[k])})
+
+
 def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
                    folds: list[tuple[np.ndarray, np.ndarray]], sequential: bool = False,
-                   where: str = "") -> dict:
+                   where: str = "", logdir: str | None = None,
+                   hparams: dict | None = None) -> dict:
     """Trains one grid cell on every fold and scores each fold's validation set.
 
     The folds train through the training loop's runner (`loop.run_steps`: call plan, batch
@@ -111,6 +190,8 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
       folds: (train indices, validation indices) pairs from `stratified_kfold`.
       sequential: train the folds one after another instead of as one vmapped program.
       where: names the cell in errors, e.g. "grid cell {'model.dense_width': 32}: ".
+      logdir: where the folds' TensorBoard runs go (`fold<k>` each); None: none are written.
+      hparams: the cell's hyperparameters, for those runs.
 
     Returns:
       fold_accuracies (list), mean, std, fold_losses (each fold's mean validation loss),
@@ -125,8 +206,7 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     tx = make_tx(run)
     rngs = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), i) for i in range(k)])
     train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
-    init = lambda rng: create_train_state(run.model, tx, rng, run.input_shape)
-    replicated = parallel.replicated(run.mesh)
+    init = _initializer(run, tx, vmapped=not sequential)
 
     per_call = max(int(config.get("steps_per_call", 1)), 1)
     steps = _fold_steps_per_epoch(train_ix, config.batch_size)
@@ -136,27 +216,30 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
                                   config.num_epochs) for i, ix in enumerate(train_ix)]
     schedule = learning_rate_schedule(config.optimizer, run.total_steps, run.steps_per_epoch)
     unsaved = lambda: "grid-search folds keep no checkpoints; finished cells stay in results.json"
+    logged = []  # each run_steps' per-step host metrics, for the TensorBoard runs
+    keep = (lambda state, step, host: logged.append(host)) if logdir is not None else None
     start = time.perf_counter()
     if sequential:
         step = jax.jit(stacked_or_single(train_step), donate_argnums=0)
         sharding = parallel.batch_sharding(run.mesh, stacked)  # [S,] B
         states = []
         for i in range(k):
-            state = jax.jit(init, out_shardings=replicated)(rngs[i])
+            state = init(rngs[i])
             guard = loop.Guard(loop.leaf_names(state.params), f"{where}fold {i}: ",
                                learning_rate=schedule, saved=unsaved)
             states.append(loop.run_steps(
                 step, state, plan, loop.stacked_batches(fold_batches[i], plan, per_call),
-                sharding, guard))
+                sharding, guard, on_sync=keep))
     else:
         step = jax.jit(stacked_or_single(jax.vmap(train_step), label_ndim=2), donate_argnums=0)
-        state = jax.jit(jax.vmap(init), out_shardings=replicated)(rngs)
+        state = init(rngs)
         one = jax.tree.map(lambda x: x[0], state.params)
         guard = loop.Guard(loop.leaf_names(one), where, folds=True, learning_rate=schedule,
                            saved=unsaved)
         batches = loop.stacked_batches(_stacked_folds(fold_batches), plan, per_call)
         state = loop.run_steps(step, state, plan, batches,
-                               parallel.batch_sharding(run.mesh, stacked + 1), guard)  # [S,] K, B
+                               parallel.batch_sharding(run.mesh, stacked + 1), guard,  # [S,] K, B
+                               on_sync=keep)
     jax.block_until_ready(state if not sequential else states)
     train_time = time.perf_counter() - start
 
@@ -177,6 +260,13 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
             correct += np.sum((out["pred"] == batch["label"]) & batch["mask"], axis=1)
             loss += out["loss_sum"]
     acc = correct / sizes
+    if logdir is not None:
+        # sequential: one list of per-step metrics per fold; vmapped: one, with a fold axis
+        per_fold = [{m: np.array([float(h[m] if sequential else h[m][i])
+                                  for h in logged[i if sequential else 0]])
+                     for m in STEP_METRICS} for i in range(k)]
+        _write_fold_runs(logdir, per_fold, int(config.get("log_every_steps", 0)) or steps,
+                         schedule, acc, loss / sizes, hparams or {})
     return {"fold_accuracies": acc.tolist(), "mean": float(acc.mean()), "std": float(acc.std()),
             "fold_losses": (loss / sizes).tolist(), "train_time_s": train_time}
 
@@ -237,7 +327,9 @@ def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("cell %d/%d %s", i + 1, len(grid_cells(config.tune.grid)), overrides)
         cv = cross_validate(apply_overrides(config, overrides), dataset, folds,
                             sequential=sequential_folds(config.tune.get("mode", "auto")),
-                            where=f"grid cell {overrides}: ")
+                            where=f"grid cell {overrides}: ",
+                            logdir=os.path.join(workdir, "cells", cell_name(i, overrides)),
+                            hparams=overrides)
         logging.info("  fold accuracies %s mean %.4f std %.4f (%.1fs)",
                      ", ".join(f"{a:.4f}" for a in cv["fold_accuracies"]), cv["mean"], cv["std"],
                      cv["train_time_s"])
@@ -260,7 +352,6 @@ def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_json(path, results)
     from dlassign.report import grid_heatmap, grid_table
 
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(grid_table(results))
+    write_text(os.path.join(workdir, "results.md"), grid_table(results))
     grid_heatmap(results, os.path.join(workdir, "heatmap.png"))
     return results

@@ -7,6 +7,7 @@ The Hessian is never materialised for real models: `hvp` is forward-over-reverse
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import jax
@@ -73,36 +74,58 @@ def model_batch_loss(model, variables: dict, loss: str, normalizer: Normalizer |
     return batch_loss
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_hvp(batch_loss: Callable, params, v: jax.Array, batch: dict, scale) -> jax.Array:
+    """scale * H_b v of one batch's summed loss at `params`; compiled once per `batch_loss`
+    object (and shapes), so the matvecs of later points reuse the program."""
+    x, unravel = ravel_pytree(params)
+    return scale * hvp(lambda y: batch_loss(unravel(y), batch)[0], x, v)
+
+
+_ravel = jax.jit(lambda params: ravel_pytree(params)[0])
+
+
+def _flatten(params) -> tuple[jax.Array, Callable]:
+    """`ravel_pytree(params)` as one compiled program (eagerly it is one per leaf shape), with
+    `unravel` taken from an abstract trace."""
+    unravel = []
+    jax.eval_shape(lambda p: unravel.append(ravel_pytree(p)[1]), params)
+    return _ravel(params), unravel[0]
+
+
 def dataset_hvp(batch_loss: Callable, params, batches: Iterable[dict],
-                on_dispatch: Callable | None = None) -> tuple[MatVec, jax.Array, Callable]:
+                on_dispatch: Callable | None = None, count: int | None = None
+                ) -> tuple[MatVec, jax.Array, Callable]:
     """The Hessian of the mean loss over a fixed set of batches, as a matvec.
 
     H v = (1 / N) sum_b H_b v, where H_b is the Hessian of batch b's summed loss and N counts the
-    real (unmasked) rows, so a padded last batch is weighted exactly.
+    real (unmasked) rows, so a padded last batch is weighted exactly. The jitted product is
+    keyed on the `batch_loss` object: a caller that takes Hessians at many points (curvature
+    during training) builds `batch_loss` once and compiles once.
 
     Args:
       batch_loss: `(params, batch) -> (loss sum, count)`, e.g. from `model_batch_loss`.
       params: the point at which the Hessian is taken.
       batches: a re-iterable collection (a list) of batches already on the devices.
       on_dispatch: called with each partial product (e.g. a `DispatchLimiter`).
+      count: N when the caller knows it; None counts the batches' rows through `batch_loss`.
 
     Returns:
       (matvec, x0, unravel): matvec maps float[P] to float[P].
     """
     batches = list(batches)
-    x0, unravel = ravel_pytree(params)
-    total = sum(int(jax.device_get(batch_loss(params, b)[1])) for b in batches)
-
-    @jax.jit
-    def batch_hvp(x, v, batch):
-        return hvp(lambda y: batch_loss(unravel(y), batch)[0], x, v)
+    x0, unravel = _flatten(params)
+    total = count if count is not None else sum(
+        int(jax.device_get(batch_loss(params, b)[1])) for b in batches)
+    scale = 1.0 / total
 
     def matvec(v: jax.Array) -> jax.Array:
-        out = jnp.zeros_like(v)
+        out = None
         for b in batches:
-            out = out + batch_hvp(x0, v, b)
+            part = _batch_hvp(batch_loss, params, v, b, scale)
+            out = part if out is None else out + part
             if on_dispatch is not None:
                 on_dispatch(out)
-        return out / total
+        return jnp.zeros_like(v) if out is None else out
 
     return matvec, x0, unravel

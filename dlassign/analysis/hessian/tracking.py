@@ -1,0 +1,155 @@
+"""Curvature during training: the top Hessian eigenvalue of the training loss (and, optionally,
+its trace) on a fixed stratified training sample, every `curvature.every_steps` steps.
+
+The trainer makes those steps sync points of its loop and calls `CurvatureTracker.measure` there.
+The eigenvalue comes from power iteration (`spectrum.power_iteration`) warm-started from the
+previous measurement's eigenvector: between two nearby points of a run the top eigenvector moves
+little, so a few Hessian-vector products reach `tol`. The first measurement of a process (and the
+first after a resume) starts from a random vector and takes more. Power iteration finds the
+eigenvalue of largest magnitude, the top positive one for the networks trained here.
+
+The Hessian is that of `hessian.model_batch_loss` (evaluation mode: BatchNorm's running
+statistics, no dropout, no augmentation), through `hessian.dataset_hvp` on batches placed with
+`parallel.global_batch` over the run's mesh, so every process of a multi-process run computes
+the same value. The loss function is built once per tracker and the BatchNorm statistics travel
+as data, so the Hessian-vector product compiles once per run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from dlassign.analysis.hessian.operators import dataset_hvp, model_batch_loss
+from dlassign.analysis.hessian.spectrum import hutchinson_trace, power_iteration
+from dlassign.data import Dataset, eval_batches, stratified_subset
+from dlassign.runtime import parallel
+
+
+def sample_batches(dataset: Dataset, num_examples: int, seed: int, mesh, max_batch: int
+                   ) -> tuple[list[dict], int]:
+    """The fixed stratified training sample (chosen by `seed`) as padded, masked batches on the
+    mesh, and its number of examples. Batches hold at most `max_batch` rows (a multiple of the
+    mesh size), fewer when the sample is smaller."""
+    train = dataset.train
+    n = min(num_examples, len(train))
+    sample = train.take(stratified_subset(train.labels, n / len(train), seed))
+    devices = mesh.devices.size
+    batch = min(max_batch, -(-len(sample) // devices) * devices)
+    parallel.check_divisible(batch, mesh, "the curvature batch size")
+    sharding = parallel.batch_sharding(mesh)
+    return [parallel.global_batch(b, sharding) for b in eval_batches(sample, batch)], len(sample)
+
+
+class CurvatureTracker:
+    """Measures the top Hessian eigenvalue of a run's training loss at the steps it is due.
+
+    Args:
+      config: the `curvature` config block (configs/base.py).
+      model: the run's Flax module.
+      loss: the run's loss name.
+      dataset: the run's dataset; the sample comes from its training split.
+      mesh: the run's device mesh.
+      seed: fixes the sample and the random start and probe vectors.
+      max_batch: the most rows per Hessian-vector product batch (e.g. eval_batch_size).
+    """
+
+    def __init__(self, config, model, loss: str, dataset: Dataset, mesh, seed: int,
+                 max_batch: int):
+        self.every_steps = int(config.get("every_steps", 0))
+        self.num_examples = int(config.get("num_examples", 256))
+        self.power_iters = int(config.get("power_iters", 10))
+        self.tol = float(config.get("tol", 1e-3))
+        self.trace_samples = int(config.get("trace_samples", 0))
+        self.dataset, self.mesh, self.seed, self.max_batch = dataset, mesh, seed, max_batch
+        self._batches: list[dict] | None = None
+        self._count = 0
+        self._vector = None  # the previous measurement's eigenvector: the next start
+        # Start vectors live where the products' outputs do (replicated over the mesh), so the
+        # product compiles once; the random start of the first measurement is one program.
+        replicated = parallel.replicated(mesh)
+        self._place = jax.jit(lambda x: x, out_shardings=replicated)
+        self._normal = jax.jit(
+            lambda seed, step, dim, dtype: jax.random.normal(
+                jax.random.fold_in(jax.random.PRNGKey(seed), step), (dim,), dtype),
+            static_argnums=(2, 3), out_shardings=replicated)
+
+        def batch_loss(params, batch):
+            # BatchNorm's statistics come in the batch, so this one function (and its compiled
+            # product) serves every measurement of the run
+            inner = model_batch_loss(model, batch["fixed"], loss, dataset.normalizer)
+            return inner(params, {k: v for k, v in batch.items() if k != "fixed"})
+
+        self._batch_loss = batch_loss
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_steps > 0
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is a measurement step (a multiple of every_steps)."""
+        return self.enabled and step > 0 and step % self.every_steps == 0
+
+    def boundaries(self, total_steps: int) -> range:
+        """The measurement steps before `total_steps` (the loop syncs after the last step
+        anyway)."""
+        return range(self.every_steps, total_steps, self.every_steps) if self.enabled else range(0)
+
+    def measure(self, state, step: int) -> dict:
+        """The curvature at `state` (a TrainState): {step, top_eigenvalue, iterations (Hessian-
+        vector products of the power iteration), seconds, and trace and trace_standard_error with
+        trace_samples}."""
+        start = time.perf_counter()
+        if self._batches is None:
+            self._batches, self._count = sample_batches(self.dataset, self.num_examples,
+                                                        self.seed, self.mesh, self.max_batch)
+            logging.info("curvature: top Hessian eigenvalue every %d steps on %d training "
+                         "examples", self.every_steps, self._count)
+        fixed = {"batch_stats": state.batch_stats} if state.batch_stats else {}
+        batches = [dict(b, fixed=fixed) for b in self._batches]
+        matvec, x0, _ = dataset_hvp(self._batch_loss, state.params, batches,
+                                    on_dispatch=parallel.DispatchLimiter(), count=self._count)
+        calls = [0]
+
+        def counted(v):
+            calls[0] += 1
+            return matvec(v)
+
+        dim = int(x0.size)
+        first = self._vector
+        if first is None:
+            first = self._normal(self.seed, step, dim, x0.dtype)
+        # the key only matters if the start vector were zero
+        key = np.asarray([self.seed, step], np.uint32)
+        values, vectors = power_iteration(counted, dim, 1, key, max_iters=self.power_iters,
+                                          tol=self.tol, dtype=x0.dtype, start=first)
+        self._vector = self._place(vectors[0])
+        entry = {"step": int(step), "top_eigenvalue": float(values[0]),
+                 "iterations": calls[0]}
+        if self.trace_samples:
+            probes = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
+            trace, se = hutchinson_trace(matvec, dim, self.trace_samples, probes, x0.dtype)
+            entry.update(trace=trace, trace_standard_error=se)
+        entry["seconds"] = time.perf_counter() - start
+        logging.info("step %d curvature: top eigenvalue %.5g (%d products)%s, %.2f s", step,
+                     entry["top_eigenvalue"], calls[0],
+                     f", trace {entry['trace']:.5g}" if "trace" in entry else "",
+                     entry["seconds"])
+        return entry
+
+
+def board_scalars(entry: dict) -> dict:
+    """The scalars of one measurement that TensorBoard shows under `curvature/`."""
+    return {k: entry[k] for k in ("top_eigenvalue", "trace", "iterations") if k in entry}
+
+
+def resumed_entries(entries: list[dict], step: int) -> list[dict]:
+    """The entries a checkpoint of `step` carries (a resumed run measures the later ones
+    again)."""
+    return [dict(e) for e in entries if int(e["step"]) <= step]
+
+
+__all__ = ["CurvatureTracker", "board_scalars", "resumed_entries", "sample_batches"]
