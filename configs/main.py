@@ -9,7 +9,7 @@ experiment and can be overridden, e.g. --config.tune_mlp.data.name=mnist
 
 import ml_collections
 
-from configs import convexity, digits32, tune_digits_cnn, tune_digits_mlp
+from configs import convexity, digits32, sharpness, tune_digits_cnn, tune_digits_mlp
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -23,5 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.transfer = ml_collections.ConfigDict(dict(lenet5=digits32.get_config("lenet5"),
                                                 resnet18=digits32.get_config("resnet18")))
     c.transfer.resnet18.num_epochs = 8
+    c.sharpness = sharpness.get_config("digits")  # edge of stability, kept to a few tens of s
+    c.sharpness.num_steps = 300
+    c.sharpness.lanczos_checks = 1
     c.num_cpu_devices = 0
     return c

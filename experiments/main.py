@@ -5,7 +5,9 @@
 Question 1 and 2: the convexity study. Question 3: the dense and convolutional grids with 3-fold
 cross-validation, the best models on the test split, and the Hessian spectrum of the best CNN.
 Question 4: LeNet-5 and ResNet-18 on the digits at 32x32x3, compared; the weight porting checked
-by a round trip (and, with PyTorch installed, against torchvision). A few minutes on 2 cores.
+by a round trip (and, with PyTorch installed, against torchvision). Then a small edge-of-stability
+run (full-batch gradient descent, sharpness against 2/eta; experiments.sharpness). A few minutes
+on 2 cores.
 """
 
 import os
@@ -14,7 +16,7 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform, run
+from experiments.common import clean_errors, prepare_platform, run, single_process
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/main.py", "Main-job config.",
@@ -115,9 +117,36 @@ def question4(config, workdir: str) -> str:
     return "\n".join(parts)
 
 
+def edge_of_stability(config, workdir: str) -> str:
+    from dlassign.analysis import sharpness
+
+    result = sharpness.write_outputs(sharpness.run_study(config),
+                                     os.path.join(workdir, "sharpness"))
+    model = result["model"]
+    agree = result["power_lanczos_max_relative_difference"]
+    checked = (f" Power iteration's values agree with a cold-started Lanczos on the same "
+               f"parameters to {agree:.1e} (relative) at the points checked."
+               if agree is not None else "")
+    return "\n".join([
+        "## Edge of stability (Cohen et al., ICLR 2021)\n",
+        f"Full-batch gradient descent (constant step size eta, no momentum) on the digits' "
+        f"{result['num_examples']} training images, MLP {tuple(model['hidden_sizes'])} "
+        f"{model['activation']} ({result['num_params']} parameters), {result['num_steps']} "
+        f"steps per run; the sharpness (top Hessian eigenvalue of the full-batch loss) every "
+        f"{result['eval_every']} steps by warm-started power iteration.{checked} The digits are "
+        "fit within a few hundred steps: the sharpness rises to about 2/eta within the first "
+        "tens of steps, overshoots, is thrown back below it (the spikes in the loss), and then "
+        "falls as the loss shrinks, so the plateau at 2/eta is short here; the MNIST study in "
+        "docs/results.md (5,000 images, a wider network) stays at 2/eta for hundreds of "
+        "steps.\n",
+        result["table"], "\n![edge of stability](sharpness/sharpness.png)\n"])
+
+
 @clean_errors
 def main(argv):
     del argv
+    single_process("experiments.main", "it is the small-data tour of the four studies; launch "
+                   "experiments.train or experiments.tune across processes")
     prepare_platform(FLAGS.config.get("num_cpu_devices", 0))
     import jax
 
@@ -135,6 +164,8 @@ def main(argv):
     sections.append(question3(FLAGS.config, workdir))
     logging.info("question 4: the SVHN models on the digits")
     sections.append(question4(FLAGS.config, workdir))
+    logging.info("edge of stability on the digits")
+    sections.append(edge_of_stability(FLAGS.config.sharpness, workdir))
     minutes = (time.time() - start) / 60
     header = (f"# dlassign report\n\nMain job on embedded data, {minutes:.1f} minutes on "
               f"{jax.device_count()} {jax.default_backend()} devices (jax {jax.__version__}).\n\n")

@@ -14,6 +14,11 @@ CASES = [
     ("data.name", "cifar10", "unknown data.name 'cifar10'; expected one of digits, "),
     ("data.subset_fraction", 0.0, "data.subset_fraction=0.0 is invalid; expected a number > 0"),
     ("data.subset_fraction", 1.5, "data.subset_fraction=1.5 is invalid"),
+    ("data.validation_fraction", 1.0, "data.validation_fraction=1.0 is invalid; expected a "
+                                      "number >= 0 and < 1"),
+    ("data.validation_fraction", -0.1, "data.validation_fraction=-0.1 is invalid"),
+    ("eval_every_steps", -5, "eval_every_steps=-5 is invalid; expected an integer >= 0"),
+    ("checkpoint_best", True, "checkpoint_best=True needs a validation split"),
     ("data.normalization", "zscore", "unknown data.normalization 'zscore'"),
     ("data.channels", 2, "data.channels=2 is invalid"),
     ("data.pad_to", -1, "data.pad_to=-1 is invalid"),
@@ -48,6 +53,8 @@ CASES = [
                            ("optimizer.warmup_epochs", float("nan")),
                            ("model.dropout", float("nan")),
                            ("data.subset_fraction", float("nan")),
+                           ("data.validation_fraction", float("nan")),
+                           ("data.validation_fraction", float("inf")),
                            ("mesh.cpu_data_parallel_min_step_flops", float("inf"))]],
 ]
 
@@ -131,8 +138,9 @@ def test_every_config_file_is_valid():
 
     portable = [n for n, a in architectures().items() if a.portable]
     arch_args = {"svhn": portable, "digits32": portable, "mnist_ported": ["lenet5", "resnet18"]}
-    # configs/convexity.py is the study's own config (validated as the study runs)
-    study_configs = {"convexity"}
+    # configs/convexity.py and configs/sharpness.py are their studies' own configs (validated
+    # as the study runs; tests/test_sharpness.py validates sharpness.py's)
+    study_configs = {"convexity", "sharpness"}
 
     def check(config):
         (validate_tune_config if "tune" in config else validate_train_config)(config)

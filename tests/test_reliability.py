@@ -274,7 +274,8 @@ def test_main_job_needs_no_download():
     from dlassign.data import dataset_info
 
     config = main.get_config()
-    runs = [config.convexity, config.tune_mlp, config.tune_cnn, *config.transfer.values()]
+    runs = [config.convexity, config.tune_mlp, config.tune_cnn, config.sharpness,
+            *config.transfer.values()]
     for run in runs:
         data = run.data if "data" in run else run
         assert dataset_info(data.name).embedded is not None, data.name

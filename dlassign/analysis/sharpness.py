@@ -1,0 +1,340 @@
+"""Edge of stability (Cohen, Kaur, Li, Kolter and Talwalkar, "Gradient Descent on Neural Networks
+Typically Occurs at the Edge of Stability", ICLR 2021), measured.
+
+Full-batch gradient descent (no momentum, constant step size eta) trains a small network on a
+fixed stratified subset of a training split. Every `eval_every` steps the sharpness, the top
+eigenvalue of the full-batch loss's Hessian, is measured by power iteration warm-started from the
+previous eigenvector (`hessian.power_iteration` on `hessian.dataset_hvp`, through the loss of
+`hessian.model_batch_loss`, the one the networks train on), and at a few points checked against
+a cold-started Lanczos on the same parameters. The paper's finding: the sharpness rises until it
+reaches 2/eta (progressive sharpening; on a quadratic, gradient descent diverges beyond it) and
+then hovers at or just above 2/eta while the loss keeps falling, non-monotonically.
+
+The functions up to `edge_of_stability_summary` are pure (the training and the Hessian-vector
+product are jitted once per loss and shape); `run_study` runs the configured grid (losses x step
+sizes) and `write_outputs` writes results.json, the table and the figure.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from dlassign.analysis.hessian import dataset_hvp, lanczos, model_batch_loss, power_iteration, ritz
+from dlassign.data import datasets, prepare, stratified_subset
+from dlassign.errors import ConfigError
+from dlassign.models import get_model
+from dlassign.models.layers import ACTIVATIONS
+from dlassign.report import markdown_table, plt
+from dlassign.runtime.files import save_figure, write_json
+from dlassign.training.config_validation import _choice, _number, check_data_dir
+from dlassign.training.losses import LOSSES, get_loss
+
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate_sharpness_config(config) -> None:
+    """One-line `ConfigError` naming the first field of a sharpness config that cannot work."""
+    _number("seed", config.get("seed", 0), low=0, integer=True)
+    _choice("data.name", config.data.get("name"), datasets())
+    _number("data.num_examples", config.data.get("num_examples", 0), low=0, integer=True)
+    check_data_dir(config.data.name, config.data.get("data_dir", ""))
+    sizes = config.model.get("hidden_sizes", ())
+    if not sizes or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                            for w in sizes):
+        raise ConfigError(f"model.hidden_sizes={tuple(sizes)!r} is invalid; expected one or more "
+                          "positive integers")
+    _choice("model.activation", config.model.get("activation"), ACTIVATIONS)
+    if not config.get("step_sizes"):
+        raise ConfigError("step_sizes is empty; expected e.g. {'cross_entropy': [0.02, 0.04]}")
+    for loss, etas in config.step_sizes.items():
+        _choice("step_sizes key", loss, LOSSES)
+        if not isinstance(etas, (list, tuple)) or not etas:
+            raise ConfigError(f"step_sizes.{loss}={etas!r} is invalid; expected a non-empty "
+                              "list of positive step sizes")
+        for eta in etas:
+            _number(f"step_sizes.{loss}", eta, low=0, low_open=True)
+    _number("num_steps", config.num_steps, low=1, integer=True)
+    _number("eval_every", config.eval_every, low=1, integer=True)
+    _number("power_iters", config.power_iters, low=2, integer=True)
+    _number("tol", config.tol, low=0, high=1, low_open=True, high_open=True)
+    _number("lanczos_checks", config.lanczos_checks, low=0, integer=True)
+    _number("lanczos_order", config.lanczos_order, low=2, integer=True)
+    _number("reach_tolerance", config.reach_tolerance, low=0, high=1, low_open=True,
+            high_open=True)
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def full_batch(config) -> tuple[dict, int, str]:
+    """The fixed stratified subset of the training split as one float batch.
+
+    Returns:
+      ({"image": float32[N, H, W, C] normalised, "label": int32[N]}, number of classes,
+      dataset name).
+    """
+    data = prepare(config.data, config.seed)
+    train = data.train
+    n = config.data.get("num_examples", 0) or len(train)
+    if n < len(train):
+        train = train.take(stratified_subset(train.labels, n / len(train), config.seed))
+    images = np.asarray(data.normalizer(train.images, jnp.float32))
+    return {"image": images, "label": train.labels.astype(np.int32)}, data.num_classes, data.name
+
+
+def mean_loss_fn(model, loss: str) -> Callable:
+    """`(params, batch) -> mean loss over the batch` (float32)."""
+    per_example = get_loss(loss)
+
+    def mean_loss(params, batch):
+        return per_example(model.apply({"params": params}, batch["image"]), batch["label"]).mean()
+
+    return mean_loss
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def gd_steps(mean_loss: Callable, params, batch: dict, eta: jax.Array, num_steps: int):
+    """`num_steps` steps of full-batch gradient descent, params - eta * grad.
+
+    Returns:
+      (params after the steps, float32[num_steps] the loss before each step).
+    """
+    def step(p, _):
+        loss, grad = jax.value_and_grad(mean_loss)(p, batch)
+        return jax.tree.map(lambda w, g: w - eta * g, p, grad), loss
+
+    return jax.lax.scan(step, params, None, length=num_steps)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def accuracy(model, params, batch: dict) -> jax.Array:
+    """The share of `batch` that `model` (a hashable Flax module) classifies right."""
+    logits = model.apply({"params": params}, batch["image"])
+    return jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+
+
+def edge_of_stability_summary(steps, sharpness, eta: float, tolerance: float = 0.1) -> dict:
+    """What a sharpness trace says about the edge of stability.
+
+    Args:
+      steps: the steps of the measurements, increasing.
+      sharpness: the top Hessian eigenvalue at each.
+      eta: the step size; the threshold is 2 / eta.
+      tolerance: reaching means sharpness >= (1 - tolerance) * 2 / eta.
+
+    Returns:
+      {threshold, reach_step (the first step within `tolerance` of 2/eta, None if never),
+       and from that step on: mean_ratio, min_ratio, max_ratio (sharpness / (2/eta)),
+       within_fraction (the share of measurements within `tolerance` of 2/eta) and
+       last_within_step (the last measurement within it); None where it never reached}.
+    """
+    steps, sharpness = np.asarray(steps), np.asarray(sharpness, np.float64)
+    threshold = 2.0 / eta
+    ratio = sharpness / threshold
+    reached = np.flatnonzero(ratio >= 1.0 - tolerance)
+    out = {"threshold": threshold, "reach_step": None, "mean_ratio": None, "min_ratio": None,
+           "max_ratio": None, "within_fraction": None, "last_within_step": None,
+           "measurements_after": 0}
+    if reached.size == 0:
+        return out
+    after = ratio[reached[0]:]
+    within = np.abs(after - 1.0) <= tolerance
+    out.update(reach_step=int(steps[reached[0]]), mean_ratio=float(after.mean()),
+               min_ratio=float(after.min()), max_ratio=float(after.max()),
+               within_fraction=float(np.mean(within)),
+               last_within_step=(int(steps[reached[0] + np.flatnonzero(within)[-1]])
+                                 if within.any() else None),
+               measurements_after=int(after.size))
+    return out
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def train_and_measure(model, params0, batch: dict, loss: str, eta: float, config) -> dict:
+    """One run: full-batch GD at step size `eta` from `params0`, the sharpness every
+    `eval_every` steps (warm-started power iteration) and a Lanczos check at `lanczos_checks`
+    evenly spaced measurements (the last one included)."""
+    mean_loss = mean_loss_fn(model, loss)
+    batch_loss = model_batch_loss(model, {}, loss)
+    n = int(batch["label"].shape[0])
+    every, total = config.eval_every, config.num_steps
+    checks = ({int(round(total / every * (i + 1) / config.lanczos_checks)) * every
+               for i in range(config.lanczos_checks)} if config.lanczos_checks else set())
+    params, vector = params0, None
+    steps, sharpness, iterations, losses, accuracies, lanczos_rows = [], [], [], [], [], []
+    diverged_at, start = None, time.perf_counter()
+    eta_arg = jnp.asarray(eta, jnp.float32)
+    key = jax.random.PRNGKey(config.seed)
+    for step in range(0, total + 1, every):
+        matvec, x0, _ = dataset_hvp(batch_loss, params, [batch], count=n)
+        calls = [0]
+
+        def counted(v, matvec=matvec, calls=calls):
+            calls[0] += 1
+            return matvec(v)
+
+        dim = int(x0.size)
+        values, vectors = power_iteration(counted, dim, 1, jax.random.fold_in(key, step),
+                                          max_iters=config.power_iters, tol=config.tol,
+                                          start=vector)
+        vector = vectors[0]
+        steps.append(step)
+        sharpness.append(float(values[0]))
+        iterations.append(calls[0])
+        accuracies.append(float(accuracy(model, params, batch)))
+        if step in checks:
+            tri, _ = lanczos(matvec, dim, config.lanczos_order,
+                             jax.random.fold_in(key, 10**9 + step))
+            top = float(ritz(tri)[0].max())
+            lanczos_rows.append({"step": step, "power": sharpness[-1], "lanczos": top,
+                                 "relative_difference": (sharpness[-1] - top) / abs(top)})
+        if step == total:
+            break
+        if not np.isfinite(sharpness[-1]):
+            diverged_at = step
+            break
+        params, chunk = gd_steps(mean_loss, params, batch, eta_arg, every)
+        chunk = np.asarray(chunk, np.float64)
+        losses.extend(chunk.tolist())
+        bad = ~np.isfinite(chunk)
+        if bad.any():
+            diverged_at = step + int(np.argmax(bad))
+            break
+    if diverged_at is not None:
+        logging.warning("%s eta=%g diverged at step %d", loss, eta, diverged_at)
+    final = float(mean_loss(params, batch)) if diverged_at is None else float("nan")
+    if diverged_at is None:
+        losses.append(final)  # the loss after the last step: losses[t] is the loss at step t
+    summary = edge_of_stability_summary(steps, sharpness, eta, config.reach_tolerance)
+    logging.info("%s eta=%g: sharpness %.4g -> %.4g (2/eta = %.4g), reach step %s, mean ratio "
+                 "after %s, final loss %.4g, %.0f s", loss, eta, sharpness[0], sharpness[-1],
+                 2 / eta, summary["reach_step"], summary["mean_ratio"], final,
+                 time.perf_counter() - start)
+    return {"loss": loss, "eta": eta, "steps": steps, "sharpness": sharpness,
+            "iterations": iterations, "train_loss": losses, "accuracy": accuracies,
+            "lanczos_checks": lanczos_rows, "diverged_at": diverged_at, "final_loss": final,
+            "final_accuracy": accuracies[-1], "summary": summary,
+            "trained": bool(diverged_at is None and final < losses[0]),
+            "seconds": time.perf_counter() - start}
+
+
+def run_study(config) -> dict:
+    """Every (loss, step size) of `config` from the same initial parameters."""
+    validate_sharpness_config(config)
+    batch, num_classes, name = full_batch(config)
+    model = get_model("mlp", num_classes=num_classes,
+                      hidden_sizes=tuple(config.model.hidden_sizes),
+                      activation=config.model.activation)
+    params0 = model.init(jax.random.PRNGKey(config.seed), batch["image"][:1])["params"]
+    num_params = int(sum(np.size(x) for x in jax.tree.leaves(params0)))
+    logging.info("edge of stability: MLP %s (%s, %d parameters) on %d %s training examples, "
+                 "full-batch GD", tuple(config.model.hidden_sizes), config.model.activation,
+                 num_params, len(batch["label"]), name)
+    batch = jax.device_put(batch)
+    runs = [train_and_measure(model, params0, batch, loss, float(eta), config)
+            for loss, etas in config.step_sizes.items() for eta in etas]
+    return {"dataset": name, "num_examples": int(batch["label"].shape[0]),
+            "model": {"hidden_sizes": list(config.model.hidden_sizes),
+                      "activation": config.model.activation},
+            "num_params": num_params, "num_steps": config.num_steps,
+            "eval_every": config.eval_every, "power_iters": config.power_iters, "tol": config.tol,
+            "lanczos_order": config.lanczos_order, "reach_tolerance": config.reach_tolerance,
+            "runs": runs}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summary_table(result: dict) -> str:
+    """One row per run: loss, eta, 2/eta, the sharpness at the start and end, steps to reach
+    2/eta, the ratio sharpness/(2/eta) after (mean, min, max, share within the tolerance, the
+    last step within it), final loss and accuracy."""
+    tol = result["reach_tolerance"]
+    header = ["loss", "eta", "2/eta", "sharpness at step 0", "at the end",
+              f"steps to reach 2/eta (within {tol:.0%})", "mean ratio after", "min", "max",
+              f"share within {tol:.0%}", f"last step within {tol:.0%}", "final loss",
+              "final train acc"]
+    rows = []
+    for r in result["runs"]:
+        s = r["summary"]
+        end = ("diverged at step " + str(r["diverged_at"]) if r["diverged_at"] is not None
+               else f"{r['sharpness'][-1]:.4g}" if r["trained"]
+               else f"{r['sharpness'][-1]:.4g} (did not train: the loss rose)")
+        rows.append([r["loss"], f"{r['eta']:g}", f"{s['threshold']:.4g}",
+                     f"{r['sharpness'][0]:.4g}", end,
+                     "not reached" if s["reach_step"] is None else s["reach_step"],
+                     _fmt(s["mean_ratio"]), _fmt(s["min_ratio"]), _fmt(s["max_ratio"]),
+                     _fmt(s["within_fraction"], ".0%"), _fmt(s["last_within_step"], "d"),
+                     f"{r['final_loss']:.4g}",
+                     f"{r['final_accuracy']:.2%}"])
+    return markdown_table(header, rows)
+
+
+def lanczos_table(result: dict) -> str:
+    rows = [[r["loss"], f"{r['eta']:g}", c["step"], f"{c['power']:.6g}", f"{c['lanczos']:.6g}",
+             f"{c['relative_difference']:+.2e}"]
+            for r in result["runs"] for c in r["lanczos_checks"]]
+    return markdown_table(["loss", "eta", "step", "power iteration (warm)",
+                           "Lanczos (cold)", "relative difference"], rows)
+
+
+def agreement(result: dict) -> float | None:
+    """The largest |power - Lanczos| / |Lanczos| over every check."""
+    diffs = [abs(c["relative_difference"]) for r in result["runs"] for c in r["lanczos_checks"]]
+    return max(diffs) if diffs else None
+
+
+def figure(result: dict, path: str) -> None:
+    """Sharpness against steps with the 2/eta lines (top) and the training loss (bottom), one
+    column per loss."""
+    pyplot = plt()
+    losses = list(dict.fromkeys(r["loss"] for r in result["runs"]))
+    fig, axes = pyplot.subplots(2, len(losses), figsize=(5.5 * len(losses), 7), squeeze=False,
+                                sharex="col")
+    for col, loss in enumerate(losses):
+        top, bottom = axes[0, col], axes[1, col]
+        for i, r in enumerate(x for x in result["runs"] if x["loss"] == loss):
+            color = COLORS[i % len(COLORS)]
+            top.plot(r["steps"], r["sharpness"], color=color, lw=1.2,
+                     label=f"eta = {r['eta']:g}")
+            top.axhline(2 / r["eta"], color=color, ls="--", lw=0.9)
+            bottom.semilogy(np.arange(len(r["train_loss"])), r["train_loss"], color=color,
+                            lw=0.8)
+        top.set_title(f"{loss}: sharpness (solid) and 2/eta (dashed)", fontsize=10)
+        top.set_ylabel("top Hessian eigenvalue")
+        top.legend(fontsize=8)
+        bottom.set_ylabel("training loss (full batch)")
+        bottom.set_xlabel("gradient descent step")
+    fig.suptitle(f"Edge of stability: MLP {tuple(result['model']['hidden_sizes'])} "
+                 f"{result['model']['activation']}, {result['num_examples']} "
+                 f"{result['dataset']} images, full-batch GD", fontsize=11)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    pyplot.close(fig)
+
+
+def write_outputs(result: dict, workdir: str) -> dict:
+    """results.json (with the tables) and sharpness.png in `workdir`; returns `result` with
+    `table`, `lanczos_table` and `power_lanczos_max_relative_difference` added."""
+    os.makedirs(workdir, exist_ok=True)
+    result = dict(result, table=summary_table(result), lanczos_table=lanczos_table(result),
+                  power_lanczos_max_relative_difference=agreement(result))
+    write_json(os.path.join(workdir, "results.json"), result)
+    figure(result, os.path.join(workdir, "sharpness.png"))
+    return result
