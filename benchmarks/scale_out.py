@@ -41,6 +41,7 @@ def worker(args) -> None:
     if args.distributed:
         distributed.initialize()
     import jax
+    import ml_collections
     import numpy as np
 
     from configs import base
@@ -49,7 +50,7 @@ def worker(args) -> None:
     from dlassign.training.trainer import compile_steps, make_state, setup
 
     config = base.get_config()
-    config.model.update(MODELS[args.model])
+    config.model = ml_collections.ConfigDict(MODELS[args.model])
     config.batch_size = args.batch_size
     config.steps_per_call = 1
     config.mesh.num_devices = jax.device_count()
