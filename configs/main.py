@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.spectrum = ml_collections.ConfigDict(dict(
         num_examples=1024, batch_size=256, lanczos_order=60, num_draws=2, top_k=3,
         power_iters=50, trace_samples=50, seed=0))
+    c.landscape = ml_collections.ConfigDict(dict(  # the best CNN's 1-D slices, kept small
+        num_points=11, sample_size=256, batch_size=256, lanczos_order=20, seed=0))
     c.transfer = ml_collections.ConfigDict(dict(lenet5=digits32.get_config("lenet5"),
                                                 resnet18=digits32.get_config("resnet18")))
     c.transfer.resnet18.num_epochs = 8

@@ -3,7 +3,8 @@
   python -m experiments.main --workdir=runs/main [--config=configs/main.py]
 
 Question 1 and 2: the convexity study. Question 3: the dense and convolutional grids with 3-fold
-cross-validation, the best models on the test split, and the Hessian spectrum of the best CNN.
+cross-validation, the best models on the test split, the Hessian spectrum of the best CNN and its
+loss along the top eigenvector and a random direction.
 Question 4: LeNet-5 and ResNet-18 on the digits at 32x32x3, compared; the weight porting checked
 by a round trip (and, with PyTorch installed, against torchvision). Then a small edge-of-stability
 run (full-batch gradient descent, sharpness against 2/eta; experiments.sharpness). A few minutes
@@ -60,7 +61,30 @@ def question3(config, workdir: str) -> str:
         "convex but not quite: a few large positive directions, a bulk near zero, small "
         "negative ones.\n")
     parts.append("![spectrum](tune_cnn/best/hessian_density.png)\n")
+    parts.append(landscape_section(config.landscape, os.path.join(workdir, "tune_cnn", "best")))
     return "\n".join(parts)
+
+
+def landscape_section(cfg, run_dir: str) -> str:
+    """The best CNN's loss along its top Hessian eigenvector and along a filter-normalised
+    random direction (experiments.landscape), and the curvature check at the minimum."""
+    from dlassign.analysis.landscape import checkpoint_landscape
+
+    common = dict(dims=1, num_points=cfg.num_points, sample_size=cfg.sample_size,
+                  batch_size=cfg.batch_size, seed=cfg.seed)
+    eigen = checkpoint_landscape(run_dir, "eigen", lanczos_order=cfg.lanczos_order, **common)
+    checkpoint_landscape(run_dir, "random", **common)
+    c = eigen["curvature"][0]
+    return (
+        "### Loss landscape of the best CNN\n\n"
+        f"The training loss on {eigen['num_examples']} examples along the top Hessian "
+        f"eigenvector (eigenvalue {c['eigenvalue']:.4g}) and along a filter-normalised random "
+        "direction (Li et al., 2018). Along the eigenvector the second difference over the "
+        "step squared, divided by the eigenvalue, is "
+        + ", ".join(f"{q:.4f} (step {h:.2g})" for q, h in zip(c["ratios"], c["steps"]))
+        + ": 1 where the quadratic model holds; longer steps cross ReLU and max-pool kinks.\n\n"
+        "![landscape along the top eigenvector](tune_cnn/best/landscape_eigen_1d.png) "
+        "![landscape along a random direction](tune_cnn/best/landscape_random_1d.png)\n")
 
 
 def question4(config, workdir: str) -> str:
