@@ -104,7 +104,9 @@ def test_four_processes_of_one_device_train_like_one_process(reference, tmp_path
 def test_sigterm_saves_at_one_step_and_checkpoints_move_between_2_1_2_processes(
         reference, tmp_path):
     # SIGTERM reaches process 1 alone; both stop at the same call and save it together.
-    stopped = launched(2, *TRAIN, f"--workdir={tmp_path}",
+    # One step per call: JAX spreads the notice in the background, and the run must still be
+    # going when it arrives (on a loaded machine 21 steps in calls of 8 can finish first).
+    stopped = launched(2, *TRAIN, f"--workdir={tmp_path}", "--config.steps_per_call=1",
                        env={"DLASSIGN_FAILPOINT": "sigterm_after_step:3@1"})
     assert stopped.returncode == 143, stopped.stderr[-4000:]
     assert stopped.stderr.count("stopped by SIGTERM") == 2, stopped.stderr[-4000:]
