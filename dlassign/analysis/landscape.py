@@ -27,7 +27,7 @@ from absl import logging
 from jax.flatten_util import ravel_pytree
 
 from dlassign.analysis.hessian import dataset_hvp, lanczos, model_batch_loss
-from dlassign.data import eval_batches, stratified_subset
+from dlassign.analysis.hessian.operators import sample_batches
 from dlassign.errors import ConfigError, one_of
 from dlassign.report import plt
 from dlassign.runtime import parallel
@@ -223,19 +223,15 @@ def checkpoint_landscape(workdir: str, directions: str = "eigen", dims: int = 1,
         raise one_of("directions", directions, ("eigen", "random"))
     slice_coords(1.0 if span is None else span, num_points, dims)  # bad flags fail first
     run, state, _ = restore_run(workdir, step, overrides, which=which)
-    train = run.dataset.train
-    n = min(sample_size, len(train))
-    sample = train.take(stratified_subset(train.labels, n / len(train), seed))
-    parallel.check_divisible(batch_size, run.mesh, "batch_size")
-    sharding = parallel.batch_sharding(run.mesh)
-    batches = [parallel.global_batch(b, sharding) for b in eval_batches(sample, batch_size)]
+    batches, num_sample = sample_batches(run.dataset.train, sample_size, seed, run.mesh,
+                                         batch_size)
     batch_loss = model_batch_loss(run.model, state.variables, run.config.loss,
                                   run.dataset.normalizer)
     limiter = parallel.DispatchLimiter()
     key_eigen, key_random = jax.random.split(jax.random.PRNGKey(seed))
     start = time.perf_counter()
     result = {"model": run.config.model.name, "dataset": run.dataset.name,
-              "step": int(state.step), "loss": run.config.loss, "num_examples": len(sample),
+              "step": int(state.step), "loss": run.config.loss, "num_examples": num_sample,
               "directions": directions, "dims": dims, "seed": seed}
     if directions == "eigen":
         matvec, x0, unravel = dataset_hvp(batch_loss, state.params, batches, on_dispatch=limiter)

@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from dlassign.data import Split, eval_batches, stratified_subset
 from dlassign.data.preprocess import Normalizer
 from dlassign.models import placement
+from dlassign.runtime import parallel
 from dlassign.training.losses import get_loss
 
 MatVec = Callable[[jax.Array], jax.Array]
@@ -129,3 +131,23 @@ def dataset_hvp(batch_loss: Callable, params, batches: Iterable[dict],
         return jnp.zeros_like(v) if out is None else out
 
     return matvec, x0, unravel
+
+
+def sample_batches(train: Split, num_examples: int, seed: int, mesh,
+                   batch_size: int | Callable[[int], int], field: str = "batch_size"
+                   ) -> tuple[list[dict], int]:
+    """A fixed stratified sample of `train` (chosen by `seed`) as padded, masked batches of
+    `batch_size` (or `batch_size(sample size)`) placed on `mesh` (each process feeding its
+    rows), and its number of examples.
+
+    Raises:
+      ConfigError: `batch_size` is not divisible by the mesh; names `field`.
+    """
+    n = min(num_examples, len(train))
+    sample = train.take(stratified_subset(train.labels, n / len(train), seed))
+    if callable(batch_size):
+        batch_size = batch_size(len(sample))
+    parallel.check_divisible(batch_size, mesh, field)
+    sharding = parallel.batch_sharding(mesh)
+    return ([parallel.global_batch(b, sharding) for b in eval_batches(sample, batch_size)],
+            len(sample))

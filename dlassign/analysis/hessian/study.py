@@ -9,9 +9,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from dlassign.analysis.hessian.operators import dataset_hvp, model_batch_loss
+from dlassign.analysis.hessian.operators import dataset_hvp, model_batch_loss, sample_batches
 from dlassign.analysis.hessian.spectrum import hutchinson_trace, power_iteration, slq_density
-from dlassign.data import eval_batches, stratified_subset
 from dlassign.report import plt
 from dlassign.runtime import parallel
 from dlassign.runtime.files import save_figure, write_json
@@ -29,12 +28,8 @@ def checkpoint_spectrum(workdir: str, num_examples: int = 4096, batch_size: int 
     parameters alone). Writes hessian_spectrum.json and hessian_density.png into `workdir`.
     """
     run, state, _ = restore_run(workdir, step, overrides)
-    train = run.dataset.train
-    n = min(num_examples, len(train))
-    sample = train.take(stratified_subset(train.labels, n / len(train), seed))
-    parallel.check_divisible(batch_size, run.mesh, "batch_size")
-    sharding = parallel.batch_sharding(run.mesh)
-    batches = [parallel.global_batch(b, sharding) for b in eval_batches(sample, batch_size)]
+    batches, num_sample = sample_batches(run.dataset.train, num_examples, seed, run.mesh,
+                                         batch_size)
     batch_loss = model_batch_loss(run.model, state.variables, run.config.loss,
                                   run.dataset.normalizer)
     matvec, x0, _ = dataset_hvp(batch_loss, state.params, batches,
@@ -42,7 +37,7 @@ def checkpoint_spectrum(workdir: str, num_examples: int = 4096, batch_size: int 
     dim = int(x0.size)
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     logging.info("Hessian of %s (%d parameters) on %d training examples", run.config.model.name,
-                 dim, len(sample))
+                 dim, num_sample)
     start = time.perf_counter()
     top, _ = power_iteration(matvec, dim, top_k, keys[0], max_iters=power_iters, tol=1e-4)
     logging.info("top %d eigenvalues by magnitude: %s", top_k, np.round(top, 4))
@@ -53,7 +48,7 @@ def checkpoint_spectrum(workdir: str, num_examples: int = 4096, batch_size: int 
     highest = float(max(v.max() for v in density.ritz_values))
     result = {
         "model": run.config.model.name, "step": int(state.step), "num_params": dim,
-        "num_examples": len(sample), "loss": run.config.loss,
+        "num_examples": num_sample, "loss": run.config.loss,
         "top_eigenvalues": top.tolist(), "lanczos_max": highest, "lanczos_min": lowest,
         "most_negative_to_top_ratio": lowest / highest if highest else None,
         "trace": trace, "trace_standard_error": trace_se,

@@ -23,9 +23,10 @@ import jax
 import numpy as np
 from absl import logging
 
+from dlassign.analysis.hessian import operators
 from dlassign.analysis.hessian.operators import dataset_hvp, model_batch_loss
 from dlassign.analysis.hessian.spectrum import hutchinson_trace, power_iteration
-from dlassign.data import Dataset, eval_batches, stratified_subset
+from dlassign.data import Dataset
 from dlassign.runtime import parallel
 
 
@@ -34,14 +35,10 @@ def sample_batches(dataset: Dataset, num_examples: int, seed: int, mesh, max_bat
     """The fixed stratified training sample (chosen by `seed`) as padded, masked batches on the
     mesh, and its number of examples. Batches hold at most `max_batch` rows (a multiple of the
     mesh size), fewer when the sample is smaller."""
-    train = dataset.train
-    n = min(num_examples, len(train))
-    sample = train.take(stratified_subset(train.labels, n / len(train), seed))
     devices = mesh.devices.size
-    batch = min(max_batch, -(-len(sample) // devices) * devices)
-    parallel.check_divisible(batch, mesh, "the curvature batch size")
-    sharding = parallel.batch_sharding(mesh)
-    return [parallel.global_batch(b, sharding) for b in eval_batches(sample, batch)], len(sample)
+    return operators.sample_batches(dataset.train, num_examples, seed, mesh,
+                                    lambda n: min(max_batch, -(-n // devices) * devices),
+                                    "the curvature batch size")
 
 
 class CurvatureTracker:
