@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from dlassign.runtime.compilation_cache import ENV, cache_dir
+from dlassign.runtime.compilation_cache import ENV, cache_dir, prune
 from dlassign.training.train_state import create_train_state, init_compiler_options
 from dlassign.training.trainer import make_state, make_tx, setup, state_tree
 from tests.helpers import synthetic_dataset, tiny_config
@@ -109,9 +109,26 @@ def test_initialiser_compiled_cheaply_gives_bitwise_the_default_compilations_sta
     run = setup(config, synthetic_dataset(size=12))
     state = make_state(run)
     tx = make_tx(run)
-    default = jax.jit(lambda key: create_train_state(run.model, tx, key, run.input_shape))(
+    # XLA's own level (3), named: the suite's other programs compile at -O0 (tests/conftest.py)
+    default = jax.jit(lambda key: create_train_state(run.model, tx, key, run.input_shape),
+                      compiler_options={"xla_backend_optimization_level": 3})(
         jax.random.PRNGKey(config.seed))
     ours, theirs = jax.tree.leaves(state_tree(state)), jax.tree.leaves(state_tree(default))
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prune_drops_the_least_recently_read_entries_at_most_once_a_day(tmp_path):
+    now = 1_000_000.0
+    for i in range(8):  # entry i last read at now - 100 + i; 1 KiB each
+        entry = tmp_path / f"jit_f-{i}-cache"
+        entry.write_bytes(b"x" * 1024)
+        os.utime(entry, (now - 100 + i, now - 200))
+    (tmp_path / "jit_f-0-atime").write_bytes(b"t")
+    assert prune(str(tmp_path), max_bytes=16 * 1024, now=now) == 0  # under the bound
+    # a day later, over a 6 KiB bound: down to 3/4 of it (4 entries), oldest reads first
+    assert prune(str(tmp_path), max_bytes=6 * 1024, now=now + 3600) == 0  # looked an hour ago
+    assert prune(str(tmp_path), max_bytes=6 * 1024, now=now + 25 * 3600) == 4
+    assert _entries(tmp_path) == [f"jit_f-{i}-cache" for i in range(4, 8)]
+    assert not (tmp_path / "jit_f-0-atime").exists()

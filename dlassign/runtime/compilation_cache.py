@@ -7,15 +7,21 @@ that an earlier one compiled instead of compiling them again. The cache is per u
 * else JAX's own `$JAX_COMPILATION_CACHE_DIR` when set;
 * else `$XDG_CACHE_HOME/dlassign/jax`, or `~/.cache/dlassign/jax`.
 
-`DLASSIGN_COMPILATION_CACHE=0` switches it off, JAX's own directory included. The
-cache keeps its most recently used `MAX_SIZE_BYTES` where the `filelock` package is installed
-(PyTorch brings it), which also keeps parallel test workers from reading each other's
-half-written entries; without it the directory grows unbounded.
+`DLASSIGN_COMPILATION_CACHE=0` switches it off, JAX's own directory included.
+
+The directory is kept under `MAX_SIZE_BYTES` by `prune`, at most once a day when a process
+starts: the least recently read entries go first. JAX's own size bound
+(`jax_compilation_cache_max_size`) is left off on purpose: it lists and reads every entry's
+access time under a global file lock on every write, which made a first run of the test suite
+(thousands of small programs) quadratic in the number of entries. A reader that meets an entry
+another process is still writing gets JAX's warning and compiles the program itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 ENV = "DLASSIGN_COMPILATION_CACHE"
 OFF = ("0", "off", "false", "no")
@@ -27,6 +33,8 @@ OFF = ("0", "off", "false", "no")
 # machine). Its 137 entries took 2.1 MB.
 MIN_COMPILE_TIME_SECS = 0.0
 MAX_SIZE_BYTES = 2 * 2**30
+PRUNE_EVERY_SECS = 24 * 3600
+_STAMP = ".dlassign-pruned"
 
 
 def cache_dir(environ=None) -> str | None:
@@ -56,10 +64,47 @@ def enable() -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_SECS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     try:
-        import filelock  # noqa: F401  (JAX needs it to bound the cache and lock its entries)
-    except ImportError:
+        prune(path)
+    except OSError:  # a cache we cannot tidy is still a cache
         pass
-    else:
-        if jax.config.jax_compilation_cache_max_size == -1:
-            jax.config.update("jax_compilation_cache_max_size", MAX_SIZE_BYTES)
     return path
+
+
+def prune(path: str, max_bytes: int = MAX_SIZE_BYTES, every_secs: float = PRUNE_EVERY_SECS,
+          now: float | None = None) -> int:
+    """Deletes the least recently read entries of the cache at `path` until it holds at most
+    3/4 of `max_bytes`, when it holds more; does nothing when the last look was less than
+    `every_secs` ago. Returns the number of entries deleted."""
+    now = time.time() if now is None else now
+    stamp = os.path.join(path, _STAMP)
+    try:
+        if now - os.stat(stamp).st_mtime < every_secs:
+            return 0
+    except FileNotFoundError:
+        pass
+    os.makedirs(path, exist_ok=True)
+    with open(stamp, "w"):
+        pass
+    os.utime(stamp, (now, now))
+    entries, total = [], 0
+    with os.scandir(path) as it:
+        for e in it:
+            if e.name.endswith("-cache") and e.is_file():
+                st = e.stat()
+                entries.append((max(st.st_atime, st.st_mtime), e.path, st.st_size))
+                total += st.st_size
+    if total <= max_bytes:
+        return 0
+    deleted = 0
+    for _, name, size in sorted(entries):
+        if total <= 0.75 * max_bytes:
+            break
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            continue
+        with contextlib.suppress(FileNotFoundError):  # JAX's own bound's access-time file
+            os.remove(name[:-len("-cache")] + "-atime")
+        total -= size
+        deleted += 1
+    return deleted
