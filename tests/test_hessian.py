@@ -194,14 +194,16 @@ def test_forward_over_reverse_hvp_through_every_layer(name, shape, kwargs):
         model = get_model(name, num_classes=3, impl="cpu", **kwargs)
         x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
         y = jnp.arange(shape[0]) % 3
-        variables = jax.tree.map(lambda a: a.astype(jnp.float64),
-                                 model.init(jax.random.PRNGKey(1), x.astype(jnp.float32)))
+        variables = jax.tree.map(lambda a: a.astype(jnp.float64), jax.jit(model.init)(
+            jax.random.PRNGKey(1), x.astype(jnp.float32)))
         batch_loss = model_batch_loss(model, variables, "cross_entropy")
         f, x0, _ = flatten_loss(lambda p: batch_loss(p, {"image": x, "label": y})[0],
                                 variables["params"])
         v = jax.random.normal(jax.random.PRNGKey(2), x0.shape, jnp.float64)
-        reverse_over_reverse = jax.grad(lambda p: jnp.vdot(jax.grad(f)(p), v))(x0)
-        np.testing.assert_allclose(hvp(f, x0, v), reverse_over_reverse, rtol=1e-8, atol=1e-10)
+        # jitted: one compilation each, where eager mode compiles every operation
+        reverse_over_reverse = jax.jit(jax.grad(lambda p: jnp.vdot(jax.grad(f)(p), v)))(x0)
+        np.testing.assert_allclose(jax.jit(lambda p: hvp(f, p, v))(x0), reverse_over_reverse,
+                                   rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.slow

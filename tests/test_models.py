@@ -61,10 +61,12 @@ def test_mlp_activations_and_dropout():
 
 
 def _check_equal(f_fast, f_ref, x, atol=1e-12):
+    # jitted: one compilation per function, where eager mode compiles every operation
+    f_fast, f_ref = jax.jit(f_fast), jax.jit(f_ref)
     np.testing.assert_allclose(f_fast(x), f_ref(x), rtol=0, atol=atol)
     w = jax.random.normal(jax.random.PRNGKey(9), f_ref(x).shape, x.dtype)
-    g_fast = jax.grad(lambda x: jnp.sum(w * f_fast(x)))(x)
-    g_ref = jax.grad(lambda x: jnp.sum(w * f_ref(x)))(x)
+    g_fast = jax.jit(jax.grad(lambda x: jnp.sum(w * f_fast(x))))(x)
+    g_ref = jax.jit(jax.grad(lambda x: jnp.sum(w * f_ref(x))))(x)
     np.testing.assert_allclose(g_fast, g_ref, rtol=0, atol=atol)
 
 
@@ -103,8 +105,8 @@ def test_conv_fast_path_equals_xla(kernel, stride, padding, size, cin, cout):
         v = ref.init(jax.random.PRNGKey(1), x)
         v = jax.tree.map(lambda a: a.astype(jnp.float64), v)
         _check_equal(lambda x: fast.apply(v, x), lambda x: ref.apply(v, x), x, atol=1e-11)
-        gw_fast = jax.grad(lambda v: jnp.sum(fast.apply(v, x) ** 2))(v)
-        gw_ref = jax.grad(lambda v: jnp.sum(ref.apply(v, x) ** 2))(v)
+        gw_fast = jax.jit(jax.grad(lambda v: jnp.sum(fast.apply(v, x) ** 2)))(v)
+        gw_ref = jax.jit(jax.grad(lambda v: jnp.sum(ref.apply(v, x) ** 2)))(v)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-10),
                      gw_fast, gw_ref)
 
@@ -117,10 +119,10 @@ def test_whole_models_agree_across_impls():
             x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
             fast = get_model(name, 10, impl="im2col", **kw)
             ref = get_model(name, 10, impl="xla", **kw)
-            v = jax.tree.map(lambda a: a.astype(jnp.float64),
-                             ref.init(jax.random.PRNGKey(1), x.astype(jnp.float32)))
-            np.testing.assert_allclose(fast.apply(v, x), ref.apply(v, x), rtol=1e-10,
-                                       atol=1e-10)
+            v = jax.tree.map(lambda a: a.astype(jnp.float64), jax.jit(ref.init)(
+                jax.random.PRNGKey(1), x.astype(jnp.float32)))
+            np.testing.assert_allclose(jax.jit(fast.apply)(v, x), jax.jit(ref.apply)(v, x),
+                                       rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("size_in,size_out", [(13, 6), (1, 7), (32, 7), (6, 6), (5, 3)])
@@ -190,10 +192,12 @@ def test_tiled_conv_with_any_tile_equals_xla(tile):
             return lax.conv_general_dilated(x, w, (1, 1), pads,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
+        tiled = jax.jit(lambda x, w: _tiled_conv(x, w, pads, tile))
+        ref = jax.jit(ref)
         g = jax.random.normal(k[2], ref(x, w).shape, jnp.float64)
-        np.testing.assert_allclose(_tiled_conv(x, w, pads, tile), ref(x, w), rtol=0, atol=1e-12)
-        grads = [jax.grad(lambda x, w, f=f: jnp.vdot(f(x, w), g), argnums=(0, 1))(x, w)
-                 for f in (lambda x, w: _tiled_conv(x, w, pads, tile), ref)]
+        np.testing.assert_allclose(tiled(x, w), ref(x, w), rtol=0, atol=1e-12)
+        grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.vdot(f(x, w), g), argnums=(0, 1)))(x, w)
+                 for f in (tiled, ref)]
         for a, b in zip(*grads):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-11)
 
@@ -222,9 +226,10 @@ def test_batch_minor_conv_equals_xla(kernel, stride, padding, size, cin, cout, t
         def fast(x, w):
             return batch_minor(batch_minor_conv(batch_minor(x), w, strides, pads, tile))
 
+        fast, ref = jax.jit(fast), jax.jit(ref)
         g = jax.random.normal(k[2], ref(x, w).shape, jnp.float64)
         np.testing.assert_allclose(fast(x, w), ref(x, w), rtol=0, atol=1e-12)
-        grads = [jax.grad(lambda x, w, f=f: jnp.vdot(f(x, w), g), argnums=(0, 1))(x, w)
+        grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.vdot(f(x, w), g), argnums=(0, 1)))(x, w)
                  for f in (fast, ref)]
         for a, b in zip(*grads):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-11)
@@ -294,8 +299,8 @@ def test_overlapping_pool_breaks_ties_like_select_and_scatter(window, stride, pa
         x = jnp.asarray(np.random.default_rng(0).integers(0, 2, (2, size, size, 3)), jnp.float64)
         g = jax.random.normal(jax.random.PRNGKey(1),
                               max_pool(x, window, stride, padding, impl="xla").shape, jnp.float64)
-        grads = [jax.grad(lambda x, i=impl: jnp.sum(g * max_pool(x, window, stride, padding,
-                                                                  impl=i)))(x)
+        grads = [jax.jit(jax.grad(lambda x, i=impl: jnp.sum(g * max_pool(
+                     x, window, stride, padding, impl=i))))(x)
                  for impl in ("cpu", "xla")]
         np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=1e-12)
 

@@ -4,6 +4,8 @@ The torch models are built with weights=None and BatchNorm statistics and affine
 randomised, so a mapping that mixes up running mean and variance, or scale and bias, shows.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +58,7 @@ def test_parity_and_round_trip(arch):
     model = randomised(arch)
     x = np.random.default_rng(1).normal(size=(2, 3, size, size))
     flax_model = get_model(arch, num_classes=10)
+    apply = jax.jit(flax_model.apply)  # one compilation, where eager mode compiles every op
 
     # float64: the same function to round-off.
     model64 = model.double()
@@ -64,8 +67,8 @@ def test_parity_and_round_trip(arch):
         ref64 = model64(torch.from_numpy(x)).numpy()
     variables = torch_to_flax(sd64, arch)
     with jax.enable_x64(True):
-        out64 = np.asarray(flax_model.apply(jax.tree.map(jnp.asarray, variables),
-                                            jnp.asarray(x.transpose(0, 2, 3, 1))))
+        out64 = np.asarray(apply(jax.tree.map(jnp.asarray, variables),
+                                 jnp.asarray(x.transpose(0, 2, 3, 1))))
     scale = np.abs(ref64).max()
     assert np.abs(out64 - ref64).max() <= 1e-10 * max(1.0, scale)
 
@@ -84,7 +87,7 @@ def test_parity_and_round_trip(arch):
     with torch.no_grad():
         ref32 = model32(torch.from_numpy(x.astype(np.float32))).numpy()
     v32 = torch_to_flax(state_dict_numpy(model32), arch)
-    out32 = np.asarray(flax_model.apply(v32, jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32)))
+    out32 = np.asarray(apply(v32, jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32)))
     assert np.abs(out32 - ref32).max() <= 1e-4 * max(1.0, np.abs(ref32).max())
 
 
@@ -106,9 +109,10 @@ def test_train_mode_batch_norm_parity(arch):
     variables = torch_to_flax(before, arch)
     with jax.enable_x64(True):
         kwargs = {"dropout": 0.0} if arch.startswith("vgg") else {}
-        out, updates = get_model(arch, num_classes=10, **kwargs).apply(
-            jax.tree.map(jnp.asarray, variables), jnp.asarray(x.transpose(0, 2, 3, 1)),
-            train=True, mutable=["batch_stats"])
+        apply = jax.jit(functools.partial(get_model(arch, num_classes=10, **kwargs).apply,
+                                          train=True, mutable=["batch_stats"]))
+        out, updates = apply(jax.tree.map(jnp.asarray, variables),
+                             jnp.asarray(x.transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-9 * np.abs(ref).max())
     new = flax_to_torch({"params": variables["params"], "batch_stats": updates["batch_stats"]},
                         arch, num_batches_tracked=8)

@@ -295,7 +295,7 @@ def test_vmapped_folds_match_sequential_folds():
 @pytest.mark.parametrize("vmapped", [False, True])
 def test_activation_cells_share_one_initializer_with_each_cells_own_state(vmapped):
     from dlassign.training import tune as tune_module
-    from dlassign.training.train_state import create_train_state
+    from dlassign.training.train_state import create_train_state, init_compiler_options
     from dlassign.training.trainer import make_tx
 
     data = synthetic_dataset(n_train=240)
@@ -307,7 +307,9 @@ def test_activation_cells_share_one_initializer_with_each_cells_own_state(vmappe
         tx = make_tx(run)
         state = tune_module._initializer(run, tx, vmapped)(rngs)
         make = lambda r: create_train_state(run.model, tx, r, run.input_shape)  # noqa: B023
-        direct = jax.vmap(make)(rngs) if vmapped else make(rngs)
+        # each cell's own state as trainer.make_state compiles it
+        direct = jax.jit(jax.vmap(make) if vmapped else make,
+                         compiler_options=init_compiler_options())(rngs)
         assert state.apply_fn == run.model.apply and state.tx is tx
         assert jax.tree.structure(state) == jax.tree.structure(direct)
         for a, b in zip(leaves(state), leaves(direct)):
