@@ -130,8 +130,11 @@ def make_tx(run: Run):
                           architecture(run.config.model.name).head)
 
 
-def make_state(run: Run, variables: dict | None = None) -> TrainState:
-    """A fresh train state created directly with its shardings (no full copy on one device)."""
+def make_state(run: Run, variables: dict | None = None, before_init=None) -> TrainState:
+    """A fresh train state created directly with its shardings (no full copy on one device).
+
+    `before_init`, when given, is called with the state's shapes, dtypes and shardings
+    (`jax.ShapeDtypeStruct` leaves, the same static fields) before the initialiser compiles."""
     tx, rng = make_tx(run), jax.random.PRNGKey(run.config.seed)
     # the key is an argument, not a constant: one compiled program (and cache entry) per
     # architecture and shape, whatever the seed
@@ -139,6 +142,9 @@ def make_state(run: Run, variables: dict | None = None) -> TrainState:
     abstract = jax.eval_shape(make, variables, rng)
     shardings = parallel.state_shardings(run.mesh, abstract, run.config.mesh.get("shard_params",
                                                                                 False))
+    if before_init is not None:
+        before_init(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 abstract, shardings))
     return jax.jit(make, out_shardings=shardings,
                    compiler_options=init_compiler_options())(variables, rng)
 
@@ -167,6 +173,67 @@ def compile_steps(run: Run, state: TrainState):
     return train_step, eval_step
 
 
+def _abstract_batch(run: Run, rows: int, mask: bool = False) -> dict:
+    """The shapes, dtypes and shardings of a training (or, with `mask`, evaluation) batch of
+    `rows` rows, stacked `steps_per_call` deep for a training call of several steps."""
+    per_call = 1 if mask else run.config.get("steps_per_call", 1)
+    lead = (per_call,) if per_call > 1 else ()
+    sharding = parallel.batch_sharding(run.mesh, int(per_call > 1))
+    split = run.dataset.train
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct((*lead, *shape), dtype, sharding=sharding)
+    batch = {"image": spec((rows, *run.dataset.image_shape), split.images.dtype),
+             "label": spec((rows,), split.labels.dtype)}
+    if mask:
+        batch["mask"] = spec((rows,), np.bool_)
+    return batch
+
+
+class CompileAhead:
+    """Compiles a run's train and eval steps on two background threads from the state's
+    shapes (`make_state`'s `before_init`), while the initialiser compiles and runs, a
+    checkpoint is read and the first batches are placed; XLA compiles without the GIL. The
+    steps' first calls then find their programs compiled. The eval program's memory estimate
+    is kept for `check_memory`."""
+
+    def __init__(self, run: Run, abstract_state):
+        import threading
+
+        self.train_step, self.eval_step = compile_steps(run, abstract_state)
+        self.memory = None
+        steps = jax.ShapeDtypeStruct((), np.int32)
+        eval_batch = _abstract_batch(run, run.config.eval_batch_size, mask=True)
+
+        def train():
+            self.train_step.lower(abstract_state, _abstract_batch(run, run.config.batch_size),
+                                  steps).compile()
+
+        def evaluate():
+            self.memory = self.eval_step.lower(abstract_state, eval_batch).compile(
+            ).memory_analysis()
+
+        self._threads = [threading.Thread(target=_quietly(f), daemon=True)
+                         for f in (train, evaluate)]
+        for t in self._threads:
+            t.start()
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join()
+
+
+def _quietly(f):
+    """`f` with its exceptions dropped: a program that fails to compile ahead is compiled
+    (and its error raised) by its first call."""
+
+    def run():
+        try:
+            f()
+        except Exception:  # noqa: BLE001
+            pass
+
+    return run
+
+
 def available_memory() -> int | None:
     """Bytes the first device can still allocate: the accelerator's free memory, or the host's
     MemAvailable on the CPU (None when unknown)."""
@@ -186,24 +253,28 @@ def available_memory() -> int | None:
     return None
 
 
-def check_resources(run: Run, state: TrainState, eval_step, workdir: str) -> None:
-    """Fails before training, in one line, where the run could only fail after it: an
-    evaluation batch that does not fit in memory (XLA's own estimate of the compiled eval
-    program, which also warms its compilation), or a disk without room for a checkpoint.
+def check_disk(state: TrainState, workdir: str) -> None:
+    """Fails before training, in one line, where the disk has no room for a checkpoint.
 
     Raises:
-      ConfigError: names eval_batch_size, or the workdir, with the sizes.
+      ConfigError: names the workdir, with the sizes.
     """
-    sharding = parallel.batch_sharding(run.mesh)
+    size = sum(x.nbytes for x in jax.tree.leaves(state_tree(state)))
+    free = shutil.disk_usage(workdir).free
+    if free < 2 * size:  # a save writes the new step before the oldest is dropped
+        raise ConfigError(f"workdir {workdir!r} has {free / 2**20:.0f} MiB free; a checkpoint "
+                          f"of this run takes {size / 2**20:.0f} MiB and a save needs room for "
+                          "two")
+
+
+def check_memory(run: Run, stats) -> None:
+    """Fails in one line where an evaluation batch cannot fit in memory, by XLA's own estimate
+    of the compiled eval program (`stats`: its `memory_analysis()`, None when unknown).
+
+    Raises:
+      ConfigError: names eval_batch_size, with the sizes.
+    """
     n = run.config.eval_batch_size
-    batch = {"image": jax.ShapeDtypeStruct((n, *run.dataset.image_shape), np.uint8,
-                                           sharding=sharding),
-             "label": jax.ShapeDtypeStruct((n,), np.int32, sharding=sharding),
-             "mask": jax.ShapeDtypeStruct((n,), np.bool_, sharding=sharding)}
-    try:
-        stats = eval_step.lower(state, batch).compile().memory_analysis()
-    except Exception:  # memory analysis is best-effort; evaluation itself will still run
-        stats = None
     have = available_memory()
     if stats is not None and have is not None:
         per_device = (stats.temp_size_in_bytes + stats.argument_size_in_bytes
@@ -214,12 +285,6 @@ def check_resources(run: Run, state: TrainState, eval_step, workdir: str) -> Non
             raise ConfigError(f"eval_batch_size={n} needs about {need / 2**30:.1f} GiB to "
                               f"evaluate, {have / 2**30:.1f} GiB are available; lower "
                               "eval_batch_size")
-    size = sum(x.nbytes for x in jax.tree.leaves(state_tree(state)))
-    free = shutil.disk_usage(workdir).free
-    if free < 2 * size:  # a save writes the new step before the oldest is dropped
-        raise ConfigError(f"workdir {workdir!r} has {free / 2**20:.0f} MiB free; a checkpoint "
-                          f"of this run takes {size / 2**20:.0f} MiB and a save needs room for "
-                          "two")
 
 
 def predict(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size: int
@@ -355,7 +420,8 @@ def _resume_changes(config, meta: dict, directory: str) -> list[dict]:
 
 
 def _train(run: Run, state: TrainState, ckpt: Checkpointer,
-           board: summaries.Summaries | None = None, best: Checkpointer | None = None):
+           board: summaries.Summaries | None = None, best: Checkpointer | None = None,
+           ahead: CompileAhead | None = None):
     """Resumes from `ckpt`'s newest intact checkpoint, if any, and trains to the last step
     through `loop.run_steps`, logging (to `board` too), validating and checkpointing as
     configured, the best validated state into `best`, and measuring the curvature at the
@@ -379,8 +445,11 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer,
         validation = meta.get("validation", [])
         curvature = tracking.resumed_entries(meta.get("curvature", []), int(state.step))
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
-    train_step, eval_step = compile_steps(run, state)
-    check_resources(run, state, eval_step, os.path.dirname(ckpt.directory))
+    ahead = ahead or CompileAhead(run, state)
+    train_step, eval_step = ahead.train_step, ahead.eval_step
+    ahead.join()  # the steps' programs, compiled while the state was made and restored
+    check_memory(run, ahead.memory)
+    check_disk(state, os.path.dirname(ckpt.directory))
     logging.info("%s: %d parameters, %d train / %d test examples, %d steps (%d per epoch), "
                  "%d devices", config.model.name, parallel.tree_size(state.params),
                  len(run.dataset.train), len(run.dataset.test), run.total_steps,
@@ -498,7 +567,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """
     check_workdir(workdir)
     run = setup(config, dataset)
-    state = make_state(run, initial_variables(run))
+    ahead = []  # the steps compile on background threads while the initialiser runs
+    state = make_state(run, initial_variables(run),
+                       before_init=lambda abstract: ahead.append(CompileAhead(run, abstract)))
     keep_best = config.get("checkpoint_best", False) and run.dataset.validation is not None
     # closed on success and on any failure: lets the checkpoints being written finish
     with WorkdirLock(workdir), Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -506,7 +577,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             (Checkpointer(os.path.join(workdir, "best"), 1) if keep_best
              else contextlib.nullcontext()) as best, summaries.Summaries(workdir) as board:
         state, eval_step, history, train_time, changes, validation, curvature = _train(
-            run, state, ckpt, board, best)
+            run, state, ckpt, board, best, ahead[0])
         test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
                         run.dataset.num_classes)
         step = int(state.step)
