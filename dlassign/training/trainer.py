@@ -211,7 +211,9 @@ class CompileAhead:
             self.memory = self.eval_step.lower(abstract_state, eval_batch).compile(
             ).memory_analysis()
 
-        self._threads = [threading.Thread(target=_quietly(f), daemon=True)
+        # not daemons: a run that fails before joining them exits after they finish, never
+        # with XLA compiling while the interpreter shuts down
+        self._threads = [threading.Thread(target=_quietly(f), name=f"compile-{f.__name__}")
                          for f in (train, evaluate)]
         for t in self._threads:
             t.start()
@@ -523,7 +525,9 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer,
         return (f"the last checkpoint (step {steps[-1]}) in {ckpt.directory} is intact" if steps
                 else "no checkpoint was written yet")
 
-    schedule = learning_rate_schedule(config.optimizer, run.total_steps, run.steps_per_epoch)
+    # one small program for the logged learning rate, not one per operation of the schedule
+    schedule = jax.jit(learning_rate_schedule(config.optimizer, run.total_steps,
+                                              run.steps_per_epoch))
     guard = loop.Guard(loop.leaf_names(state.params), learning_rate=schedule, saved=saved)
     try:
         state = loop.run_steps(
