@@ -190,10 +190,9 @@ def _abstract_batch(run: Run, rows: int, mask: bool = False) -> dict:
 
 class CompileAhead:
     """Compiles a run's train and eval steps on two background threads from the state's
-    shapes (`make_state`'s `before_init`), while the initialiser compiles and runs, a
-    checkpoint is read and the first batches are placed; XLA compiles without the GIL. The
-    steps' first calls then find their programs compiled. The eval program's memory estimate
-    is kept for `check_memory`."""
+    shapes (`make_state`'s `before_init`), while the initialiser compiles and runs and a
+    checkpoint is read; XLA compiles without the GIL. The steps' first calls then find their
+    programs compiled. The eval program's memory estimate is kept for `check_memory`."""
 
     def __init__(self, run: Run, abstract_state):
         import threading
