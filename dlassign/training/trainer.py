@@ -420,14 +420,13 @@ def _resume_changes(config, meta: dict, directory: str) -> list[dict]:
     return changes + [{"step": int(meta.get("step", 0)), "changes": diffs}]
 
 
-def _train(run: Run, state: TrainState, ckpt: Checkpointer,
-           board: summaries.Summaries | None = None, best: Checkpointer | None = None,
-           ahead: CompileAhead | None = None):
+def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
+           board: summaries.Summaries | None = None, best: Checkpointer | None = None):
     """Resumes from `ckpt`'s newest intact checkpoint, if any, and trains to the last step
-    through `loop.run_steps`, logging (to `board` too), validating and checkpointing as
-    configured, the best validated state into `best`, and measuring the curvature at the
-    multiples of `curvature.every_steps` (`tracking.CurvatureTracker`); an interrupt saves the
-    finished steps first.
+    with `ahead`'s compiled steps through `loop.run_steps`, logging (to `board` too),
+    validating and checkpointing as configured, the best validated state into `best`, and
+    measuring the curvature at the multiples of `curvature.every_steps`
+    (`tracking.CurvatureTracker`); an interrupt saves the finished steps first.
 
     Returns:
       (state, eval_step, history, train_time, config changes made by resumes, validation
@@ -446,7 +445,6 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer,
         validation = meta.get("validation", [])
         curvature = tracking.resumed_entries(meta.get("curvature", []), int(state.step))
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
-    ahead = ahead or CompileAhead(run, state)
     train_step, eval_step = ahead.train_step, ahead.eval_step
     ahead.join()  # the steps' programs, compiled while the state was made and restored
     check_memory(run, ahead.memory)
@@ -580,7 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             (Checkpointer(os.path.join(workdir, "best"), 1) if keep_best
              else contextlib.nullcontext()) as best, summaries.Summaries(workdir) as board:
         state, eval_step, history, train_time, changes, validation, curvature = _train(
-            run, state, ckpt, board, best, ahead[0])
+            run, state, ckpt, ahead[0], board, best)
         test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
                         run.dataset.num_classes)
         step = int(state.step)
