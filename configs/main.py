@@ -29,4 +29,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.sharpness.num_steps = 300
     c.sharpness.lanczos_checks = 1
     c.num_cpu_devices = 0
+    c.workers = 2  # studies at once, each in its own process (1: one after another, in-process)
     return c

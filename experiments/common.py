@@ -29,6 +29,21 @@ def prepare_platform(num_cpu_devices: int = 0) -> None:
         distributed.initialize()
 
 
+def worker_setup(num_cpu_devices: int = 0) -> None:
+    """What a worker process of an entry point (`dlassign.runtime.workers`) does first: the
+    entry points' logging and SIGTERM handling, its CPU devices and the compilation cache.
+    Its flags keep their defaults (it runs single-process studies)."""
+    from dlassign.runtime import preemption
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_logger().addFilter(_QuietLibraries())
+    preemption.install()
+    prepare_platform(num_cpu_devices)
+
+
 def single_process(entry_point: str, why: str) -> None:
     """Refuses --distributed for an entry point that runs in one process.
 

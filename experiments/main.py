@@ -7,17 +7,22 @@ cross-validation, the best models on the test split, the Hessian spectrum of the
 loss along the top eigenvector and a random direction.
 Question 4: LeNet-5 and ResNet-18 on the digits at 32x32x3, compared; the weight porting checked
 by a round trip (and, with PyTorch installed, against torchvision). Then a small edge-of-stability
-run (full-batch gradient descent, sharpness against 2/eta; experiments.sharpness). A few minutes
-on 2 cores.
+run (full-batch gradient descent, sharpness against 2/eta; experiments.sharpness).
+
+The studies are independent and run `config.workers` at a time in worker processes
+(`dlassign.runtime.workers`): one JAX process of small programs keeps about one core busy.
+--config.workers=1 runs them one after another in this process.
 """
 
+import functools
 import os
 import time
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from experiments.common import clean_errors, prepare_platform, run, single_process
+from dlassign.runtime.workers import Task, check_workers, run_tasks
+from experiments.common import clean_errors, prepare_platform, run, single_process, worker_setup
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/main.py", "Main-job config.",
@@ -26,31 +31,37 @@ flags.DEFINE_string("workdir", None, "Where the report, figures and every run go
 flags.mark_flag_as_required("workdir")
 
 
-def question3(config, workdir: str) -> str:
-    from dlassign.analysis.hessian.study import checkpoint_spectrum, density_plot
+def grid_study(config, workdir: str, key: str) -> str:
+    """One of question 3's grids (`key`: tune_mlp or tune_cnn) with its best model on the test
+    split; for the CNN also the best model's Hessian spectrum and loss landscape."""
     from dlassign.report import grid_table
     from dlassign.training.tune import tune
 
-    parts = ["## Question 3: dense and convolutional networks, tuned by k-fold CV\n"]
-    for key, title in (("tune_mlp", "Dense network"), ("tune_cnn", "Convolutional network")):
-        cfg = config[key]
-        results = tune(cfg, os.path.join(workdir, key))
-        model = cfg.model.to_dict()
-        parts.append(f"### {title} on {cfg.data.name}\n")
-        parts.append(f"Model {model}; {cfg.optimizer.name} lr {cfg.optimizer.learning_rate}, "
-                     f"batch {cfg.batch_size}, {cfg.num_epochs} epochs; preprocessing: pixels "
-                     f"scaled to [0, 1] ({cfg.data.normalization}). {results['num_folds']}-fold "
-                     "stratified CV per cell, then the best cell retrained on the whole training "
-                     "split and scored on the test split.\n")
-        parts.append(grid_table(results))
-        parts.append(f"\n![{key}]({key}/heatmap.png)\n")
-    s = config.spectrum
-    spec = checkpoint_spectrum(os.path.join(workdir, "tune_cnn", "best"), s.num_examples,
-                               s.batch_size, s.lanczos_order, s.num_draws, s.top_k,
-                               s.power_iters, s.trace_samples, s.seed)
-    density_plot(spec, os.path.join(workdir, "tune_cnn", "best", "hessian_density.png"))
-    parts.append("### Hessian spectrum of the best CNN\n")
-    parts.append(
+    cfg = config[key]
+    results = tune(cfg, os.path.join(workdir, key))
+    title = {"tune_mlp": "Dense network", "tune_cnn": "Convolutional network"}[key]
+    parts = [f"### {title} on {cfg.data.name}\n",
+             f"Model {cfg.model.to_dict()}; {cfg.optimizer.name} lr "
+             f"{cfg.optimizer.learning_rate}, batch {cfg.batch_size}, {cfg.num_epochs} epochs; "
+             f"preprocessing: pixels scaled to [0, 1] ({cfg.data.normalization}). "
+             f"{results['num_folds']}-fold stratified CV per cell, then the best cell retrained "
+             "on the whole training split and scored on the test split.\n",
+             grid_table(results), f"\n![{key}]({key}/heatmap.png)\n"]
+    if key == "tune_cnn":
+        parts += [spectrum_section(config.spectrum, os.path.join(workdir, key, "best")),
+                  landscape_section(config.landscape, os.path.join(workdir, key, "best"))]
+    return "\n".join(parts)
+
+
+def spectrum_section(s, run_dir: str) -> str:
+    """The best CNN's Hessian spectrum: top eigenvalues, Lanczos density, Hutchinson trace."""
+    from dlassign.analysis.hessian.study import checkpoint_spectrum, density_plot
+
+    spec = checkpoint_spectrum(run_dir, s.num_examples, s.batch_size, s.lanczos_order,
+                               s.num_draws, s.top_k, s.power_iters, s.trace_samples, s.seed)
+    density_plot(spec, os.path.join(run_dir, "hessian_density.png"))
+    return "\n".join([
+        "### Hessian spectrum of the best CNN\n",
         f"On {spec['num_examples']} training examples ({spec['num_params']} parameters): top "
         f"eigenvalues {', '.join(f'{v:.4g}' for v in spec['top_eigenvalues'])} (power "
         f"iteration with deflation); Lanczos range [{spec['lanczos_min']:.4g}, "
@@ -59,10 +70,8 @@ def question3(config, workdir: str) -> str:
         f"{spec['trace']:.4g} +- {spec['trace_standard_error']:.2g} (Hutchinson, "
         f"{spec['trace_samples']} probes). A trained network sits where the loss is almost "
         "convex but not quite: a few large positive directions, a bulk near zero, small "
-        "negative ones.\n")
-    parts.append("![spectrum](tune_cnn/best/hessian_density.png)\n")
-    parts.append(landscape_section(config.landscape, os.path.join(workdir, "tune_cnn", "best")))
-    return "\n".join(parts)
+        "negative ones.\n",
+        "![spectrum](tune_cnn/best/hessian_density.png)\n"])
 
 
 def landscape_section(cfg, run_dir: str) -> str:
@@ -87,62 +96,81 @@ def landscape_section(cfg, run_dir: str) -> str:
         "![landscape along a random direction](tune_cnn/best/landscape_random_1d.png)\n")
 
 
-def question4(config, workdir: str) -> str:
-    import numpy as np
+TRANSFER = {"lenet5": "LeNet-5", "resnet18": "ResNet-18"}  # question 4's models
 
-    from dlassign.analysis.compare import compare
-    from dlassign.porting import flax_to_torch, torch_to_flax
-    from dlassign.training.evaluation import restore_run
+
+def transfer_study(config, workdir: str, arch: str) -> str:
+    """Trains one of question 4's models on the digits at 32x32x3; for ResNet-18 also checks
+    the weight porting on the trained parameters. Returns that check's sentence ('' for
+    LeNet-5)."""
     from dlassign.training.trainer import train_and_evaluate
 
-    dirs = []
-    for arch in ("lenet5", "resnet18"):
-        d = os.path.join(workdir, f"transfer_{arch}")
-        train_and_evaluate(config.transfer[arch], d)
-        dirs.append(d)
-    cmp = compare(dirs, os.path.join(workdir, "comparison"))
-    parts = ["## Question 4: SVHN models, pretrained PyTorch weights in Flax\n",
-             "**Not measured here:** SVHN and torchvision's ImageNet weights cannot be "
-             "downloaded on this machine, so this report trains LeNet-5 and ResNet-18 from "
-             "scratch on the digits resized to 32x32x3, through the same models, pipeline, "
-             "collapse check and comparison that `configs/svhn.py` uses. The SVHN runs are one "
-             "command each for a user with internet (see the README).\n",
-             cmp["markdown"], "\n![comparison](comparison/comparison.png)\n"]
-    run, state, _ = restore_run(dirs[1])
-    variables = state.variables
-    sd = flax_to_torch(variables, "resnet18")
-    back = torch_to_flax(sd, "resnet18")
-    import jax
+    run_dir = os.path.join(workdir, f"transfer_{arch}")
+    train_and_evaluate(config.transfer[arch], run_dir)
+    return porting_check(run_dir, arch) if arch == "resnet18" else ""
 
+
+def porting_check(run_dir: str, arch: str) -> str:
+    """The trained model exported to a torch state dict and ported back (bit-for-bit?), and,
+    with PyTorch installed, loaded into torchvision's model (same logits in float64?)."""
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from dlassign.porting import flax_to_torch, torch_to_flax
+    from dlassign.runtime.checkpoint import load_variables
+    from dlassign.training.trainer import build_model
+
+    variables, meta = load_variables(run_dir)  # the newest checkpoint; no data, no train state
+    model = build_model(ml_collections.ConfigDict(meta["config"]), 10)
+    sd = flax_to_torch(variables, arch)
+    back = torch_to_flax(sd, arch)
     same = all(np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(jax.tree.map(np.asarray, variables)), jax.tree.leaves(back)))
-    parts.append(f"Porting check: the trained ResNet-18 exported to a torch state dict "
-                 f"({len(sd)} tensors, torchvision names) and ported back is "
-                 f"{'bit-for-bit identical' if same else 'NOT identical'}.")
+    text = (f"Porting check: the trained {TRANSFER[arch]} exported to a torch "
+            f"state dict ({len(sd)} tensors, torchvision names) and ported back is "
+            f"{'bit-for-bit identical' if same else 'NOT identical'}.")
     try:
         import torch
 
         from dlassign.porting.torch_models import build
-
-        model = build("resnet18", 10).double().eval()
-        model.load_state_dict({k: torch.from_numpy(v if v.dtype == np.int64 else
-                                                   v.astype(np.float64)) for k, v in sd.items()})
-        x = np.random.default_rng(0).normal(size=(4, 3, 32, 32))
-        with torch.no_grad():
-            ref = model(torch.from_numpy(x)).numpy()
-        with jax.enable_x64(True):
-            v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
-            out = np.asarray(run.model.apply(v64, x.transpose(0, 2, 3, 1)))
-        parts[-1] += (f" Loaded into torchvision's ResNet-18, it gives the same logits as the "
-                      f"Flax model to {np.abs(out - ref).max():.1e} in float64.\n")
     except ImportError:
-        parts[-1] += (" (PyTorch is not installed, so the torchvision comparison is skipped; "
-                      "`pip install -e '.[torch]'` adds it.)\n")
-    return "\n".join(parts)
+        return text + (" (PyTorch is not installed, so the torchvision comparison is skipped; "
+                       "`pip install -e '.[torch]'` adds it.)\n")
+    reference = build(arch, 10).double().eval()
+    reference.load_state_dict({k: torch.from_numpy(v if v.dtype == np.int64 else
+                                                   v.astype(np.float64)) for k, v in sd.items()})
+    x = np.random.default_rng(0).normal(size=(4, 3, 32, 32))
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(x)).numpy()
+    with jax.enable_x64(True):
+        v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+        out = np.asarray(jax.jit(model.apply)(v64, x.transpose(0, 2, 3, 1)))
+    return text + (f" Loaded into torchvision's {TRANSFER[arch]}, it gives the same logits as "
+                   f"the Flax model to {np.abs(out - ref).max():.1e} in float64.\n")
+
+
+def question4(workdir: str, porting: str) -> str:
+    """Question 4's section from the two finished runs: their comparison and the porting
+    check."""
+    from dlassign.analysis.compare import compare
+
+    cmp = compare([os.path.join(workdir, f"transfer_{a}") for a in TRANSFER],
+                  os.path.join(workdir, "comparison"))
+    return "\n".join([
+        "## Question 4: SVHN models, pretrained PyTorch weights in Flax\n",
+        "**Not measured here:** SVHN and torchvision's ImageNet weights cannot be "
+        "downloaded on this machine, so this report trains LeNet-5 and ResNet-18 from "
+        "scratch on the digits resized to 32x32x3, through the same models, pipeline, "
+        "collapse check and comparison that `configs/svhn.py` uses. The SVHN runs are one "
+        "command each for a user with internet (see the README).\n",
+        cmp["markdown"], "\n![comparison](comparison/comparison.png)\n", porting])
 
 
 def edge_of_stability(config, workdir: str) -> str:
     from dlassign.analysis import sharpness
+
+    config = config.sharpness
 
     result = sharpness.write_outputs(sharpness.run_study(config),
                                      os.path.join(workdir, "sharpness"))
@@ -166,33 +194,51 @@ def edge_of_stability(config, workdir: str) -> str:
         result["table"], "\n![edge of stability](sharpness/sharpness.png)\n"])
 
 
+def convexity_study(config, workdir: str) -> str:
+    """Questions 1 and 2."""
+    from dlassign.analysis.convexity_report import run_and_report
+
+    return run_and_report(config.convexity, os.path.join(workdir, "convexity"),
+                          prefix="convexity/")["section"]
+
+
+def studies(config, workdir: str) -> list[Task]:
+    """The job's independent studies, the longest (cold) first: a worker that comes free takes
+    the next one."""
+    args = (config, workdir)
+    return [Task("tune_cnn", grid_study, (*args, "tune_cnn")),
+            Task("transfer_resnet18", transfer_study, (*args, "resnet18")),
+            Task("convexity", convexity_study, args),
+            Task("tune_mlp", grid_study, (*args, "tune_mlp")),
+            Task("transfer_lenet5", transfer_study, (*args, "lenet5")),
+            Task("sharpness", edge_of_stability, args)]
+
+
 @clean_errors
 def main(argv):
     del argv
     single_process("experiments.main", "it is the small-data tour of the four studies; launch "
                    "experiments.train or experiments.tune across processes")
-    prepare_platform(FLAGS.config.get("num_cpu_devices", 0))
+    config, workdir = FLAGS.config, FLAGS.workdir
+    workers = check_workers(config.get("workers", 1))
+    num_cpu_devices = config.get("num_cpu_devices", 0)
+    prepare_platform(num_cpu_devices)
     import jax
 
-    from dlassign.analysis.convexity_report import run_and_report
-
-    workdir = FLAGS.workdir
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
-    sections = []
-    logging.info("questions 1 and 2: convexity")
-    results = run_and_report(FLAGS.config.convexity, os.path.join(workdir, "convexity"),
-                             prefix="convexity/")
-    sections.append(results["section"])
-    logging.info("question 3: tuning")
-    sections.append(question3(FLAGS.config, workdir))
-    logging.info("question 4: the SVHN models on the digits")
-    sections.append(question4(FLAGS.config, workdir))
-    logging.info("edge of stability on the digits")
-    sections.append(edge_of_stability(FLAGS.config.sharpness, workdir))
+    out = run_tasks(studies(config, workdir), workers,
+                    setup=functools.partial(worker_setup, num_cpu_devices))
+    sections = [out["convexity"],
+                "## Question 3: dense and convolutional networks, tuned by k-fold CV\n",
+                out["tune_mlp"], out["tune_cnn"],
+                question4(workdir, out["transfer_resnet18"]), out["sharpness"]]
     minutes = (time.time() - start) / 60
+    alongside = (f" The studies ran {workers} at a time in worker processes, so the training "
+                 "times below include sharing the cores." if workers > 1 else "")
     header = (f"# dlassign report\n\nMain job on embedded data, {minutes:.1f} minutes on "
-              f"{jax.device_count()} {jax.default_backend()} devices (jax {jax.__version__}).\n\n")
+              f"{jax.device_count()} {jax.default_backend()} devices (jax {jax.__version__})."
+              f"{alongside}\n\n")
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write(header + "\n".join(sections))
     print(f"wrote {os.path.join(workdir, 'report.md')} in {minutes:.1f} minutes")

@@ -308,9 +308,10 @@ def deep_linear_study(cfg, data: BinaryData) -> list[dict]:
             run = gradient_descent(f, x0 * cfg.init_scale, cfg.lr, cfg.train_steps,
                                    cfg.snapshot_every, accuracy, "deep_linear.lr")
             randoms = []
+            init = jax.jit(model.init)  # one program, not every layer's operations one by one
             for i, scale in enumerate(np.repeat(cfg.random_scales, cfg.points_per_scale)):
                 key = jax.random.PRNGKey(cfg.seed + 1000 * depth + i + 1)
-                fresh = model.init(key, x[:1].astype(jnp.float32))["params"]
+                fresh = init(key, x[:1].astype(jnp.float32))["params"]
                 randoms.append(scale * np.asarray(ravel_pytree(fresh)[0], np.float64))
             min_random = min(eig_extremes(np.asarray(hessian(jnp.asarray(p))))[0]
                              for p in randoms)
@@ -321,7 +322,7 @@ def deep_linear_study(cfg, data: BinaryData) -> list[dict]:
             flipped = flip_first_two_layers(trained)
             mid = jax.tree.map(lambda a, b: (a + b) / 2, trained, flipped)
             path_s = np.linspace(0, 1, 41)
-            raw = mean_loss(model, loss, data)
+            raw = jax.jit(mean_loss(model, loss, data))  # evaluated some fifty times below
             path = [float(raw(jax.tree.map(lambda a, b, s=s: (1 - s) * a + s * b, trained,
                                            flipped))) for s in path_s]
             loss_a, loss_b, loss_mid = float(raw(trained)), float(raw(flipped)), float(raw(mid))

@@ -1,0 +1,65 @@
+"""Studies side by side in worker processes (`dlassign.runtime.workers`, the main job's runner)."""
+
+import os
+import time
+
+import pytest
+
+from dlassign.errors import ConfigError
+from dlassign.runtime.workers import Task, check_workers, run_tasks
+
+_SETUP = {"called": False}
+
+
+def _setup():
+    _SETUP["called"] = True
+
+
+def _where(delay: float = 0.0) -> tuple[int, bool]:
+    time.sleep(delay)
+    return os.getpid(), _SETUP["called"]
+
+
+def _fail(message: str):
+    raise ValueError(message)
+
+
+def _touch(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
+def test_tasks_run_in_set_up_worker_processes_and_come_back_in_the_order_given():
+    # the first task sleeps, so the two workers overlap and the results arrive out of order
+    tasks = [Task("slow", _where, (1.0,)), Task("a", _where), Task("b", _where)]
+    out = run_tasks(tasks, workers=2, setup=_setup)
+    assert list(out) == ["slow", "a", "b"]
+    pids = {pid for pid, _ in out.values()}
+    assert os.getpid() not in pids and len(pids) == 2
+    assert all(called for _, called in out.values())  # setup ran in each worker
+    assert not _SETUP["called"]  # and not here
+
+
+def test_one_worker_runs_the_tasks_here_one_after_another():
+    out = run_tasks([Task("a", _where), Task("b", _where)], workers=1)
+    assert [pid for pid, _ in out.values()] == [os.getpid()] * 2
+
+
+def test_a_failing_task_raises_its_error_and_cancels_the_tasks_not_started(tmp_path):
+    later = tmp_path / "later"
+    tasks = [Task("fails", _fail, ("bad value 3",)), Task("runs", _where, (1.5,)),
+             Task("later", _touch, (str(later),))]
+    with pytest.raises(ValueError, match="bad value 3"):
+        run_tasks(tasks, workers=2)
+    assert not later.exists()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
+def test_a_bad_worker_count_names_the_value(bad):
+    with pytest.raises(ConfigError, match=f"workers={bad!r}.*at least 1"):
+        check_workers(bad)
+
+
+def test_task_names_must_be_unique():
+    with pytest.raises(ValueError, match="unique"):
+        run_tasks([Task("a", _where), Task("a", _where)], workers=2)
