@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.transfer = ml_collections.ConfigDict(dict(lenet5=digits32.get_config("lenet5"),
                                                 resnet18=digits32.get_config("resnet18")))
     c.transfer.resnet18.num_epochs = 8
+    # Runs of a few seconds (epochs of 0.1-0.3 s) checkpoint every 500 steps and at the end,
+    # not every epoch: a save costs about 0.1 s however small the state.
+    for run in (c.tune_mlp, c.tune_cnn, c.transfer.lenet5):
+        run.checkpoint_every_steps = 500
     c.sharpness = sharpness.get_config("digits")  # edge of stability, kept to a few tens of s
     c.sharpness.num_steps = 300
     c.sharpness.lanczos_checks = 1

@@ -9,7 +9,14 @@ from jax import lax
 
 from dlassign.errors import ConfigError
 from dlassign.models import get_model
-from dlassign.models.layers import adaptive_avg_pool, conv, max_pool
+from dlassign.models.layers import (
+    CHOSEN,
+    activation,
+    adaptive_avg_pool,
+    chosen_activations,
+    conv,
+    max_pool,
+)
 
 
 def n_params(model, shape):
@@ -326,3 +333,28 @@ def test_only_models_and_kernels_import_the_cpu_kernels():
     assert not offenders, offenders
     assert pattern.search("from dlassign.kernels.conv import conv_path")  # the check can fail
     assert pattern.search("from dlassign import kernels")
+
+
+def test_an_activation_chosen_by_a_traced_index_is_each_candidate_exactly():
+    names = ("relu", "tanh", "sigmoid", "gelu")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64,)) * 4, jnp.float32)
+    x = x.at[:3].set(jnp.asarray([0.0, -0.0, 1e-30]))
+
+    @jax.jit
+    def chosen(x, index):
+        with chosen_activations({"activation": (index, names)}):
+            f = activation(CHOSEN + "activation")
+            return f(x), jax.grad(lambda x: jnp.sum(f(x) * jnp.arange(x.size)))(x)
+
+    for i, name in enumerate(names):
+        f = activation(name)
+        want = jax.jit(lambda x, f=f: (f(x), jax.grad(lambda x: jnp.sum(f(x) * jnp.arange(
+            x.size)))(x)))(x)
+        got = chosen(x, np.int32(i))
+        for a, b in zip(got, want):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), name  # values and gradients
+
+
+def test_a_chosen_activation_outside_its_context_is_a_clear_error():
+    with pytest.raises(ValueError, match="outside chosen_activations"):
+        activation(CHOSEN + "activation")(jnp.ones(3))

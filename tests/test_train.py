@@ -317,6 +317,46 @@ def test_activation_cells_share_one_initializer_with_each_cells_own_state(vmappe
     assert len(tune_module._INITIALIZERS) - before <= 1  # one program for the three cells
 
 
+def _in_activation_grid(config):
+    """`config` as a cell of a grid over activations (its own activation among them)."""
+    config = config.copy_and_resolve_references()
+    config.tune = dict(num_folds=3, grid={"model": {"activation": ["relu", "tanh", "sigmoid"]}})
+    return config
+
+
+def test_activation_cells_lower_to_one_program():
+    from dlassign.training import tune as tune_module
+    from dlassign.training.steps import make_train_step
+    from dlassign.training.trainer import make_tx
+
+    data = synthetic_dataset(n_train=240)
+    batch = {"image": data.train.images[:32], "label": data.train.labels[:32]}
+    texts = set()
+    for activation in ("relu", "tanh", "sigmoid"):
+        config = _in_activation_grid(tiny_config({"model.activation": activation}))
+        run = setup(config, data)
+        model, choices = tune_module._chosen_by_index(config, run.model)
+        assert choices["activation"][0] == ["relu", "tanh", "sigmoid"].index(activation)
+        state = tune_module._initializer(run, make_tx(run), False, model)(jax.random.PRNGKey(0))
+        step = jax.jit(tune_module._choosing(make_train_step(run.step_config), choices))
+        index = {f: i for f, (i, _) in choices.items()}
+        texts.add(step.lower(state, batch, index=index).as_text())
+    assert len(texts) == 1  # one program (and cache entry) for the three cells
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_cell_whose_activation_is_chosen_by_index_scores_as_that_activation_alone(sequential):
+    data = synthetic_dataset(n_train=240)
+    folds = stratified_kfold(data.train.labels, 3, seed=0)
+    for activation in ("tanh", "sigmoid"):
+        alone = tiny_config({"num_epochs": 2, "model.activation": activation})
+        a = cross_validate(alone, data, folds, sequential=sequential)
+        b = cross_validate(_in_activation_grid(alone), data, folds, sequential=sequential)
+        # bitwise: the select hands on the chosen activation's values and gradients exactly
+        assert a["fold_losses"] == b["fold_losses"]
+        assert a["fold_accuracies"] == b["fold_accuracies"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sequential", [False, True])
 def test_folds_in_calls_of_several_steps_match_one_step_per_call(sequential):

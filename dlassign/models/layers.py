@@ -7,6 +7,8 @@ model run its convolutional layers on [C, H, W, N] arrays.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -32,7 +34,44 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+# An activation chosen by a traced index instead of by name: a model built with
+# `activation=CHOSEN + "activation"` applies, inside `chosen_activations`, the candidate its
+# index picks. A grid's cells that differ only in activations then trace to one program
+# (training/tune.py), which compiles once instead of once per cell.
+CHOSEN = "chosen:"
+_CHOICES: contextvars.ContextVar = contextvars.ContextVar("activation_choices", default=None)
+
+
+@contextlib.contextmanager
+def chosen_activations(choices: dict[str, tuple[jax.Array, tuple[str, ...]]]):
+    """Within it, `activation(CHOSEN + field)` applies `names[index]` for `choices[field] =
+    (index, names)`: index an int32 scalar (traced or not), names the candidates."""
+    token = _CHOICES.set(choices)
+    try:
+        yield
+    finally:
+        _CHOICES.reset(token)
+
+
+def _chosen(field: str) -> Callable[[jax.Array], jax.Array]:
+    def apply(x: jax.Array) -> jax.Array:
+        choices = _CHOICES.get() or {}
+        if field not in choices:
+            raise ValueError(f"activation {CHOSEN + field!r} is applied outside "
+                             "chosen_activations, which supplies its choice")
+        index, names = choices[field]
+        out = activation(names[-1])(x)
+        # a select, exact in value and gradient, and one fused loop on every backend
+        for i in reversed(range(len(names) - 1)):
+            out = jnp.where(index == i, activation(names[i])(x), out)
+        return out
+
+    return apply
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name.startswith(CHOSEN):
+        return _chosen(name[len(CHOSEN):])
     if name not in ACTIVATIONS:
         raise one_of("activation", name, ACTIVATIONS)
     return ACTIVATIONS[name]
@@ -129,5 +168,6 @@ def logits(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-__all__ = ["ACTIVATIONS", "IMPLS", "activation", "adaptive_avg_pool", "batch_minor", "batch_norm",
-           "conv", "flatten_chw", "logits", "max_pool", "use_batch_minor"]
+__all__ = ["ACTIVATIONS", "CHOSEN", "IMPLS", "activation", "adaptive_avg_pool", "batch_minor",
+           "batch_norm", "chosen_activations", "conv", "flatten_chw", "logits", "max_pool",
+           "use_batch_minor"]

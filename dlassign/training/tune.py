@@ -19,6 +19,7 @@ score and the cell's hyperparameters for TensorBoard's hparams view.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import os
@@ -36,6 +37,7 @@ from absl import logging
 from dlassign.data import Dataset, Split, prepare, stratified_kfold
 from dlassign.data.batching import epoch_permutation
 from dlassign.errors import DlassignError, one_of
+from dlassign.models.layers import CHOSEN, chosen_activations
 from dlassign.runtime import parallel
 from dlassign.runtime.files import write_json, write_text
 from dlassign.runtime.workdir import WorkdirLock, check_workdir
@@ -121,22 +123,54 @@ _INIT_CANONICAL = "linear"
 _INITIALIZERS: dict = {}
 
 
-def _initializer(run, tx, vmapped: bool):
+def _chosen_by_index(config: ml_collections.ConfigDict, model) -> tuple[object, dict]:
+    """The cell's model with every activation field its grid varies chosen by an index
+    (`layers.CHOSEN`), and those choices, {field: (int32 index, the grid's candidates)}.
+
+    The index is an argument of the cell's programs, not a constant in them, so the cells that
+    differ only in activations trace to the same programs: the first compiles them, the rest
+    load them from the compilation cache. A select between the candidates gives the chosen
+    one's values and gradients exactly."""
+    grid = flatten_grid(config.get("tune", {}).get("grid", {}))
+    varied = {path[len("model."):]: tuple(values) for path, values in grid
+              if path in {f"model.{f}" for f in INIT_FREE_FIELDS} and len(values) > 1}
+    varied = {f: names for f, names in varied.items() if hasattr(model, f)}
+    if not varied:
+        return model, {}
+    choices = {f: (np.int32(names.index(getattr(model, f))), names)
+               for f, names in varied.items()}
+    return model.clone(**{f: CHOSEN + f for f in varied}), choices
+
+
+def _choosing(fn, choices: dict):
+    """`fn` with the cell's activation choices in effect while it is traced; the indices
+    are passed as an argument (`index=`), so they are traced values, not constants."""
+    names = {f: n for f, (_, n) in choices.items()}
+
+    def call(*args, index):
+        with chosen_activations({f: (index[f], n) for f, n in names.items()}):
+            return fn(*args)
+
+    return call
+
+
+def _initializer(run, tx, vmapped: bool, model=None):
     """A jitted `rng -> (step, params, batch_stats, opt_state, rng)` of the cell's initial
     state, one per model (up to `INIT_FREE_FIELDS`), input shape, optimizer and mesh, so that
     the cells of an activation grid compile it once (the in-process jit cache keys on the
-    function; a fresh closure per cell compiled it again for every cell)."""
-    model = run.model.clone(**{f: _INIT_CANONICAL for f in INIT_FREE_FIELDS
-                               if hasattr(run.model, f)})
+    function; a fresh closure per cell compiled it again for every cell). The state applies
+    `model` (default: the run's)."""
+    canonical = run.model.clone(**{f: _INIT_CANONICAL for f in INIT_FREE_FIELDS
+                                   if hasattr(run.model, f)})
     replicated = parallel.replicated(run.mesh)
     # make_tx's inputs determine the optimizer, hence its state
-    key = (model, run.input_shape, json.dumps(run.config.optimizer.to_dict(), sort_keys=True,
-                                              default=str),
+    key = (canonical, run.input_shape,
+           json.dumps(run.config.optimizer.to_dict(), sort_keys=True, default=str),
            run.total_steps, run.steps_per_epoch, run.config.model.name, replicated, vmapped,
            str(init_compiler_options()))
     if key not in _INITIALIZERS:
         def arrays(rng):
-            s = create_train_state(model, tx, rng, run.input_shape)
+            s = create_train_state(canonical, tx, rng, run.input_shape)
             return s.step, s.params, s.batch_stats, s.opt_state, s.rng
 
         _INITIALIZERS[key] = jax.jit(jax.vmap(arrays) if vmapped else arrays,
@@ -147,7 +181,8 @@ def _initializer(run, tx, vmapped: bool):
     def state(rng) -> TrainState:
         step, params, batch_stats, opt_state, state_rng = init(rng)
         return TrainState(step=step, params=params, batch_stats=batch_stats,
-                          opt_state=opt_state, rng=state_rng, apply_fn=run.model.apply, tx=tx)
+                          opt_state=opt_state, rng=state_rng,
+                          apply_fn=(model or run.model).apply, tx=tx)
 
     return state
 
@@ -206,7 +241,9 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     tx = make_tx(run)
     rngs = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), i) for i in range(k)])
     train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
-    init = _initializer(run, tx, vmapped=not sequential)
+    model, choices = _chosen_by_index(config, run.model)
+    index = {f: i for f, (i, _) in choices.items()}
+    init = _initializer(run, tx, vmapped=not sequential, model=model)
 
     per_call = max(int(config.get("steps_per_call", 1)), 1)
     steps = _fold_steps_per_epoch(train_ix, config.batch_size)
@@ -220,7 +257,8 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     keep = (lambda state, step, host: logged.append(host)) if logdir is not None else None
     start = time.perf_counter()
     if sequential:
-        step = jax.jit(stacked_or_single(train_step), donate_argnums=0)
+        step = functools.partial(jax.jit(_choosing(stacked_or_single(train_step), choices),
+                                         donate_argnums=0), index=index)
         sharding = parallel.batch_sharding(run.mesh, stacked)  # [S,] B
         states = []
         for i in range(k):
@@ -231,7 +269,9 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
                 step, state, plan, loop.stacked_batches(fold_batches[i], plan, per_call),
                 sharding, guard, on_sync=keep))
     else:
-        step = jax.jit(stacked_or_single(jax.vmap(train_step), label_ndim=2), donate_argnums=0)
+        step = functools.partial(jax.jit(_choosing(
+            stacked_or_single(jax.vmap(train_step), label_ndim=2), choices), donate_argnums=0),
+            index=index)
         state = init(rngs)
         one = jax.tree.map(lambda x: x[0], state.params)
         guard = loop.Guard(loop.leaf_names(one), where, folds=True, learning_rate=schedule,
@@ -246,14 +286,15 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     correct, loss = np.zeros(k), np.zeros(k)
     sizes = np.asarray([len(ix) for ix in val_ix])
     if sequential:
-        evaluate = jax.jit(eval_step)
+        evaluate = functools.partial(jax.jit(_choosing(eval_step, choices)), index=index)
         for i in range(k):
             preds, mean_loss = predict(states[i], dataset.train.take(val_ix[i]), evaluate,
                                        run.mesh, config.eval_batch_size)
             correct[i] = np.sum(preds == dataset.train.labels[val_ix[i]])
             loss[i] = mean_loss * sizes[i]
     else:
-        evaluate = jax.jit(jax.vmap(eval_step))
+        evaluate = functools.partial(jax.jit(_choosing(jax.vmap(eval_step), choices)),
+                                     index=index)
         sharding = parallel.batch_sharding(run.mesh, 1)
         for batch in _padded_folds(dataset.train, val_ix, config.eval_batch_size):
             out = parallel.to_host(evaluate(state, parallel.global_batch(batch, sharding)))
