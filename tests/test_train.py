@@ -331,7 +331,7 @@ def test_activation_cells_lower_to_one_program():
 
     data = synthetic_dataset(n_train=240)
     batch = {"image": data.train.images[:32], "label": data.train.labels[:32]}
-    texts = set()
+    texts, programs = set(), set()
     for activation in ("relu", "tanh", "sigmoid"):
         config = _in_activation_grid(tiny_config({"model.activation": activation}))
         run = setup(config, data)
@@ -341,7 +341,31 @@ def test_activation_cells_lower_to_one_program():
         step = jax.jit(tune_module._choosing(make_train_step(run.step_config), choices))
         index = {f: i for f, (i, _) in choices.items()}
         texts.add(step.lower(state, batch, index=index).as_text())
+        train, evaluate = tune_module._programs(run, model, choices, sequential=True)
+        assert train.keywords == evaluate.keywords == {"index": index}
+        programs.add((id(train.func), id(evaluate.func), id(tune_module._optimizer(run))))
     assert len(texts) == 1  # one program (and cache entry) for the three cells
+    assert len(programs) == 1  # and in this process one jitted function, traced once
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_grids_second_activation_traces_and_compiles_nothing_new(sequential):
+    data = synthetic_dataset(n_train=240)
+    folds = stratified_kfold(data.train.labels, 3, seed=0)
+    cells = [_in_activation_grid(tiny_config({"num_epochs": 1, "model.activation": a,
+                                              "model.hidden_sizes": (24,)}))
+             for a in ("relu", "sigmoid")]
+    cross_validate(cells[0], data, folds, sequential=sequential)
+    events = []
+    listener = lambda name, secs, **kw: events.append((name, kw.get("fun_name")))  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        cross_validate(cells[1], data, folds, sequential=sequential)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # (setup still traces the model's init for its shapes and lowers a forward for its FLOPs)
+    assert not [e for e in events if e[0] == "/jax/core/compile/backend_compile_duration"]
+    assert not [e for e in events if e[1] == "call"]  # the cell's train and eval programs
 
 
 @pytest.mark.parametrize("sequential", [True, False])

@@ -154,6 +154,44 @@ def _choosing(fn, choices: dict):
     return call
 
 
+_PROGRAMS: dict = {}
+_OPTIMIZERS: dict = {}
+_MODELS: dict = {}
+
+
+def _programs(run, model, choices: dict, sequential: bool):
+    """The cell's jitted train and eval steps, called with its activation indices.
+
+    Kept per model (activations chosen by index), step config and fold mode, with the
+    optimizer kept per its config and length (`_optimizer`), so the cells of one width reuse
+    the first one's programs in this process: no second trace, no compilation, whether or not
+    the compilation cache is on."""
+    names = tuple(sorted((f, n) for f, (_, n) in choices.items()))
+    key = (model, run.step_config, names, sequential)
+    if key not in _PROGRAMS:
+        train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
+        if sequential:
+            train, evaluate = stacked_or_single(train_step), eval_step
+        else:
+            train = stacked_or_single(jax.vmap(train_step), label_ndim=2)  # [K, B] labels
+            evaluate = jax.vmap(eval_step)
+        _PROGRAMS[key] = (jax.jit(_choosing(train, choices), donate_argnums=0),
+                          jax.jit(_choosing(evaluate, choices)))
+    train, evaluate = _PROGRAMS[key]
+    index = {f: i for f, (i, _) in choices.items()}
+    return functools.partial(train, index=index), functools.partial(evaluate, index=index)
+
+
+def _optimizer(run):
+    """`make_tx(run)`, one object per optimizer config and run length: a train state's
+    optimizer is part of what its programs are cached under."""
+    key = (json.dumps(run.config.optimizer.to_dict(), sort_keys=True, default=str),
+           run.total_steps, run.steps_per_epoch, run.config.model.name)
+    if key not in _OPTIMIZERS:
+        _OPTIMIZERS[key] = make_tx(run)
+    return _OPTIMIZERS[key]
+
+
 def _initializer(run, tx, vmapped: bool, model=None):
     """A jitted `rng -> (step, params, batch_stats, opt_state, rng)` of the cell's initial
     state, one per model (up to `INIT_FREE_FIELDS`), input shape, optimizer and mesh, so that
@@ -238,11 +276,13 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     run = setup(config, dataset)
     k = len(folds)
     train_ix, val_ix = [f[0] for f in folds], [f[1] for f in folds]
-    tx = make_tx(run)
+    tx = _optimizer(run)
     rngs = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), i) for i in range(k)])
-    train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
     model, choices = _chosen_by_index(config, run.model)
-    index = {f: i for f, (i, _) in choices.items()}
+    # one instance per equal model: a state's apply_fn, a bound method, is compared (for the
+    # programs' trace cache) by the instance it is bound to
+    model = _MODELS.setdefault(model, model)
+    step, evaluate = _programs(run, model, choices, sequential)
     init = _initializer(run, tx, vmapped=not sequential, model=model)
 
     per_call = max(int(config.get("steps_per_call", 1)), 1)
@@ -257,8 +297,6 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     keep = (lambda state, step, host: logged.append(host)) if logdir is not None else None
     start = time.perf_counter()
     if sequential:
-        step = functools.partial(jax.jit(_choosing(stacked_or_single(train_step), choices),
-                                         donate_argnums=0), index=index)
         sharding = parallel.batch_sharding(run.mesh, stacked)  # [S,] B
         states = []
         for i in range(k):
@@ -269,9 +307,6 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
                 step, state, plan, loop.stacked_batches(fold_batches[i], plan, per_call),
                 sharding, guard, on_sync=keep))
     else:
-        step = functools.partial(jax.jit(_choosing(
-            stacked_or_single(jax.vmap(train_step), label_ndim=2), choices), donate_argnums=0),
-            index=index)
         state = init(rngs)
         one = jax.tree.map(lambda x: x[0], state.params)
         guard = loop.Guard(loop.leaf_names(one), where, folds=True, learning_rate=schedule,
@@ -286,15 +321,12 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     correct, loss = np.zeros(k), np.zeros(k)
     sizes = np.asarray([len(ix) for ix in val_ix])
     if sequential:
-        evaluate = functools.partial(jax.jit(_choosing(eval_step, choices)), index=index)
         for i in range(k):
             preds, mean_loss = predict(states[i], dataset.train.take(val_ix[i]), evaluate,
                                        run.mesh, config.eval_batch_size)
             correct[i] = np.sum(preds == dataset.train.labels[val_ix[i]])
             loss[i] = mean_loss * sizes[i]
     else:
-        evaluate = functools.partial(jax.jit(_choosing(jax.vmap(eval_step), choices)),
-                                     index=index)
         sharding = parallel.batch_sharding(run.mesh, 1)
         for batch in _padded_folds(dataset.train, val_ix, config.eval_batch_size):
             out = parallel.to_host(evaluate(state, parallel.global_batch(batch, sharding)))
