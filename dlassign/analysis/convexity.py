@@ -287,6 +287,7 @@ def deep_linear_study(cfg, data: BinaryData) -> list[dict]:
     x = jnp.asarray(data.x)
     for depth in cfg.hidden_layers:
         model = DeepLinear(hidden_sizes=(cfg.width,) * depth)
+        init = jax.jit(model.init)  # one program, not every layer's operations one by one
         params0 = jax.tree.map(lambda a: a.astype(jnp.float64),
                                model.init(jax.random.PRNGKey(cfg.seed), x[:1])["params"])
         for loss in LOSS_NAMES:
@@ -308,7 +309,6 @@ def deep_linear_study(cfg, data: BinaryData) -> list[dict]:
             run = gradient_descent(f, x0 * cfg.init_scale, cfg.lr, cfg.train_steps,
                                    cfg.snapshot_every, accuracy, "deep_linear.lr")
             randoms = []
-            init = jax.jit(model.init)  # one program, not every layer's operations one by one
             for i, scale in enumerate(np.repeat(cfg.random_scales, cfg.points_per_scale)):
                 key = jax.random.PRNGKey(cfg.seed + 1000 * depth + i + 1)
                 fresh = init(key, x[:1].astype(jnp.float32))["params"]
