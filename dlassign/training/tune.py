@@ -128,9 +128,9 @@ def _chosen_by_index(config: ml_collections.ConfigDict, model) -> tuple[object, 
     (`layers.CHOSEN`), and those choices, {field: (int32 index, the grid's candidates)}.
 
     The index is an argument of the cell's programs, not a constant in them, so the cells that
-    differ only in activations trace to the same programs: the first compiles them, the rest
-    load them from the compilation cache. A select between the candidates gives the chosen
-    one's values and gradients exactly."""
+    differ only in activations trace to the same programs: the first traces and compiles them,
+    the rest reuse them (`_programs`). A select between the candidates gives the chosen one's
+    values and gradients exactly."""
     grid = flatten_grid(config.get("tune", {}).get("grid", {}))
     varied = {path[len("model."):]: tuple(values) for path, values in grid
               if path in {f"model.{f}" for f in INIT_FREE_FIELDS} and len(values) > 1}
