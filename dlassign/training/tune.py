@@ -182,11 +182,17 @@ def _programs(run, model, choices: dict, sequential: bool):
     return functools.partial(train, index=index), functools.partial(evaluate, index=index)
 
 
+def _optimizer_key(run) -> tuple:
+    """What `make_tx(run)` is made of: the optimizer config, the run's length and the model's
+    head (for backbone_lr_scale and frozen layers)."""
+    return (json.dumps(run.config.optimizer.to_dict(), sort_keys=True, default=str),
+            run.total_steps, run.steps_per_epoch, run.config.model.name)
+
+
 def _optimizer(run):
-    """`make_tx(run)`, one object per optimizer config and run length: a train state's
-    optimizer is part of what its programs are cached under."""
-    key = (json.dumps(run.config.optimizer.to_dict(), sort_keys=True, default=str),
-           run.total_steps, run.steps_per_epoch, run.config.model.name)
+    """`make_tx(run)`, one object per `_optimizer_key`: a train state's optimizer is part of
+    what its programs are cached under."""
+    key = _optimizer_key(run)
     if key not in _OPTIMIZERS:
         _OPTIMIZERS[key] = make_tx(run)
     return _OPTIMIZERS[key]
@@ -202,9 +208,7 @@ def _initializer(run, tx, vmapped: bool, model=None):
                                    if hasattr(run.model, f)})
     replicated = parallel.replicated(run.mesh)
     # make_tx's inputs determine the optimizer, hence its state
-    key = (canonical, run.input_shape,
-           json.dumps(run.config.optimizer.to_dict(), sort_keys=True, default=str),
-           run.total_steps, run.steps_per_epoch, run.config.model.name, replicated, vmapped,
+    key = (canonical, run.input_shape, *_optimizer_key(run), replicated, vmapped,
            str(init_compiler_options()))
     if key not in _INITIALIZERS:
         def arrays(rng):
