@@ -226,3 +226,20 @@ def test_random_crop_shifts_without_flipping():
         r, c = np.argwhere(o[0, ..., 0] == 1.0)[0]
         assert abs(r - 2) <= 2 and abs(c - 5) <= 2 and o.sum() >= 1.0
     assert len({tuple(np.argwhere(o[0, ..., 0] == 1.0)[0]) for o in outs}) > 3
+
+
+def test_random_crop_is_each_images_slice_at_its_offsets():
+    """The selects cut each image at the offsets the key draws, as a dynamic slice of the
+    edge-padded image would, for a whole batch and several channels."""
+    import jax
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 7, 9, 3), dtype=np.uint8)
+    for padding in (1, 2, 3):
+        key = jax.random.PRNGKey(padding)
+        out = np.asarray(jax.jit(random_crop, static_argnums=2)(key, images, padding))
+        padded = np.pad(images, ((0, 0), (padding,) * 2, (padding,) * 2, (0, 0)), mode="edge")
+        offsets = np.asarray(jax.random.randint(key, (16, 2), 0, 2 * padding + 1))
+        assert len({tuple(o) for o in offsets}) > 4
+        for img, p, (dy, dx) in zip(out, padded, offsets):
+            np.testing.assert_array_equal(img, p[dy:dy + 7, dx:dx + 9])
+        assert out.dtype == np.uint8

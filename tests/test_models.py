@@ -262,6 +262,44 @@ def test_batch_minor_conv_module_has_nn_conv_parameters():
         batch_minor_conv(batch_minor(x), v["params"]["kernel"], (2, 2), ((1, 1), (1, 1)), 2)
 
 
+@pytest.mark.parametrize("order", ["hwc", "chw"])
+def test_flatten_dense_on_batch_minor_maps_is_nn_dense_on_the_flattened_map(order):
+    """Same parameters and initial values as nn.Dense on the flattened NHWC map, and in float64
+    the same values and gradients (parameters and input), in torch's order and in NHWC's."""
+    from dlassign.kernels import batch_minor
+    from dlassign.models.layers import flatten_dense
+
+    class Head(nn.Module):
+        bm: bool
+
+        @nn.compact
+        def __call__(self, x):
+            return flatten_dense(x, 6, order, batch_minor=self.bm, name="fc")
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 5, 2), jnp.float64)
+        flat = (jnp.transpose(x, (0, 3, 1, 2)) if order == "chw" else x).reshape(3, -1)
+        ref = nn.Dense(6, param_dtype=jnp.float64)
+        v = {"params": {"fc": ref.init(jax.random.PRNGKey(1), flat)["params"]}}
+        v = jax.tree.map(lambda a: a + 0.1, v)  # a nonzero bias
+        fast, plain = Head(True), Head(False)
+        init = fast.init(jax.random.PRNGKey(1), batch_minor(x.astype(jnp.float32)))
+        np.testing.assert_array_equal(
+            init["params"]["fc"]["kernel"],
+            plain.init(jax.random.PRNGKey(1), x.astype(jnp.float32))["params"]["fc"]["kernel"])
+        assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, v)
+        np.testing.assert_allclose(fast.apply(v, batch_minor(x)),
+                                   ref.apply({"params": v["params"]["fc"]}, flat), rtol=1e-12)
+        np.testing.assert_allclose(plain.apply(v, x), fast.apply(v, batch_minor(x)), rtol=1e-12)
+        loss = lambda m, t: lambda v, x: jnp.sum(jnp.sin(m.apply(v, t(x))))
+        grads = [jax.grad(loss(m, t), argnums=(0, 1))(v, x)
+                 for m, t in ((fast, batch_minor), (plain, lambda x: x))]
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13),
+                     *grads)
+    with pytest.raises(ValueError, match="unknown order 'cwh'; expected one of chw, hwc"):
+        flatten_dense(x, 6, "cwh")
+
+
 @pytest.mark.parametrize("name,shape,kw", [
     ("lenet5", (2, 32, 32, 3), {}), ("cnn", (2, 28, 28, 1), {}),
     ("resnet18", (2, 32, 32, 3), {"stage_sizes": (1, 1, 1, 1)}),

@@ -18,7 +18,12 @@ import flax.linen as nn
 import jax
 
 from dlassign.errors import one_of
-from dlassign.kernels.batch_minor import BatchMinorConv, batch_minor
+from dlassign.kernels.batch_minor import (
+    FLATTEN_ORDERS,
+    BatchMinorConv,
+    BatchMinorDense,
+    batch_minor,
+)
 from dlassign.kernels.conv import cpu_conv_general_dilated, im2col_conv_general_dilated
 from dlassign.kernels.pool import max_pool
 
@@ -79,5 +84,6 @@ def placement(model: nn.Module, num_devices: int = 0, *, hessian: bool = False
     return model, num_devices
 
 
-__all__ = ["IMPLS", "BatchMinorConv", "batch_minor", "conv_general_dilated", "max_pool",
+__all__ = ["FLATTEN_ORDERS", "IMPLS", "BatchMinorConv", "BatchMinorDense", "batch_minor",
+           "conv_general_dilated", "max_pool",
            "placement", "use_batch_minor", "use_cpu_kernels"]

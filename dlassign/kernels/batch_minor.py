@@ -12,6 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from dlassign.kernels.conv import _band, _pixel_taps, _tile_patches, dense_pays
 
@@ -93,3 +94,36 @@ class BatchMinorConv(nn.Module):
         y = batch_minor_conv(x, kernel, strides, ((self.padding, self.padding),) * 2,
                              batch_minor_tile(kernel.shape, strides))
         return y if bias is None else y + bias[:, None, None, None]
+
+
+FLATTEN_ORDERS = ("hwc", "chw")
+
+
+class BatchMinorDense(nn.Module):
+    """`nn.Dense` over each example's map of a batch-minor [C, H, W, N] array, flattened in
+    `order` ('hwc': NHWC's reshape; 'chw': torch's flatten), returning [N, features].
+
+    The map is never transposed to [N, C*H*W] (a transpose across the batch that cost as much
+    as a matmul); the contraction runs over its leading C*H*W values instead, and for 'hwc' the
+    kernel's rows are permuted, whole rows at a time. Same parameters as `nn.Dense` on the
+    flattened input, under the same names and initialisers.
+    """
+
+    features: int
+    order: str = "hwc"
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, h, w, n = x.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (c * h * w, self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                          self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.order == "hwc":
+            kernel = kernel.reshape(h, w, c, self.features).transpose(2, 0, 1, 3)
+        y = lax.dot_general(x.reshape(c * h * w, n), kernel.reshape(c * h * w, self.features),
+                            (((0,), (0,)), ((), ())))
+        return y + bias

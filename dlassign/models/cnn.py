@@ -12,6 +12,7 @@ from dlassign.models.layers import (
     activation,
     batch_minor,
     conv,
+    flatten_dense,
     logits,
     max_pool,
     use_batch_minor,
@@ -61,11 +62,8 @@ class CNN(nn.Module):
             x = conv(f, 3, padding=pad, impl=self.impl, dtype=self.dtype, batch_minor=bm,
                      name=f"conv{i}")(x)
             x = max_pool(conv_act(x), 2, 2, impl=self.impl)
-        if bm:
-            x = batch_minor(x)
-        x = x.reshape(x.shape[0], -1)
-        x = activation(self.activation)(nn.Dense(self.dense_width, dtype=self.dtype,
-                                                 name="dense")(x))
+        x = activation(self.activation)(flatten_dense(x, self.dense_width, "hwc", batch_minor=bm,
+                                                      dtype=self.dtype, name="dense"))
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))

@@ -155,12 +155,26 @@ def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
     return jnp.einsum("oh,nhwc,pw->nopc", mh, x, mw)
 
 
-def flatten_chw(x: jax.Array, batch_minor: bool = False) -> jax.Array:
-    """Flattens NHWC (or batch-minor CHWN) in torch's C, H, W order, so ported Linear weights
-    apply unchanged."""
-    if batch_minor:
-        return jnp.transpose(x, (3, 0, 1, 2)).reshape(x.shape[3], -1)
+def flatten_chw(x: jax.Array) -> jax.Array:
+    """Flattens NHWC in torch's C, H, W order, so ported Linear weights apply unchanged."""
     return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+def flatten_dense(x: jax.Array, features: int, order: str = "hwc", *, batch_minor: bool = False,
+                  dtype=None, name: str | None = None) -> jax.Array:
+    """`nn.Dense(features)` over each example's map flattened in `order`: 'hwc' (NHWC's
+    reshape) or 'chw' (torch's flatten, so ported Linear weights apply unchanged).
+
+    x is [N, H, W, C], or [C, H, W, N] with batch_minor, which takes `kernels.BatchMinorDense`
+    (the same parameters) and never moves the batch back to the front.
+    """
+    if order not in kernels.FLATTEN_ORDERS:
+        raise one_of("order", order, kernels.FLATTEN_ORDERS)
+    if batch_minor:
+        return kernels.BatchMinorDense(features, order, dtype, name=name)(x)
+    if order == "chw":
+        x = jnp.transpose(x, (0, 3, 1, 2))
+    return nn.Dense(features, dtype=dtype, name=name)(x.reshape(x.shape[0], -1))
 
 
 def logits(x: jax.Array) -> jax.Array:
@@ -169,5 +183,5 @@ def logits(x: jax.Array) -> jax.Array:
 
 
 __all__ = ["ACTIVATIONS", "CHOSEN", "IMPLS", "activation", "adaptive_avg_pool", "batch_minor",
-           "batch_norm", "chosen_activations", "conv", "flatten_chw", "logits", "max_pool",
-           "use_batch_minor"]
+           "batch_norm", "chosen_activations", "conv", "flatten_chw", "flatten_dense", "logits",
+           "max_pool", "use_batch_minor"]
