@@ -12,6 +12,7 @@ from dlassign.models import get_model
 from dlassign.models.layers import (
     CHOSEN,
     activation,
+    activation_max_pool,
     adaptive_avg_pool,
     chosen_activations,
     conv,
@@ -260,6 +261,21 @@ def test_batch_minor_conv_module_has_nn_conv_parameters():
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="tile=2 needs stride 1"):
         batch_minor_conv(batch_minor(x), v["params"]["kernel"], (2, 2), ((1, 1), (1, 1)), 2)
+
+
+@pytest.mark.parametrize("name", ["relu", "linear", "tanh", "leaky_relu"])
+@pytest.mark.parametrize("impl", ["cpu", "xla"])
+def test_activation_max_pool_is_the_pool_of_the_activation_bitwise(name, impl):
+    """Pooling first (ReLU, linear) gives the same values and the same gradient, bit for bit,
+    also where a window's values tie or ReLU merges them (small integers, zeros, negatives)."""
+    x = jnp.asarray(np.random.default_rng(0).integers(-2, 3, (2, 7, 7, 3)), jnp.float32)
+    w = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 3, 3))
+    ref = lambda x: max_pool(activation(name)(x), 2, 2, 0, impl)
+    fused = lambda x: activation_max_pool(x, name, 2, 2, 0, impl)
+    np.testing.assert_array_equal(fused(x), ref(x))
+    grads = [jax.grad(lambda x, f=f: jnp.sum(w * f(x)))(x) for f in (fused, ref)]
+    np.testing.assert_array_equal(*grads)
+    assert (grads[1] != 0).sum() > 10
 
 
 @pytest.mark.parametrize("order", ["hwc", "chw"])

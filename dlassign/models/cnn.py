@@ -10,11 +10,11 @@ import jax.numpy as jnp
 
 from dlassign.models.layers import (
     activation,
+    activation_max_pool,
     batch_minor,
     conv,
     flatten_dense,
     logits,
-    max_pool,
     use_batch_minor,
 )
 from dlassign.models.registry import Architecture
@@ -54,14 +54,13 @@ class CNN(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [N, H, W, C] -> logits float32[N, num_classes]."""
         pad = {"valid": 0, "same": 1}[self.padding]
-        conv_act = activation(self.conv_activation)
         bm = use_batch_minor(self.batch_minor, self.impl)
         if bm:
             x = batch_minor(x)
         for i, f in enumerate(self.conv_features):
             x = conv(f, 3, padding=pad, impl=self.impl, dtype=self.dtype, batch_minor=bm,
                      name=f"conv{i}")(x)
-            x = max_pool(conv_act(x), 2, 2, impl=self.impl)
+            x = activation_max_pool(x, self.conv_activation, 2, 2, impl=self.impl)
         x = activation(self.activation)(flatten_dense(x, self.dense_width, "hwc", batch_minor=bm,
                                                       dtype=self.dtype, name="dense"))
         if self.dropout:

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 
 from dlassign.models.layers import (
+    activation_max_pool,
     batch_minor,
     conv,
     flatten_dense,
     logits,
-    max_pool,
     use_batch_minor,
 )
 from dlassign.models.registry import Architecture, TorchEntry
@@ -38,7 +38,7 @@ class LeNet5(nn.Module):
             x = batch_minor(x)
         for name, features in (("conv1", 6), ("conv2", 16)):
             x = conv(features, 5, impl=self.impl, dtype=self.dtype, batch_minor=bm, name=name)(x)
-            x = max_pool(nn.relu(x), 2, 2, impl=self.impl)
+            x = activation_max_pool(x, "relu", 2, 2, impl=self.impl)
         x = nn.relu(flatten_dense(x, 120, "chw", batch_minor=bm, dtype=self.dtype, name="fc1"))
         x = nn.relu(nn.Dense(84, dtype=self.dtype, name="fc2")(x))
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc3")(x))
