@@ -29,9 +29,11 @@ from benchmarks.common import (
 )
 
 
-def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: int = 1):
+def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: int = 1,
+         random_crop: int = 0):
     """run_steps(n) runs n training steps in calls of steps_per_call (batches stacked), the
-    last call taking what is left; run_steps.compiled_text() is the compiled program's HLO."""
+    last call taking what is left, with random shifts of up to `random_crop` pixels;
+    run_steps.compiled_text() is the compiled program's HLO."""
     from configs import base
     from dlassign.data import Dataset, Normalizer, Split
     from dlassign.runtime import parallel
@@ -43,6 +45,7 @@ def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: i
     c.model = dict(model_cfg)
     c.batch_size = batch_size
     c.eval_batch_size = batch_size
+    c.data.random_crop = random_crop
     rng = np.random.default_rng(0)
     split = Split(rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),
                   rng.integers(0, 10, batch_size).astype(np.int32))

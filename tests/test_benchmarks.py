@@ -103,6 +103,20 @@ def test_profile_step_runs_and_names_the_layers_and_the_optimizer(tmp_path):
     assert all(r["share_ms"] <= r["ms"] + 1e-9 and r["calls"] > 0 for r in rows)
 
 
+def test_step_rewrites_times_each_plain_form_in_its_own_program(tmp_path):
+    """Each plain form changes the compiled step (the benchmark checks that itself and stops
+    otherwise) and gets a row."""
+    out = tmp_path / "rewrites.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.step_rewrites", "--models=lenet5", "--rounds=1",
+         "--steps=2", "--steps_per_call=1", "--batch_size=8", f"--json={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["rewrite"] for r in rows] == ["dense", "crop", "pool_first"]
+    assert all(r["ours"] > 0 and r["plain"] > 0 for r in rows)
+
+
 def test_end_to_end_gives_the_pytorch_script_our_configs_settings():
     from benchmarks.end_to_end import commands
 
