@@ -5,15 +5,13 @@ form it replaces, side by side.
 
 * dense: the first dense layer reads the batch-minor map where it lies
   (`kernels.BatchMinorDense`); plain: the map transposed back to [N, C*H*W], then `nn.Dense`.
-* crop: the random crop behind an optimization barrier (`preprocess.random_crop`); plain: the
-  same gather, left for XLA to fuse into the first layer.
 * pool_first: ReLU after the max pool (`layers.activation_max_pool`); plain: ReLU, then the pool.
 
-Every rewrite is exact (tests/test_models.py, tests/test_data.py). Each variant is our training
-step as the training loop runs it (`--steps_per_call` batches stacked per call), with the
-mnist_cnn config's random shifts of up to 2 pixels, and with one rewrite swapped for its plain
-form; the variants run alternated for --rounds rounds after one untimed call each, and the
-table gives the medians in ms per step and the plain form's time over ours.
+Both rewrites are exact (tests/test_models.py). Each variant is our training step as the
+training loop runs it (`--steps_per_call` batches stacked per call), with the mnist_cnn config's
+random shifts of up to 2 pixels, and with one rewrite swapped for its plain form; the variants
+run alternated for --rounds rounds after one untimed call each, and the table gives the medians
+in ms per step and the plain form's time over ours.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ RANDOM_CROP = 2  # configs/mnist_cnn.py's shifts
 def plain_forms():
     """rewrite -> the patches that put its plain form in place, for models built afterwards."""
     import flax.linen as nn
-    import jax
     import jax.numpy as jnp
 
     from dlassign.models import layers
@@ -43,21 +40,12 @@ def plain_forms():
             x = jnp.transpose(x, (0, 3, 1, 2))
         return nn.Dense(features, dtype=dtype, name=name)(x.reshape(x.shape[0], -1))
 
-    def random_crop(rng, images, padding):
-        b, h, w, c = images.shape
-        padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-                         mode="edge")
-        offsets = jax.random.randint(rng, (b, 2), 0, 2 * padding + 1)
-        crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
-        return jax.vmap(crop)(padded, offsets)
-
     def activation_max_pool(x, name, window, stride, padding=0, impl="auto"):
         return layers.max_pool(layers.activation(name)(x), window, stride, padding, impl)
 
     models = ("dlassign.models.cnn", "dlassign.models.lenet")
     return {
         "dense": [(f"{m}.flatten_dense", flatten_dense) for m in models],
-        "crop": [("dlassign.training.steps.random_crop", random_crop)],
         "pool_first": [(f"{m}.activation_max_pool", activation_max_pool) for m in models],
     }
 

@@ -129,6 +129,4 @@ def random_crop(rng: jax.Array, images: jax.Array, padding: int) -> jax.Array:
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode="edge")
     offsets = jax.random.randint(rng, (b, 2), 0, 2 * padding + 1)
     crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
-    # The barrier keeps the crop's gather a small loop of its own: fused into a model's first
-    # layer, XLA:CPU recomputed it for every patch (benchmarks/step_rewrites.py).
-    return jax.lax.optimization_barrier(jax.vmap(crop)(padded, offsets))
+    return jax.vmap(crop)(padded, offsets)

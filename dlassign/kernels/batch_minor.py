@@ -103,9 +103,9 @@ class BatchMinorDense(nn.Module):
     """`nn.Dense` over each example's map of a batch-minor [C, H, W, N] array, flattened in
     `order` ('hwc': NHWC's reshape; 'chw': torch's flatten), returning [N, features].
 
-    The map is never transposed to [N, C*H*W] (a transpose across the batch that cost as much
-    as a matmul); the contraction runs over its leading C*H*W values instead, and for 'hwc' the
-    kernel's rows are permuted, whole rows at a time. Same parameters as `nn.Dense` on the
+    The map is never transposed to [N, C*H*W], a transpose across the batch that XLA:CPU runs
+    slowly (benchmarks/step_rewrites.py); the contraction runs over its leading C*H*W values
+    instead, and for 'hwc' the kernel's rows are permuted, whole rows at a time. Same parameters as `nn.Dense` on the
     flattened input, under the same names and initialisers.
     """
 
