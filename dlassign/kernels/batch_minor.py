@@ -105,8 +105,8 @@ class BatchMinorDense(nn.Module):
 
     The map is never transposed to [N, C*H*W], a transpose across the batch that XLA:CPU runs
     slowly (benchmarks/step_rewrites.py); the contraction runs over its leading C*H*W values
-    instead, and for 'hwc' the kernel's rows are permuted, whole rows at a time. Same parameters as `nn.Dense` on the
-    flattened input, under the same names and initialisers.
+    instead, and for 'hwc' the kernel's rows are permuted, whole rows at a time. Same
+    parameters as `nn.Dense` on the flattened input, under the same names and initialisers.
     """
 
     features: int
