@@ -1,10 +1,10 @@
 """XLA:CPU fast paths, behind one door.
 
-Models reach these kernels through `dlassign.models.layers` (convolutions, pools) and choose a
-layout with `use_batch_minor`; everything else (the trainer, the mesh, the Hessian tools) asks
-`placement` how a model runs and never learns which layout that is. The kernels are exact
-rewrites of the plain operations (tests compare values and gradients in float64); where each
-one pays is measured in docs/performance.md.
+Models reach these kernels through `dlassign.models.layers` (convolutions, pools, the dense
+layer after a batch-minor map) and choose a layout with `use_batch_minor`; everything else (the
+trainer, the mesh, the Hessian tools) asks `placement` how a model runs and never learns which
+layout that is. The kernels are exact rewrites of the plain operations (tests compare values
+and gradients in float64); where each one pays is measured in docs/performance.md.
 
 `impl` names the choice: 'auto' uses the kernels when JAX's default backend is the CPU, 'cpu'
 always, 'im2col' always and for every plain convolution (tests and benchmarks), 'xla' never.
@@ -85,5 +85,4 @@ def placement(model: nn.Module, num_devices: int = 0, *, hessian: bool = False
 
 
 __all__ = ["FLATTEN_ORDERS", "IMPLS", "BatchMinorConv", "BatchMinorDense", "batch_minor",
-           "conv_general_dilated", "max_pool",
-           "placement", "use_batch_minor", "use_cpu_kernels"]
+           "conv_general_dilated", "max_pool", "placement", "use_batch_minor", "use_cpu_kernels"]

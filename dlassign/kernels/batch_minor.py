@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dlassign.errors import one_of
 from dlassign.kernels.conv import _band, _pixel_taps, _tile_patches, dense_pays
 
 
@@ -116,6 +117,8 @@ class BatchMinorDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.order not in FLATTEN_ORDERS:
+            raise one_of("order", self.order, FLATTEN_ORDERS)
         c, h, w, n = x.shape
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (c * h * w, self.features),
                             self.param_dtype)

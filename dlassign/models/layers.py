@@ -2,7 +2,8 @@
 
 Convolutions and max pools take the XLA:CPU fast paths of `dlassign.kernels` where they apply
 (`impl`), so a model never calls a kernel itself; `use_batch_minor` and `batch_minor` let a
-model run its convolutional layers on [C, H, W, N] arrays.
+model run its convolutional layers on [C, H, W, N] arrays, and `flatten_dense` takes such a
+map into its first dense layer.
 """
 
 from __future__ import annotations
@@ -199,6 +200,5 @@ def logits(x: jax.Array) -> jax.Array:
 
 
 __all__ = ["ACTIVATIONS", "CHOSEN", "IMPLS", "activation", "activation_max_pool",
-           "adaptive_avg_pool", "batch_minor",
-           "batch_norm", "chosen_activations", "conv", "flatten_chw", "flatten_dense", "logits",
-           "max_pool", "use_batch_minor"]
+           "adaptive_avg_pool", "batch_minor", "batch_norm", "chosen_activations", "conv",
+           "flatten_chw", "flatten_dense", "logits", "max_pool", "use_batch_minor"]
