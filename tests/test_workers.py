@@ -54,6 +54,19 @@ def test_a_failing_task_raises_its_error_and_cancels_the_tasks_not_started(tmp_p
     assert not later.exists()
 
 
+def test_a_worker_that_ends_before_its_sigterm_does_not_hide_the_error(monkeypatch):
+    """Between `is_alive` and the SIGTERM a worker may end; the task's error still comes out."""
+    import dlassign.runtime.workers as workers
+
+    def gone(pid, sig):
+        raise ProcessLookupError(pid)
+
+    monkeypatch.setattr(workers.os, "kill", gone)
+    tasks = [Task("fails", _fail, ("bad value 4",)), Task("runs", _where, (1.5,))]
+    with pytest.raises(ValueError, match="bad value 4"):
+        run_tasks(tasks, workers=2)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
 def test_a_bad_worker_count_names_the_value(bad):
     with pytest.raises(ConfigError, match=f"workers={bad!r}.*at least 1"):

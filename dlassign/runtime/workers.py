@@ -93,7 +93,10 @@ def run_tasks(tasks: Sequence[Task], workers: int, setup: Callable[[], None] | N
         # pool._processes: the executor's own record of its worker processes
         for p in list((getattr(pool, "_processes", None) or {}).values()):
             if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:  # it ended since: the error to raise is the task's
+                    pass
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
