@@ -45,6 +45,31 @@ def small_problem():
         yield {"f": f, "x0": x0, "h": h, "matvec": matvec, "dim": x0.size}
 
 
+def test_dataset_hvp_compiles_once_for_fresh_and_computed_vectors():
+    """A Lanczos run feeds the matvec a fresh random vector and then products; placed params
+    (a train state's) made those two programs until the matvec placed v like them."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from dlassign.analysis.hessian.operators import _batch_hvp
+
+    split = synthetic_split(8, num_classes=3, size=3)
+    model = get_model("mlp", num_classes=3, hidden_sizes=(5,))
+    x = jnp.asarray(split.images, jnp.float32) / 255.0
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    params = jax.device_put(model.init(jax.random.PRNGKey(0), x)["params"],
+                            NamedSharding(mesh, PartitionSpec()))
+    batch = jax.device_put({"image": x, "label": jnp.asarray(split.labels)},
+                           NamedSharding(mesh, PartitionSpec("data")))
+    batch_loss = model_batch_loss(model, {}, "cross_entropy")
+    matvec, x0, _ = dataset_hvp(batch_loss, params, [batch], count=8)
+    before = _batch_hvp._cache_size()
+    fresh = jax.random.normal(jax.random.PRNGKey(1), x0.shape)  # uncommitted
+    computed = matvec(fresh)  # committed
+    matvec(computed)
+    matvec(computed / jnp.linalg.norm(computed))
+    assert _batch_hvp._cache_size() == before + 1
+
+
 @pytest.mark.slow
 def test_hessian_is_symmetric_and_hvp_matches(small_problem):
     p = small_problem

@@ -122,6 +122,9 @@ def dataset_hvp(batch_loss: Callable, params, batches: Iterable[dict],
     scale = 1.0 / total
 
     def matvec(v: jax.Array) -> jax.Array:
+        # v placed as x0 every time: a fresh random vector (uncommitted) and a product's result
+        # (committed) would otherwise compile two programs that differ only in placement
+        v = jax.device_put(v, x0.sharding)
         out = None
         for b in batches:
             part = _batch_hvp(batch_loss, params, v, b, scale)
