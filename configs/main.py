@@ -25,10 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.transfer = ml_collections.ConfigDict(dict(lenet5=digits32.get_config("lenet5"),
                                                 resnet18=digits32.get_config("resnet18")))
     c.transfer.resnet18.num_epochs = 8
-    # Runs of a few seconds checkpoint every 500 steps and at the end, not every epoch: a save
-    # has a fixed cost however small the state, which their short epochs would pay many times
-    # over (docs/performance.md, whole jobs).
-    for run in (c.tune_mlp, c.tune_cnn, c.transfer.lenet5):
+    # The job's runs checkpoint every 500 steps and at the end, not every epoch: their epochs
+    # take seconds, and a save costs a fixed tenth of a second for the small models and about
+    # a second for ResNet-18's state (docs/performance.md, whole jobs).
+    for run in (c.tune_mlp, c.tune_cnn, c.transfer.lenet5, c.transfer.resnet18):
         run.checkpoint_every_steps = 500
     c.sharpness = sharpness.get_config("digits")  # edge of stability, kept to a few tens of s
     c.sharpness.num_steps = 300
