@@ -289,7 +289,8 @@ def deep_linear_study(cfg, data: BinaryData) -> list[dict]:
         model = DeepLinear(hidden_sizes=(cfg.width,) * depth)
         init = jax.jit(model.init)  # one program, not every layer's operations one by one
         params0 = jax.tree.map(lambda a: a.astype(jnp.float64),
-                               model.init(jax.random.PRNGKey(cfg.seed), x[:1])["params"])
+                               init(jax.random.PRNGKey(cfg.seed), x[:1].astype(jnp.float32))
+                               ["params"])
         for loss in LOSS_NAMES:
             f, x0, unravel = flatten_loss(mean_loss(model, loss, data), params0)
             dim = int(x0.size)
