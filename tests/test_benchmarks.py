@@ -117,6 +117,17 @@ def test_step_rewrites_times_each_plain_form_in_its_own_program(tmp_path):
     assert all(r["ours"] > 0 and r["plain"] > 0 for r in rows)
 
 
+def test_checkpoint_save_times_each_save_of_a_real_train_state(tmp_path):
+    out = tmp_path / "saves.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.checkpoint_save", "--models=lenet5", "--saves=2",
+         f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["model"] == "lenet5" and len(row["each"].split(", ")) == 2
+    assert 0.2 < row["mib"] < 2 and row["median"] > 0  # 62k parameters and their moments
+
+
 def test_end_to_end_gives_the_pytorch_script_our_configs_settings():
     from benchmarks.end_to_end import commands
 
