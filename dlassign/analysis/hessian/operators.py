@@ -87,7 +87,19 @@ def _batch_hvp(batch_loss: Callable, params, v: jax.Array, batch: dict, scale) -
 _ravel = jax.jit(lambda params: ravel_pytree(params)[0])
 
 
-def _flatten(params) -> tuple[jax.Array, Callable]:
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_count(batch_loss: Callable, params, batch: dict) -> jax.Array:
+    return batch_loss(params, batch)[1]
+
+
+def row_count(batch_loss: Callable, params, batches: Iterable[dict]) -> int:
+    """The real (unmasked) rows of `batches` as `batch_loss` counts them, compiled: XLA drops
+    the forward pass the count does not need, where an eager call would run it op by op (and
+    compile every op)."""
+    return sum(int(jax.device_get(_batch_count(batch_loss, params, b))) for b in batches)
+
+
+def flatten(params) -> tuple[jax.Array, Callable]:
     """`ravel_pytree(params)` as one compiled program (eagerly it is one per leaf shape), with
     `unravel` taken from an abstract trace."""
     unravel = []
@@ -116,9 +128,8 @@ def dataset_hvp(batch_loss: Callable, params, batches: Iterable[dict],
       (matvec, x0, unravel): matvec maps float[P] to float[P].
     """
     batches = list(batches)
-    x0, unravel = _flatten(params)
-    total = count if count is not None else sum(
-        int(jax.device_get(batch_loss(params, b)[1])) for b in batches)
+    x0, unravel = flatten(params)
+    total = count if count is not None else row_count(batch_loss, params, batches)
     scale = 1.0 / total
 
     def matvec(v: jax.Array) -> jax.Array:
