@@ -36,6 +36,7 @@ from dlassign.report import markdown_table, plt
 from dlassign.runtime.files import save_figure, write_json
 from dlassign.training.config_validation import _choice, _number, check_data_dir
 from dlassign.training.losses import LOSSES, get_loss
+from dlassign.training.train_state import init_compiler_options
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
@@ -103,6 +104,19 @@ def mean_loss_fn(model, loss: str) -> Callable:
     return mean_loss
 
 
+@functools.lru_cache(maxsize=16)
+def _loss_functions(model, loss: str) -> tuple[Callable, Callable]:
+    """One (mean loss, batch loss) pair per model and loss, so that the runs of one loss at
+    different step sizes share their compiled descent and Hessian-vector programs (the step
+    size is an argument, not a constant)."""
+    return mean_loss_fn(model, loss), model_batch_loss(model, {}, loss)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_at(mean_loss: Callable, params, batch: dict) -> jax.Array:
+    return mean_loss(params, batch)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def gd_steps(mean_loss: Callable, params, batch: dict, eta: jax.Array, num_steps: int):
     """`num_steps` steps of full-batch gradient descent, params - eta * grad.
@@ -166,8 +180,7 @@ def train_and_measure(model, params0, batch: dict, loss: str, eta: float, config
     """One run: full-batch GD at step size `eta` from `params0`, the sharpness every
     `eval_every` steps (warm-started power iteration) and a Lanczos check at `lanczos_checks`
     evenly spaced measurements (the last one included)."""
-    mean_loss = mean_loss_fn(model, loss)
-    batch_loss = model_batch_loss(model, {}, loss)
+    mean_loss, batch_loss = _loss_functions(model, loss)
     n = int(batch["label"].shape[0])
     every, total = config.eval_every, config.num_steps
     checks = ({int(round(total / every * (i + 1) / config.lanczos_checks)) * every
@@ -214,7 +227,7 @@ def train_and_measure(model, params0, batch: dict, loss: str, eta: float, config
             break
     if diverged_at is not None:
         logging.warning("%s eta=%g diverged at step %d", loss, eta, diverged_at)
-    final = float(mean_loss(params, batch)) if diverged_at is None else float("nan")
+    final = float(_loss_at(mean_loss, params, batch)) if diverged_at is None else float("nan")
     if diverged_at is None:
         losses.append(final)  # the loss after the last step: losses[t] is the loss at step t
     summary = edge_of_stability_summary(steps, sharpness, eta, config.reach_tolerance)
@@ -237,7 +250,9 @@ def run_study(config) -> dict:
     model = get_model("mlp", num_classes=num_classes,
                       hidden_sizes=tuple(config.model.hidden_sizes),
                       activation=config.model.activation)
-    params0 = model.init(jax.random.PRNGKey(config.seed), batch["image"][:1])["params"]
+    # one compiled initialiser instead of every layer's draws op by op
+    params0 = jax.jit(model.init, compiler_options=init_compiler_options())(
+        jax.random.PRNGKey(config.seed), batch["image"][:1])["params"]
     num_params = int(sum(np.size(x) for x in jax.tree.leaves(params0)))
     logging.info("edge of stability: MLP %s (%s, %d parameters) on %d %s training examples, "
                  "full-batch GD", tuple(config.model.hidden_sizes), config.model.activation,
