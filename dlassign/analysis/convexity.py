@@ -16,6 +16,7 @@ derived from them, not written in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -96,6 +97,20 @@ def gradient_descent(f: Callable, x0: jax.Array, lr: float, steps: int, every: i
       loss, accuracy, grad_norm per step (float64[steps + 1], index 0 is the start), and the
       iterates every `every` steps (float64[steps // every + 1, P]).
     """
+    run = _descent(f, accuracy, lr, steps, every)
+    loss, acc, gnorm, snapshots = jax.device_get(run(x0))
+    bad = np.flatnonzero(~np.isfinite(loss) | ~np.isfinite(gnorm))
+    if bad.size:
+        raise NumericalError(f"gradient descent diverged at step {int(bad[0])} with "
+                             f"{lr_field}={lr}; lower it (the data's curvature is too high "
+                             "for this step size)")
+    return {"loss": loss, "accuracy": acc, "grad_norm": gnorm, "snapshots": snapshots}
+
+
+@functools.lru_cache(maxsize=32)
+def _descent(f: Callable, accuracy: Callable, lr: float, steps: int, every: int) -> Callable:
+    """The jitted descent from a starting vector: one program per loss and schedule, shared
+    by every start (the logistic study runs each loss from five)."""
     value_and_grad = jax.value_and_grad(f)
 
     def body(x, _):
@@ -110,13 +125,7 @@ def gradient_descent(f: Callable, x0: jax.Array, lr: float, steps: int, every: i
                 jnp.append(gnorm, jnp.linalg.norm(g_end)),
                 jnp.concatenate([xs[::every], x_end[None]]))
 
-    loss, acc, gnorm, snapshots = jax.device_get(run(x0))
-    bad = np.flatnonzero(~np.isfinite(loss) | ~np.isfinite(gnorm))
-    if bad.size:
-        raise NumericalError(f"gradient descent diverged at step {int(bad[0])} with "
-                             f"{lr_field}={lr}; lower it (the data's curvature is too high "
-                             "for this step size)")
-    return {"loss": loss, "accuracy": acc, "grad_norm": gnorm, "snapshots": snapshots}
+    return run
 
 
 def first_step_reaching(values: np.ndarray, target: float, below: bool = True) -> int | None:
