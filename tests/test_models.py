@@ -412,3 +412,20 @@ def test_an_activation_chosen_by_a_traced_index_is_each_candidate_exactly():
 def test_a_chosen_activation_outside_its_context_is_a_clear_error():
     with pytest.raises(ValueError, match="outside chosen_activations"):
         activation(CHOSEN + "activation")(jnp.ones(3))
+
+
+def test_active_units_keep_the_first_units_exactly_and_zero_the_rest():
+    from dlassign.models.layers import active_units, active_widths
+
+    x = jnp.arange(1.0, 13.0).reshape(2, 6)
+    assert active_units(x, "dense_width") is x  # outside active_widths: untouched
+    f = lambda v, w: jnp.sum(jnp.sin(active_units(v, "dense_width")) * 3.0)  # noqa: E731
+    with active_widths({"dense_width": jnp.int32(4), "hidden_sizes": jnp.asarray([2, 5])}):
+        y = active_units(x, "dense_width")
+        np.testing.assert_array_equal(y[:, :4], x[:, :4])
+        np.testing.assert_array_equal(y[:, 4:], 0.0)
+        np.testing.assert_array_equal(active_units(x, "hidden_sizes", 0)[:, 2:], 0.0)
+        np.testing.assert_array_equal(active_units(x, "hidden_sizes", 1)[:, :5], x[:, :5])
+        g = jax.grad(f)(x, None)
+    np.testing.assert_array_equal(g[:, :4], 3.0 * jnp.cos(x[:, :4]))
+    np.testing.assert_array_equal(g[:, 4:], 0.0)

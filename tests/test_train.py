@@ -340,9 +340,9 @@ def test_activation_cells_lower_to_one_program():
         state = tune_module._initializer(run, make_tx(run), False, model)(jax.random.PRNGKey(0))
         step = jax.jit(tune_module._choosing(make_train_step(run.step_config), choices))
         index = {f: i for f, (i, _) in choices.items()}
-        texts.add(step.lower(state, batch, index=index).as_text())
-        train, evaluate = tune_module._programs(run, model, choices, sequential=True)
-        assert train.keywords == evaluate.keywords == {"index": index}
+        texts.add(step.lower(state, batch, index=index, widths={}).as_text())
+        train, evaluate = tune_module._programs(run, model, choices, {}, sequential=True)
+        assert train.keywords == evaluate.keywords == {"index": index, "widths": {}}
         programs.add((id(train.func), id(evaluate.func), id(tune_module._optimizer(run))))
     assert len(texts) == 1  # one program (and cache entry) for the three cells
     assert len(programs) == 1  # and in this process one jitted function, traced once
@@ -486,3 +486,61 @@ def test_host_allocator_keeps_freed_pages(monkeypatch):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     touch()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < (size >> 12) // 10
+
+
+def _in_width_grid(config, widths=((16,), (24,))):
+    """`config` as a cell of a grid over an MLP's hidden sizes."""
+    config = config.copy_and_resolve_references()
+    config.tune = dict(num_folds=3, grid={"model": {"hidden_sizes": [list(w) for w in widths]}})
+    return config
+
+
+def test_a_narrow_cell_starts_as_its_own_model_inside_the_widest():
+    from dlassign.training import tune as tune_module
+    from dlassign.training.trainer import make_tx
+
+    data = synthetic_dataset(n_train=240)
+    config = _in_width_grid(tiny_config({"model.hidden_sizes": (16,)}))
+    run = setup(config, data)
+    wide, widths = tune_module._padded_widths(config, run.model)
+    assert wide.hidden_sizes == (24,) and widths["hidden_sizes"].tolist() == [16]
+    tx = make_tx(run)
+    padded = tune_module._initializer(run, tx, False, wide, widths)(jax.random.PRNGKey(0))
+    own = tune_module._initializer(run, tx, False)(jax.random.PRNGKey(0))
+    for a, b in zip(leaves(padded.params), leaves(own.params)):
+        real = tuple(slice(0, n) for n in b.shape)
+        assert np.array_equal(a[real], b)  # bitwise the narrow model's initial values
+        rest = np.ones(a.shape, bool)
+        rest[real] = False
+        assert not np.any(a[rest])  # the extra units' parameters start at zero
+    assert jax.tree.structure(padded.opt_state) == jax.tree.structure(tx.init(padded.params))
+
+
+def test_a_narrow_cell_trains_like_its_own_model_in_the_widest_program():
+    data = synthetic_dataset(n_train=240)
+    folds = stratified_kfold(data.train.labels, 3, seed=0)
+    cell = tiny_config({"num_epochs": 2, "model.hidden_sizes": (16,),
+                        "model.activation": "sigmoid"})  # sigmoid(0) != 0: the mask matters
+    padded = cross_validate(_in_width_grid(cell), data, folds, sequential=True)
+    alone = cross_validate(_in_width_grid(cell, widths=((16,),)), data, folds, sequential=True)
+    assert padded["fold_accuracies"] == alone["fold_accuracies"]
+    np.testing.assert_allclose(padded["fold_losses"], alone["fold_losses"], rtol=1e-5)
+
+
+def test_a_grids_second_width_compiles_no_new_step():
+    data = synthetic_dataset(n_train=240)
+    folds = stratified_kfold(data.train.labels, 3, seed=0)
+    cells = [_in_width_grid(tiny_config({"num_epochs": 1, "model.hidden_sizes": w}),
+                            widths=((12,), (20,)))
+             for w in ((12,), (20,))]
+    cross_validate(cells[0], data, folds, sequential=True)
+    events = []
+    listener = lambda name, secs, **kw: events.append((name, kw.get("fun_name")))  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        cross_validate(cells[1], data, folds, sequential=True)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # the cell's own initialiser compiles (its draws have its shapes); its train and eval
+    # programs are the first cell's
+    assert not [e for e in events if e[1] == "call"]

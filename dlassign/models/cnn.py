@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from dlassign.models.layers import (
     activation,
     activation_max_pool,
+    active_units,
     batch_minor,
     conv,
     flatten_dense,
@@ -63,6 +64,7 @@ class CNN(nn.Module):
             x = activation_max_pool(x, self.conv_activation, 2, 2, impl=self.impl)
         x = activation(self.activation)(flatten_dense(x, self.dense_width, "hwc", batch_minor=bm,
                                                       dtype=self.dtype, name="dense"))
+        x = active_units(x, "dense_width")
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
@@ -74,4 +76,5 @@ def _smallest_input(fields) -> int:
     return 4 if fields.get("padding", "valid") == "same" else 10
 
 
-ARCHITECTURES = (Architecture("cnn", CNN, min_image_size=_smallest_input),)
+ARCHITECTURES = (Architecture("cnn", CNN, min_image_size=_smallest_input,
+                              width_fields=("dense_width",)),)

@@ -70,6 +70,36 @@ def _chosen(field: str) -> Callable[[jax.Array], jax.Array]:
     return apply
 
 
+# A layer's width as a traced value: a grid whose cells differ in a width field builds every
+# cell at the grid's widest value, and inside `active_widths` the units at and beyond the
+# cell's own width are held at zero (their parameters start at zero and get zero gradients),
+# so the cells share one compiled program (training/tune.py).
+_WIDTHS: contextvars.ContextVar = contextvars.ContextVar("active_widths", default=None)
+
+
+@contextlib.contextmanager
+def active_widths(widths: dict[str, jax.Array]):
+    """Within it, `active_units(x, field)` keeps x's first `widths[field]` units (an int32
+    scalar, or int32[L] for a per-layer field such as an MLP's hidden_sizes, traced or not)."""
+    token = _WIDTHS.set(widths)
+    try:
+        yield
+    finally:
+        _WIDTHS.reset(token)
+
+
+def active_units(x: jax.Array, field: str, layer: int | None = None) -> jax.Array:
+    """x [..., units] with the units beyond the active width of `field` (its entry `layer`
+    for a per-layer field) set to zero, exactly and with zero gradient; x itself outside
+    `active_widths` or for a field it does not set."""
+    width = (_WIDTHS.get() or {}).get(field)
+    if width is None:
+        return x
+    if layer is not None:
+        width = width[layer]
+    return jnp.where(jnp.arange(x.shape[-1]) < width, x, jnp.zeros((), x.dtype))
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name.startswith(CHOSEN):
         return _chosen(name[len(CHOSEN):])
@@ -199,6 +229,7 @@ def logits(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-__all__ = ["ACTIVATIONS", "CHOSEN", "IMPLS", "activation", "activation_max_pool",
+__all__ = ["ACTIVATIONS", "CHOSEN", "IMPLS", "activation", "activation_max_pool", "active_units",
+           "active_widths",
            "adaptive_avg_pool", "batch_minor", "batch_norm", "chosen_activations", "conv",
            "flatten_chw", "flatten_dense", "logits", "max_pool", "use_batch_minor"]

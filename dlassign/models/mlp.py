@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import activation, logits
+from dlassign.models.layers import activation, active_units, logits
 from dlassign.models.registry import Architecture
 
 
@@ -36,10 +36,11 @@ class MLP(nn.Module):
         act = activation(self.activation)
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.hidden_sizes):
-            x = act(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(x))
+            x = active_units(act(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(x)),
+                             "hidden_sizes", i)
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
 
 
-ARCHITECTURES = (Architecture("mlp", MLP),)
+ARCHITECTURES = (Architecture("mlp", MLP, width_fields=("hidden_sizes",)),)

@@ -37,7 +37,8 @@ from absl import logging
 from dlassign.data import Dataset, Split, prepare, stratified_kfold
 from dlassign.data.batching import epoch_permutation
 from dlassign.errors import DlassignError, one_of
-from dlassign.models.layers import CHOSEN, chosen_activations
+from dlassign.models import architecture
+from dlassign.models.layers import CHOSEN, active_widths, chosen_activations
 from dlassign.runtime import parallel
 from dlassign.runtime.files import write_json, write_text
 from dlassign.runtime.workdir import WorkdirLock, check_workdir
@@ -142,13 +143,40 @@ def _chosen_by_index(config: ml_collections.ConfigDict, model) -> tuple[object, 
     return model.clone(**{f: CHOSEN + f for f in varied}), choices
 
 
-def _choosing(fn, choices: dict):
-    """`fn` with the cell's activation choices in effect while it is traced; the indices
-    are passed as an argument (`index=`), so they are traced values, not constants."""
+def _padded_widths(config: ml_collections.ConfigDict, model) -> tuple[object, dict]:
+    """The cell's model at the grid's widest value of every width field it varies
+    (`Architecture.width_fields`), and the cell's own widths, {field: int32 scalar, or
+    int32[L] for a per-layer field}: an argument of the cell's programs, so the cells of
+    different widths share them (`layers.active_units` holds the extra units at zero).
+
+    Not with dropout, whose random mask over the wider layer would differ from the cell's."""
+    fields = architecture(config.model.name).width_fields
+    if not fields or getattr(model, "dropout", 0.0):
+        return model, {}
+    grid = dict(flatten_grid(config.get("tune", {}).get("grid", {})))
+    widest, widths = {}, {}
+    for f in fields:
+        values = grid.get(f"model.{f}", ())
+        own = getattr(model, f)
+        if isinstance(own, (tuple, list)):  # one width per layer: pad within the same depth
+            same_depth = [tuple(v) for v in values if len(v) == len(own)]
+            if len(set(same_depth)) > 1:
+                widest[f] = tuple(max(column) for column in zip(*same_depth))
+                widths[f] = np.asarray(own, np.int32)
+        elif len(set(values)) > 1:
+            widest[f], widths[f] = max(values), np.int32(own)
+    return (model.clone(**widest), widths) if widest else (model, {})
+
+
+def _choosing(fn, choices: dict, widths: tuple[str, ...] = ()):
+    """`fn` with the cell's activation choices and widths in effect while it is traced; the
+    indices and widths are passed as arguments (`index=`, `widths=`), so they are traced
+    values, not constants."""
     names = {f: n for f, (_, n) in choices.items()}
 
-    def call(*args, index):
-        with chosen_activations({f: (index[f], n) for f, n in names.items()}):
+    def call(*args, index, widths):
+        with chosen_activations({f: (index[f], n) for f, n in names.items()}), \
+                active_widths(widths):
             return fn(*args)
 
     return call
@@ -159,15 +187,15 @@ _OPTIMIZERS: dict = {}
 _MODELS: dict = {}
 
 
-def _programs(run, model, choices: dict, sequential: bool):
-    """The cell's jitted train and eval steps, called with its activation indices.
+def _programs(run, model, choices: dict, widths: dict, sequential: bool):
+    """The cell's jitted train and eval steps, called with its activation indices and widths.
 
-    Kept per model (activations chosen by index), step config and fold mode, with the
-    optimizer kept per its config and length (`_optimizer`), so the cells of one width reuse
-    the first one's programs in this process: no second trace, no compilation, whether or not
-    the compilation cache is on."""
+    Kept per model (activations chosen by index, widths padded), step config and fold mode,
+    with the optimizer kept per its config and length (`_optimizer`), so the cells reuse the
+    first one's programs in this process: no second trace, no compilation, whether or not the
+    compilation cache is on."""
     names = tuple(sorted((f, n) for f, (_, n) in choices.items()))
-    key = (model, run.step_config, names, sequential)
+    key = (model, run.step_config, names, tuple(sorted(widths)), sequential)
     if key not in _PROGRAMS:
         train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
         if sequential:
@@ -179,7 +207,8 @@ def _programs(run, model, choices: dict, sequential: bool):
                           jax.jit(_choosing(evaluate, choices)))
     train, evaluate = _PROGRAMS[key]
     index = {f: i for f, (i, _) in choices.items()}
-    return functools.partial(train, index=index), functools.partial(evaluate, index=index)
+    return (functools.partial(train, index=index, widths=widths),
+            functools.partial(evaluate, index=index, widths=widths))
 
 
 def _optimizer_key(run) -> tuple:
@@ -198,22 +227,41 @@ def _optimizer(run):
     return _OPTIMIZERS[key]
 
 
-def _initializer(run, tx, vmapped: bool, model=None):
+def _zero_padded(tree, like):
+    """Every leaf of `tree` padded with zeros at the end of each axis to its shape in `like`."""
+    return jax.tree.map(lambda a, t: jnp.pad(a, [(0, n - m) for m, n in zip(a.shape, t.shape)]),
+                        tree, like)
+
+
+def _initializer(run, tx, vmapped: bool, model=None, widths: dict | None = None):
     """A jitted `rng -> (step, params, batch_stats, opt_state, rng)` of the cell's initial
     state, one per model (up to `INIT_FREE_FIELDS`), input shape, optimizer and mesh, so that
     the cells of an activation grid compile it once (the in-process jit cache keys on the
     function; a fresh closure per cell compiled it again for every cell). The state applies
-    `model` (default: the run's)."""
+    `model` (default: the run's).
+
+    With `widths` (`_padded_widths`), `model` is the grid's widest: the cell's own model is
+    initialised and its parameters zero-padded to the wide shapes, with the optimizer state
+    of the padded parameters, so the real units start exactly as in an unpadded run."""
     canonical = run.model.clone(**{f: _INIT_CANONICAL for f in INIT_FREE_FIELDS
                                    if hasattr(run.model, f)})
+    wide = None
+    if widths:
+        wide = jax.eval_shape(lambda rng: create_train_state(
+            model.clone(**{f: _INIT_CANONICAL for f in INIT_FREE_FIELDS if hasattr(model, f)}),
+            tx, rng, run.input_shape), jax.random.PRNGKey(0))
     replicated = parallel.replicated(run.mesh)
     # make_tx's inputs determine the optimizer, hence its state
     key = (canonical, run.input_shape, *_optimizer_key(run), replicated, vmapped,
-           str(init_compiler_options()))
+           str(init_compiler_options()),
+           None if wide is None else str(jax.tree.map(lambda a: a.shape, wide.params)))
     if key not in _INITIALIZERS:
         def arrays(rng):
             s = create_train_state(canonical, tx, rng, run.input_shape)
-            return s.step, s.params, s.batch_stats, s.opt_state, s.rng
+            if wide is None:
+                return s.step, s.params, s.batch_stats, s.opt_state, s.rng
+            params = _zero_padded(s.params, wide.params)
+            return s.step, params, s.batch_stats, tx.init(params), s.rng
 
         _INITIALIZERS[key] = jax.jit(jax.vmap(arrays) if vmapped else arrays,
                                      out_shardings=replicated,
@@ -283,11 +331,12 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     tx = _optimizer(run)
     rngs = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), i) for i in range(k)])
     model, choices = _chosen_by_index(config, run.model)
+    model, widths = _padded_widths(config, model)
     # one instance per equal model: a state's apply_fn, a bound method, is compared (for the
     # programs' trace cache) by the instance it is bound to
     model = _MODELS.setdefault(model, model)
-    step, evaluate = _programs(run, model, choices, sequential)
-    init = _initializer(run, tx, vmapped=not sequential, model=model)
+    step, evaluate = _programs(run, model, choices, widths, sequential)
+    init = _initializer(run, tx, vmapped=not sequential, model=model, widths=widths)
 
     per_call = max(int(config.get("steps_per_call", 1)), 1)
     steps = _fold_steps_per_epoch(train_ix, config.batch_size)
