@@ -150,13 +150,16 @@ def porting_check(run_dir: str, arch: str) -> str:
                    f"the Flax model to {np.abs(out - ref).max():.1e} in float64.\n")
 
 
-def question4(workdir: str, porting: str) -> str:
-    """Question 4's section from the two finished runs: their comparison and the porting
-    check."""
+def comparison(workdir: str) -> str:
+    """The two finished transfer runs compared (table and figure); its markdown."""
     from dlassign.analysis.compare import compare
 
-    cmp = compare([os.path.join(workdir, f"transfer_{a}") for a in TRANSFER],
-                  os.path.join(workdir, "comparison"))
+    return compare([os.path.join(workdir, f"transfer_{a}") for a in TRANSFER],
+                   os.path.join(workdir, "comparison"))["markdown"]
+
+
+def question4(table: str, porting: str) -> str:
+    """Question 4's section: the runs' comparison and the porting check."""
     return "\n".join([
         "## Question 4: SVHN models, pretrained PyTorch weights in Flax\n",
         "**Not measured here:** SVHN and torchvision's ImageNet weights cannot be "
@@ -164,7 +167,7 @@ def question4(workdir: str, porting: str) -> str:
         "scratch on the digits resized to 32x32x3, through the same models, pipeline, "
         "collapse check and comparison that `configs/svhn.py` uses. The SVHN runs are one "
         "command each for a user with internet (see the README).\n",
-        cmp["markdown"], "\n![comparison](comparison/comparison.png)\n", porting])
+        table, "\n![comparison](comparison/comparison.png)\n", porting])
 
 
 def edge_of_stability(config, workdir: str) -> str:
@@ -203,15 +206,18 @@ def convexity_study(config, workdir: str) -> str:
 
 
 def studies(config, workdir: str) -> list[Task]:
-    """The job's independent studies, the longest (cold) first: a worker that comes free takes
-    the next one."""
+    """The job's studies, the longest (cold) first: a worker that comes free takes the next
+    one that is ready (the comparison waits for the two transfer runs)."""
     args = (config, workdir)
     return [Task("tune_cnn", grid_study, (*args, "tune_cnn")),
             Task("transfer_resnet18", transfer_study, (*args, "resnet18")),
             Task("convexity", convexity_study, args),
             Task("tune_mlp", grid_study, (*args, "tune_mlp")),
             Task("transfer_lenet5", transfer_study, (*args, "lenet5")),
-            Task("sharpness", edge_of_stability, args)]
+            Task("sharpness", edge_of_stability, args),
+            # in a worker while the last studies run, not in this process after them
+            Task("comparison", comparison, (workdir,), after=tuple(
+                f"transfer_{a}" for a in TRANSFER))]
 
 
 @clean_errors
@@ -232,7 +238,7 @@ def main(argv):
     sections = [out["convexity"],
                 "## Question 3: dense and convolutional networks, tuned by k-fold CV\n",
                 out["tune_mlp"], out["tune_cnn"],
-                question4(workdir, out["transfer_resnet18"]), out["sharpness"]]
+                question4(out["comparison"], out["transfer_resnet18"]), out["sharpness"]]
     minutes = (time.time() - start) / 60
     alongside = (f" The studies ran {workers} at a time in worker processes, so the training "
                  "times below include sharing the cores." if workers > 1 else "")

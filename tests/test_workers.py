@@ -76,3 +76,29 @@ def test_a_bad_worker_count_names_the_value(bad):
 def test_task_names_must_be_unique():
     with pytest.raises(ValueError, match="unique"):
         run_tasks([Task("a", _where), Task("a", _where)], workers=2)
+
+
+def _ended(path: str) -> float:
+    time.sleep(0.5)
+    with open(path, "w") as f:
+        f.write(str(time.time()))
+    return time.time()
+
+
+def _started_after(path: str) -> tuple[bool, float]:
+    return os.path.exists(path), time.time()
+
+
+def test_a_task_waits_for_the_tasks_it_is_after_while_others_run(tmp_path):
+    done = tmp_path / "done"
+    tasks = [Task("first", _ended, (str(done),)), Task("other", _where, (1.5,)),
+             Task("then", _started_after, (str(done),), after=("first",))]
+    out = run_tasks(tasks, workers=2)
+    seen, started = out["then"]
+    assert seen and started >= out["first"]  # it began once "first" had finished
+    assert out["other"][0] != os.getpid()
+
+
+def test_a_task_after_an_unknown_or_later_task_is_refused():
+    with pytest.raises(ValueError, match="'then' waits for \\['later'\\]"):
+        run_tasks([Task("then", _where, after=("later",)), Task("later", _where)], workers=2)

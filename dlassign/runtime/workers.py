@@ -5,7 +5,7 @@ One JAX process running small programs keeps about one core busy: Python dispatc
 and XLA compiles one program at a time. The main job's studies share nothing but the workdir, so
 `run_tasks` hands them to a pool of spawned processes (each its own JAX runtime) and returns
 their results in the order given. Tasks start in that order as workers come free: put the
-longest first.
+longest first. A task can wait for others (`Task.after`), e.g. a comparison of two runs.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from dlassign.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class Task:
     """`fn(*args)` under `name`; `fn` must be importable by its module and name (a spawned
-    worker looks it up) and its arguments and result picklable."""
+    worker looks it up) and its arguments and result picklable. `after` names earlier tasks
+    it waits for (it starts once they have finished)."""
 
     name: str
     fn: Callable[..., Any]
     args: tuple = ()
+    after: tuple[str, ...] = ()
 
 
 def check_workers(workers) -> int:
@@ -71,6 +73,10 @@ def run_tasks(tasks: Sequence[Task], workers: int, setup: Callable[[], None] | N
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique: {names}")
+    for i, t in enumerate(tasks):
+        if not set(t.after) <= set(names[:i]):
+            raise ValueError(f"task {t.name!r} waits for {sorted(set(t.after) - set(names[:i]))}"
+                             f", which are not among the tasks before it: {names[:i]}")
     if workers == 1 or len(tasks) <= 1:
         return {t.name: _timed(t) for t in tasks}
     context = multiprocessing.get_context("spawn")  # a fresh JAX runtime, never a forked one
@@ -80,8 +86,10 @@ def run_tasks(tasks: Sequence[Task], workers: int, setup: Callable[[], None] | N
     try:
         while waiting or running:
             # submitted one by one as workers come free, so none waits queued behind another
-            while waiting and len(running) < size:
-                task = waiting.pop(0)
+            ready = [t for t in waiting if set(t.after) <= results.keys()]
+            while ready and len(running) < size:
+                task = ready.pop(0)
+                waiting.remove(task)
                 running[pool.submit(_timed, task)] = task.name
             done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
             for f in done:
