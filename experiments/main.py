@@ -150,16 +150,13 @@ def porting_check(run_dir: str, arch: str) -> str:
                    f"the Flax model to {np.abs(out - ref).max():.1e} in float64.\n")
 
 
-def comparison(workdir: str) -> str:
-    """The two finished transfer runs compared (table and figure); its markdown."""
+def question4(workdir: str, porting: str, *_) -> str:
+    """Question 4's section once both transfer runs are done (called with their results, the
+    ResNet-18 porting check's sentence first): their comparison and the porting check."""
     from dlassign.analysis.compare import compare
 
-    return compare([os.path.join(workdir, f"transfer_{a}") for a in TRANSFER],
-                   os.path.join(workdir, "comparison"))["markdown"]
-
-
-def question4(table: str, porting: str) -> str:
-    """Question 4's section: the runs' comparison and the porting check."""
+    table = compare([os.path.join(workdir, f"transfer_{a}") for a in TRANSFER],
+                    os.path.join(workdir, "comparison"))["markdown"]
     return "\n".join([
         "## Question 4: SVHN models, pretrained PyTorch weights in Flax\n",
         "**Not measured here:** SVHN and torchvision's ImageNet weights cannot be "
@@ -170,12 +167,23 @@ def question4(table: str, porting: str) -> str:
         table, "\n![comparison](comparison/comparison.png)\n", porting])
 
 
-def edge_of_stability(config, workdir: str) -> str:
+def sharpness_runs(config, loss: str) -> dict:
+    """The edge-of-stability runs of one loss (a task each, so the losses run side by side)."""
+    import ml_collections
+
     from dlassign.analysis import sharpness
 
-    config = config.sharpness
+    cfg = config.sharpness.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.step_sizes = ml_collections.ConfigDict({loss: cfg.step_sizes[loss]})
+    return sharpness.run_study(cfg)
 
-    result = sharpness.write_outputs(sharpness.run_study(config),
+
+def edge_of_stability(workdir: str, *per_loss: dict) -> str:
+    """The edge-of-stability section from the runs of every loss (`sharpness_runs`)."""
+    from dlassign.analysis import sharpness
+
+    result = sharpness.write_outputs(sharpness.merge_studies(per_loss),
                                      os.path.join(workdir, "sharpness"))
     model = result["model"]
     agree = result["power_lanczos_max_relative_difference"]
@@ -207,17 +215,21 @@ def convexity_study(config, workdir: str) -> str:
 
 def studies(config, workdir: str) -> list[Task]:
     """The job's studies, the longest (cold) first: a worker that comes free takes the next
-    one that is ready (the comparison waits for the two transfer runs)."""
+    one that is ready. The edge-of-stability runs are a task per loss, so that the job's
+    last minutes keep both workers busy; the sections built from several tasks' results wait
+    for them and run in a worker, not in this process after the rest."""
     args = (config, workdir)
+    losses = tuple(config.sharpness.step_sizes.keys())
     return [Task("tune_cnn", grid_study, (*args, "tune_cnn")),
             Task("transfer_resnet18", transfer_study, (*args, "resnet18")),
             Task("convexity", convexity_study, args),
             Task("tune_mlp", grid_study, (*args, "tune_mlp")),
             Task("transfer_lenet5", transfer_study, (*args, "lenet5")),
-            Task("sharpness", edge_of_stability, args),
-            # in a worker while the last studies run, not in this process after them
-            Task("comparison", comparison, (workdir,), after=tuple(
-                f"transfer_{a}" for a in TRANSFER))]
+            *(Task(f"sharpness_{loss}", sharpness_runs, (config, loss)) for loss in losses),
+            Task("sharpness", edge_of_stability, (workdir,),
+                 after=tuple(f"sharpness_{loss}" for loss in losses)),
+            Task("question4", question4, (workdir,),
+                 after=("transfer_resnet18", "transfer_lenet5"))]
 
 
 @clean_errors
@@ -238,7 +250,7 @@ def main(argv):
     sections = [out["convexity"],
                 "## Question 3: dense and convolutional networks, tuned by k-fold CV\n",
                 out["tune_mlp"], out["tune_cnn"],
-                question4(out["comparison"], out["transfer_resnet18"]), out["sharpness"]]
+                out["question4"], out["sharpness"]]
     minutes = (time.time() - start) / 60
     alongside = (f" The studies ran {workers} at a time in worker processes, so the training "
                  "times below include sharing the cores." if workers > 1 else "")

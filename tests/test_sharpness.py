@@ -142,3 +142,14 @@ def test_command_line_runs_refuses_distributed_and_bad_values_in_one_line(tmp_pa
                    "experiments.sharpness runs in one process")
     one_line_error(cli("experiments.sharpness", f"--workdir={tmp_path}",
                        "--config.eval_every=0"), "eval_every=0 is invalid")
+
+
+def test_studies_of_one_setup_merge_and_of_different_setups_are_refused():
+    from dlassign.analysis.sharpness import merge_studies
+
+    ce = {"dataset": "digits", "num_params": 100, "runs": [{"loss": "cross_entropy", "eta": 0.3}]}
+    mse = {"dataset": "digits", "num_params": 100, "runs": [{"loss": "mse", "eta": 0.6}]}
+    merged = merge_studies([ce, mse])
+    assert merged == {"dataset": "digits", "num_params": 100, "runs": ce["runs"] + mse["runs"]}
+    with pytest.raises(ValueError, match=r"\['num_params'\] differ"):
+        merge_studies([ce, dict(mse, num_params=200)])

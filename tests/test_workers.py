@@ -85,18 +85,19 @@ def _ended(path: str) -> float:
     return time.time()
 
 
-def _started_after(path: str) -> tuple[bool, float]:
-    return os.path.exists(path), time.time()
+def _started_after(path: str, first: float) -> tuple[bool, float, float]:
+    return os.path.exists(path), time.time(), first
 
 
-def test_a_task_waits_for_the_tasks_it_is_after_while_others_run(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_task_waits_for_the_tasks_it_is_after_and_gets_their_results(tmp_path, workers):
     done = tmp_path / "done"
     tasks = [Task("first", _ended, (str(done),)), Task("other", _where, (1.5,)),
              Task("then", _started_after, (str(done),), after=("first",))]
-    out = run_tasks(tasks, workers=2)
-    seen, started = out["then"]
+    out = run_tasks(tasks, workers=workers)
+    seen, started, given = out["then"]
     assert seen and started >= out["first"]  # it began once "first" had finished
-    assert out["other"][0] != os.getpid()
+    assert given == out["first"]  # and was called with its result
 
 
 def test_a_task_after_an_unknown_or_later_task_is_refused():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -342,6 +342,21 @@ def figure(result: dict, path: str) -> None:
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     pyplot.close(fig)
+
+
+def merge_studies(parts: Sequence[dict]) -> dict:
+    """One study from `run_study` results of the same setup over different runs (e.g. one per
+    loss, run in separate processes): the first part's fields with every part's runs, in order.
+
+    Raises:
+      ValueError: the parts differ in anything but their runs; names the fields.
+    """
+    first = parts[0]
+    for part in parts[1:]:
+        differ = sorted(k for k in {*first, *part} - {"runs"} if first.get(k) != part.get(k))
+        if differ:
+            raise ValueError(f"studies of different setups cannot be merged: {differ} differ")
+    return dict(first, runs=[r for part in parts for r in part["runs"]])
 
 
 def write_outputs(result: dict, workdir: str) -> dict:

@@ -28,7 +28,8 @@ from dlassign.errors import ConfigError
 class Task:
     """`fn(*args)` under `name`; `fn` must be importable by its module and name (a spawned
     worker looks it up) and its arguments and result picklable. `after` names earlier tasks
-    it waits for (it starts once they have finished)."""
+    it waits for: it starts once they have finished and is called with their results after
+    its own arguments, `fn(*args, *results)`."""
 
     name: str
     fn: Callable[..., Any]
@@ -46,6 +47,11 @@ def check_workers(workers) -> int:
         raise ConfigError(f"workers={workers!r}: expected a whole number of processes, at "
                           "least 1 (1 runs every study in this process, one after another)")
     return workers
+
+
+def _given(task: Task, results: dict[str, Any]) -> Task:
+    """`task` with the results of the tasks it is after appended to its arguments."""
+    return dataclasses.replace(task, args=(*task.args, *(results[n] for n in task.after)))
 
 
 def _timed(task: Task):
@@ -78,7 +84,10 @@ def run_tasks(tasks: Sequence[Task], workers: int, setup: Callable[[], None] | N
             raise ValueError(f"task {t.name!r} waits for {sorted(set(t.after) - set(names[:i]))}"
                              f", which are not among the tasks before it: {names[:i]}")
     if workers == 1 or len(tasks) <= 1:
-        return {t.name: _timed(t) for t in tasks}
+        results = {}
+        for t in tasks:
+            results[t.name] = _timed(_given(t, results))
+        return results
     context = multiprocessing.get_context("spawn")  # a fresh JAX runtime, never a forked one
     size = min(workers, len(tasks))
     pool = concurrent.futures.ProcessPoolExecutor(size, mp_context=context, initializer=setup)
@@ -90,7 +99,7 @@ def run_tasks(tasks: Sequence[Task], workers: int, setup: Callable[[], None] | N
             while ready and len(running) < size:
                 task = ready.pop(0)
                 waiting.remove(task)
-                running[pool.submit(_timed, task)] = task.name
+                running[pool.submit(_timed, _given(task, results))] = task.name
             done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
             for f in done:
                 if f.exception() is not None:

@@ -168,7 +168,7 @@ def _padded_widths(config: ml_collections.ConfigDict, model) -> tuple[object, di
     return (model.clone(**widest), widths) if widest else (model, {})
 
 
-def _choosing(fn, choices: dict, widths: tuple[str, ...] = ()):
+def _choosing(fn, choices: dict):
     """`fn` with the cell's activation choices and widths in effect while it is traced; the
     indices and widths are passed as arguments (`index=`, `widths=`), so they are traced
     values, not constants."""
