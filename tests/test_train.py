@@ -348,6 +348,18 @@ def test_activation_cells_lower_to_one_program():
     assert len(programs) == 1  # and in this process one jitted function, traced once
 
 
+def _compile_events(fn) -> list[tuple[str, str | None]]:
+    """(event name, function name) of every JAX duration event while `fn` runs."""
+    events = []
+    listener = lambda name, secs, **kw: events.append((name, kw.get("fun_name")))  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return events
+
+
 @pytest.mark.parametrize("sequential", [True, False])
 def test_a_grids_second_activation_traces_and_compiles_nothing_new(sequential):
     data = synthetic_dataset(n_train=240)
@@ -356,13 +368,7 @@ def test_a_grids_second_activation_traces_and_compiles_nothing_new(sequential):
                                               "model.hidden_sizes": (24,)}))
              for a in ("relu", "sigmoid")]
     cross_validate(cells[0], data, folds, sequential=sequential)
-    events = []
-    listener = lambda name, secs, **kw: events.append((name, kw.get("fun_name")))  # noqa: E731
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        cross_validate(cells[1], data, folds, sequential=sequential)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    events = _compile_events(lambda: cross_validate(cells[1], data, folds, sequential=sequential))
     # (setup still traces the model's init for its shapes and lowers a forward for its FLOPs)
     assert not [e for e in events if e[0] == "/jax/core/compile/backend_compile_duration"]
     assert not [e for e in events if e[1] == "call"]  # the cell's train and eval programs
@@ -534,13 +540,7 @@ def test_a_grids_second_width_compiles_no_new_step():
                             widths=((12,), (20,)))
              for w in ((12,), (20,))]
     cross_validate(cells[0], data, folds, sequential=True)
-    events = []
-    listener = lambda name, secs, **kw: events.append((name, kw.get("fun_name")))  # noqa: E731
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        cross_validate(cells[1], data, folds, sequential=True)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    events = _compile_events(lambda: cross_validate(cells[1], data, folds, sequential=True))
     # the cell's own initialiser compiles (its draws have its shapes); its train and eval
     # programs are the first cell's
     assert not [e for e in events if e[1] == "call"]
