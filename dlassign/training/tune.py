@@ -227,6 +227,11 @@ def _optimizer(run):
     return _OPTIMIZERS[key]
 
 
+def _init_canonical(model):
+    """`model` with its `INIT_FREE_FIELDS` at one value: the models that initialise alike."""
+    return model.clone(**{f: _INIT_CANONICAL for f in INIT_FREE_FIELDS if hasattr(model, f)})
+
+
 def _zero_padded(tree, like):
     """Every leaf of `tree` padded with zeros at the end of each axis to its shape in `like`."""
     return jax.tree.map(lambda a, t: jnp.pad(a, [(0, n - m) for m, n in zip(a.shape, t.shape)]),
@@ -243,19 +248,17 @@ def _initializer(run, tx, vmapped: bool, model=None, widths: dict | None = None)
     With `widths` (`_padded_widths`), `model` is the grid's widest: the cell's own model is
     initialised and its parameters zero-padded to the wide shapes, with the optimizer state
     of the padded parameters, so the real units start exactly as in an unpadded run."""
-    canonical = run.model.clone(**{f: _INIT_CANONICAL for f in INIT_FREE_FIELDS
-                                   if hasattr(run.model, f)})
-    wide = None
-    if widths:
-        wide = jax.eval_shape(lambda rng: create_train_state(
-            model.clone(**{f: _INIT_CANONICAL for f in INIT_FREE_FIELDS if hasattr(model, f)}),
-            tx, rng, run.input_shape), jax.random.PRNGKey(0))
+    canonical = _init_canonical(run.model)
+    widest = _init_canonical(model) if widths else None  # the padded shapes' model
     replicated = parallel.replicated(run.mesh)
     # make_tx's inputs determine the optimizer, hence its state
     key = (canonical, run.input_shape, *_optimizer_key(run), replicated, vmapped,
-           str(init_compiler_options()),
-           None if wide is None else str(jax.tree.map(lambda a: a.shape, wide.params)))
+           str(init_compiler_options()), widest)
     if key not in _INITIALIZERS:
+        wide = None if widest is None else jax.eval_shape(
+            lambda rng: create_train_state(widest, tx, rng, run.input_shape),
+            jax.random.PRNGKey(0))
+
         def arrays(rng):
             s = create_train_state(canonical, tx, rng, run.input_shape)
             if wide is None:
