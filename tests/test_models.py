@@ -119,6 +119,52 @@ def test_conv_fast_path_equals_xla(kernel, stride, padding, size, cin, cout):
                      gw_fast, gw_ref)
 
 
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    (3, 1, 1, 9), (5, 2, 2, 11), (3, 2, 1, 12), (11, 4, 2, 63), (3, 3, 0, 7), (1, 2, 0, 8),
+    (3, 1, 0, 3),
+])
+def test_canonical_conv_gradients_and_hvps_equal_xla(kernel, stride, padding, size):
+    """The hand-written input and kernel gradients are XLA's in float64, strides that leave
+    rows unread included, and forward-over-reverse products go through them unchanged."""
+    from dlassign.kernels.conv import canonical_conv
+
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(keys[0], (2, size, size, 3), jnp.float64)
+        w = jax.random.normal(keys[1], (kernel, kernel, 3, 4), jnp.float64)
+        v = jax.random.normal(keys[2], w.shape, jnp.float64)
+        pads = ((padding, padding), (padding, padding))
+        ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), pads,
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        ours = lambda x, w: canonical_conv(x, w, (stride, stride), pads)
+        for conv_fn in (ref, ours):
+            loss = lambda x, w, f=conv_fn: jnp.sum(jnp.sin(f(x, w)))
+            got = jax.grad(loss, (0, 1))(x, w), jax.jvp(jax.grad(loss, 1), (x, w), (x, v))[1]
+            if conv_fn is ref:
+                want = got
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-11)
+
+
+def test_convolutions_inside_a_loop_keep_the_fast_layout():
+    """XLA:CPU canonicalises gradient convolutions of a program's top level only; in a scan
+    (a multi-step training call) every convolution must already be NHWC x HWIO -> NHWC."""
+    import re
+
+    model = conv(64, 3, 1, 1, impl="cpu")  # 64 input channels: left to XLA's convolution
+    x = jnp.ones((4, 8, 8, 64))
+    v = model.init(jax.random.PRNGKey(0), x)
+
+    def steps(v, xs):
+        grad = jax.grad(lambda v, x: jnp.sum(model.apply(v, x) ** 2))
+        return lax.scan(lambda v, x: (jax.tree.map(lambda a, g: a - g, v, grad(v, x)), None),
+                        v, xs)[0]
+
+    text = jax.jit(steps).lower(v, jnp.stack([x, x])).compile().as_text()
+    labels = re.findall(r"convolution\(.*?dim_labels=([^,}\s]+)", text)
+    assert len(labels) == 2 and set(labels) == {"b01f_01io->b01f"}, labels  # forward, kernel
+
+
 @pytest.mark.slow
 def test_whole_models_agree_across_impls():
     with jax.enable_x64(True):

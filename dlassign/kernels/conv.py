@@ -6,6 +6,11 @@
   pixels and a banded kernel matrix, so one matmul row yields several pixels' outputs.
 * dense: a 1x1 output from a map with fewer pixels than the kernel has taps (ResNet's last
   stage at 32x32) is one matmul over the real pixels, skipping the products with padding.
+* canonical gradients: the convolutions left to XLA get their two gradients written as
+  forward NHWC x HWIO convolutions (`canonical_conv`). XLA:CPU rewrites a gradient
+  convolution into that form only in a program's top-level computation; inside a loop or a
+  branch (a multi-step training call) it stays in a layout that Eigen's fast path does not
+  take and runs up to 50x slower.
 
 `conv_path` picks the form from the shapes; `cpu_conv_general_dilated` has
 `lax.conv_general_dilated`'s signature so `nn.Conv` can take it. Every form is an exact rewrite
@@ -15,8 +20,60 @@ tests; the measurements behind the choices are in docs/performance.md.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
+
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def _nhwc_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, _DIMENSIONS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def canonical_conv(lhs, rhs, window_strides, padding):
+    """`lax.conv_general_dilated` for NHWC x HWIO -> NHWC, whose input and kernel gradients are
+    themselves NHWC x HWIO convolutions, the one layout XLA:CPU's fast convolution takes.
+
+    Exact: the same products and sums as XLA's own transposition (the tests compare both
+    gradients and Hessian-vector products in float64); forward-over-reverse differentiation
+    goes through the backward convolutions as usual.
+    """
+    return _nhwc_conv(lhs, rhs, window_strides, padding)
+
+
+def _canonical_conv_fwd(lhs, rhs, window_strides, padding):
+    return _nhwc_conv(lhs, rhs, window_strides, padding), (lhs, rhs)
+
+
+def _canonical_conv_bwd(window_strides, padding, residuals, dy):
+    x, w = residuals
+    kh, kw = w.shape[:2]
+    h, wd = x.shape[1:3]
+    ho, wo = dy.shape[1:3]
+    (pt, _), (pl, _) = padding
+    sh, sw = window_strides
+    # input gradient: dy spread out by the strides, against the flipped kernel with I and O
+    # swapped, padded so that the output has the input's size
+    flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    dx = _nhwc_conv(dy, flipped, (1, 1),
+                    ((kh - 1 - pt, h + pt - sh * (ho - 1) - 1),
+                     (kw - 1 - pl, wd + pl - sw * (wo - 1) - 1)), lhs_dilation=(sh, sw))
+    # kernel gradient: the input's channels as the batch and its examples as the features,
+    # dy as the kernel dilated by the strides; the far padding leaves exactly kh x kw outputs
+    # (where it would be negative, the rows and columns the forward never read are cut)
+    hi_h, hi_w = kh + sh * (ho - 1) - h - pt, kw + sw * (wo - 1) - wd - pl
+    x = x[:, :h + min(hi_h, 0), :wd + min(hi_w, 0)]
+    dw = _nhwc_conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
+                    ((pt, max(hi_h, 0)), (pl, max(hi_w, 0))), rhs_dilation=(sh, sw))
+    return dx, dw.transpose(1, 2, 0, 3)
+
+
+canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
 
 
 def _im2col_conv(lhs, rhs, window_strides, padding):
@@ -181,6 +238,9 @@ def _conv_general_dilated(force: bool):
                                    tile_width(lhs.shape, rhs.shape, window_strides, padding))
             if path == "im2col":
                 return _im2col_conv(lhs, rhs, window_strides, padding)
+            if precision is None and preferred_element_type is None:
+                return canonical_conv(lhs, rhs, tuple(window_strides),
+                                      tuple(map(tuple, padding)))
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type)
