@@ -12,16 +12,42 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# (name, input shape HWC, dlassign model config) for the training-throughput table.
-MODELS = {
-    "mlp": ((28, 28, 1), {"name": "mlp", "hidden_sizes": (1024, 1024)}),
-    "mlp128": ((28, 28, 1), {"name": "mlp", "hidden_sizes": (128,)}),
-    "mlp_dropout": ((28, 28, 1), {"name": "mlp", "hidden_sizes": (1024, 1024), "dropout": 0.2}),
-    "cnn": ((28, 28, 1), {"name": "cnn", "dropout": 0.3}),
-    "lenet5": ((32, 32, 3), {"name": "lenet5"}),
-    "resnet18": ((32, 32, 3), {"name": "resnet18"}),
-    "resnet50": ((32, 32, 3), {"name": "resnet50"}),
+# (input shape HWC, dlassign model config) of the models under test that are not a registered
+# architecture at its question-4 input, or that fix some of its fields.
+MNIST = (28, 28, 1)
+VARIANTS = {
+    "mlp": (MNIST, {"name": "mlp", "hidden_sizes": (1024, 1024)}),
+    "mlp128": (MNIST, {"name": "mlp", "hidden_sizes": (128,)}),
+    "mlp_dropout": (MNIST, {"name": "mlp", "hidden_sizes": (1024, 1024), "dropout": 0.2}),
+    "cnn": (MNIST, {"name": "cnn", "dropout": 0.3}),
 }
+
+
+def registered() -> list[str]:
+    """Every registered architecture's name."""
+    from dlassign.models import architectures
+
+    return sorted(architectures())
+
+
+def question4(name: str) -> bool:
+    """Whether `name` is a question-4 architecture (torch weights, SVHN-sized input)."""
+    from dlassign.models import architecture
+
+    return name not in VARIANTS and architecture(name).portable
+
+
+def model_spec(name: str) -> tuple[tuple[int, int, int], dict]:
+    """(input shape HWC, model config) of a variant, or of a registered architecture at the
+    input its question-4 config gives it (configs/svhn.py: 32 px, AlexNet 64)."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if not question4(name):
+        return MNIST, {"name": name}
+    from configs import svhn
+
+    size = svhn.get_config(name).data.image_size or svhn.SVHN_SIZE
+    return (size, size, 3), {"name": name}
 
 
 def parse(description: str, extra=None,
@@ -73,7 +99,7 @@ def timed(run_steps, steps: int) -> float:
 
 
 def input_shape(name: str, image_size: int = 0) -> tuple[int, int, int]:
-    shape = MODELS[name][0]
+    shape = model_spec(name)[0]
     if image_size and shape[-1] == 3:
         return (image_size, image_size, 3)
     return shape

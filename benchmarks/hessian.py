@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.common import MODELS, median_rate, parse, report, start_jax, torch_model
+from benchmarks.common import median_rate, model_spec, parse, report, start_jax, torch_model
 
 
 def measure(jax, torch, name: str, args) -> dict:
@@ -23,7 +23,7 @@ def measure(jax, torch, name: str, args) -> dict:
     from dlassign.analysis.hessian import hvp, model_batch_loss
     from dlassign.models import get_model
 
-    shape, cfg = MODELS[name]
+    shape, cfg = model_spec(name)
     model = get_model(cfg["name"], 10, **{k: v for k, v in cfg.items() if k != "name"})
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch_size, *shape)).astype(np.float32)

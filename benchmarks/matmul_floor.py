@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.common import (
-    MODELS,
+    VARIANTS,
     add_steps_per_call,
     median_rate,
     parse,
@@ -27,11 +27,11 @@ from benchmarks.common import (
 
 
 def products(name: str, batch: int) -> list[tuple[int, int, int]]:
-    """(m, k, n) of every matrix product in one training step of MODELS[name] (an MLP)."""
-    shape, cfg = MODELS[name]
+    """(m, k, n) of every matrix product in one training step of VARIANTS[name] (an MLP)."""
+    shape, cfg = VARIANTS[name]
     if cfg["name"] != "mlp":
         raise ValueError(f"--models: {name!r} is not an MLP; expected one of "
-                         f"{', '.join(k for k, (_, c) in MODELS.items() if c['name'] == 'mlp')}")
+                         f"{', '.join(k for k, (_, c) in VARIANTS.items() if c['name'] == 'mlp')}")
     sizes = [int(np.prod(shape)), *cfg["hidden_sizes"], 10]
     out = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):

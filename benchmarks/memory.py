@@ -41,8 +41,8 @@ if framework == "ours":
     run_steps(max(per_call, 5))
 else:
     from benchmarks.throughput import theirs
-    from benchmarks.common import MODELS
-    shape = MODELS[name][0]
+    from benchmarks.common import model_spec
+    shape = model_spec(name)[0]
     rng = np.random.default_rng(0)
     from dlassign.data import Split
     split = Split(rng.integers(0, 256, (batch, *shape), dtype=np.uint8),

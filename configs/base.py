@@ -51,7 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 0  # 0: once per epoch
     c.eval_every_steps = 0        # validation interval (with validation_fraction); 0: each epoch
     c.checkpoint_best = False     # keep the best checkpoint by validation accuracy in WORKDIR/best
-    c.steps_per_call = 8          # steps per jitted call (a scan; logs and checkpoints stay exact)
+    c.steps_per_call = 0          # steps per jitted call (a scan); 0: chosen from the timed first
+                                  # calls, up to 8 (training/loop.py, Pacer)
+    c.max_call_seconds = 5.0      # a call runs no more steps than fit in this (as timed), so a
+                                  # stop request or a log line waits for at most about this
     c.keep_checkpoints = 3
     c.init_checkpoint = ""        # start from ported weights (experiments.port_weights output)
     c.torchvision_weights = ""    # e.g. IMAGENET1K_V1: download through torchvision and port

@@ -87,8 +87,8 @@ def _normalise(v):
 # curvature), not what it trains: a resumed run may change them freely.
 RUNTIME_FIELDS = ("data.data_dir", "data.tfds_data_dir", "log_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "steps_per_call",
-                  "num_cpu_devices", "mesh", "impl", "continue_with_changes", "eval_every_steps",
-                  "checkpoint_best", "curvature")
+                  "max_call_seconds", "num_cpu_devices", "mesh", "impl", "continue_with_changes",
+                  "eval_every_steps", "checkpoint_best", "curvature")
 
 
 def config_differences(saved: dict, current: dict, fields=IDENTITY_FIELDS,

@@ -6,7 +6,9 @@ out-of-memory kill would:
 * `after_step:N`       right after training step N is dispatched, before its checkpoint;
 * `sigterm_after_step:N` sends itself SIGTERM there instead, as a scheduler would;
 * `checkpoint_write:N` while checkpoint N is being written (once Orbax's temporary directory
-                       exists, before it is renamed into place).
+                       exists, before it is renamed into place);
+* `slow_call:S`        not a crash: every training call lasts S seconds more per step, a
+                       stand-in for a model whose steps are slow (the stop tests).
 
 In a multi-process run a failpoint fires in every process, or with a suffix `@P` (e.g.
 `after_step:5@1`) only in process P.
@@ -46,6 +48,13 @@ def after_step(step: int) -> None:
         kill_now()
     if _armed("sigterm_after_step", step):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def during_call(steps: int) -> None:
+    """Inside a training call's timed span: `slow_call:S` sleeps S seconds per step."""
+    spec = os.environ.get(ENV, "")
+    if spec.startswith("slow_call:"):
+        time.sleep(float(spec.partition(":")[2]) * steps)
 
 
 def during_checkpoint_write(step: int, directory: str) -> None:

@@ -165,7 +165,8 @@ def validate_train_config(config, image_size: int | None = None) -> None:
         raise ConfigError("checkpoint_best=True needs a validation split to choose by; set "
                           "data.validation_fraction, e.g. 0.1")
     _number("keep_checkpoints", config.get("keep_checkpoints", 3), low=1, integer=True)
-    _number("steps_per_call", config.get("steps_per_call", 1), low=1, integer=True)
+    _number("steps_per_call", config.get("steps_per_call", 0), low=0, integer=True)
+    _number("max_call_seconds", config.get("max_call_seconds", 5.0), low=0, low_open=True)
     _choice("dtype", config.get("dtype", "float32"), DTYPE_NAMES)
     _choice("impl", config.get("impl", "auto"), IMPLS)
     _number("mesh.num_devices", config.get("mesh", {}).get("num_devices", 0), low=0,

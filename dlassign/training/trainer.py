@@ -173,10 +173,10 @@ def compile_steps(run: Run, state: TrainState):
     return train_step, eval_step
 
 
-def _abstract_batch(run: Run, rows: int, mask: bool = False) -> dict:
+def _abstract_batch(run: Run, rows: int, mask: bool = False, slots: int = 1) -> dict:
     """The shapes, dtypes and shardings of a training (or, with `mask`, evaluation) batch of
-    `rows` rows, stacked `steps_per_call` deep for a training call of several steps."""
-    per_call = 1 if mask else run.config.get("steps_per_call", 1)
+    `rows` rows, stacked `slots` deep for a training call of several steps."""
+    per_call = 1 if mask else slots
     lead = (per_call,) if per_call > 1 else ()
     sharding = parallel.batch_sharding(run.mesh, int(per_call > 1))
     split = run.dataset.train
@@ -192,19 +192,22 @@ class CompileAhead:
     """Compiles a run's train and eval steps on two background threads from the state's
     shapes (`make_state`'s `before_init`), while the initialiser compiles and runs and a
     checkpoint is read; XLA compiles without the GIL. The steps' first calls then find their
-    programs compiled. The eval program's memory estimate is kept for `check_memory`."""
+    programs compiled: the train step for the first calls' slots (one step each, or the
+    config's fixed `steps_per_call`). `several(k)` compiles the train step for k steps per
+    call when the run's `loop.Pacer` asks. The eval program's memory estimate is kept for
+    `check_memory`."""
 
     def __init__(self, run: Run, abstract_state):
         import threading
 
         self.train_step, self.eval_step = compile_steps(run, abstract_state)
         self.memory = None
-        steps = jax.ShapeDtypeStruct((), np.int32)
+        self._run, self._abstract_state = run, abstract_state
         eval_batch = _abstract_batch(run, run.config.eval_batch_size, mask=True)
+        first_slots = run.config.get("steps_per_call", 0) or 1
 
         def train():
-            self.train_step.lower(abstract_state, _abstract_batch(run, run.config.batch_size),
-                                  steps).compile()
+            self._compile_train(first_slots)
 
         def evaluate():
             self.memory = self.eval_step.lower(abstract_state, eval_batch).compile(
@@ -217,9 +220,39 @@ class CompileAhead:
         for t in self._threads:
             t.start()
 
+    def _compile_train(self, slots: int) -> None:
+        batch = _abstract_batch(self._run, self._run.config.batch_size, slots=slots)
+        self.train_step.lower(self._abstract_state, batch,
+                              jax.ShapeDtypeStruct((), np.int32)).compile()
+
+    def several(self, slots: int):
+        """Compiles the train step for `slots` steps per call: on a started background thread
+        (returned), or, in a run of several processes, before returning (so that every process
+        plans the same calls; the returned thread has finished)."""
+        import threading
+
+        thread = threading.Thread(target=_quietly(lambda: self._compile_train(slots)),
+                                  name=f"compile-train-{slots}")
+        thread.start()
+        if jax.process_count() > 1:
+            thread.join()
+        return thread
+
+    def compiling(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
     def join(self) -> None:
         for t in self._threads:
             t.join()
+
+
+def _slowest(seconds: float) -> float:
+    """The largest of every process's `seconds` (one process: `seconds`)."""
+    if jax.process_count() == 1:
+        return seconds
+    from jax.experimental import multihost_utils
+
+    return float(np.max(multihost_utils.process_allgather(np.float64(seconds))))
 
 
 def _quietly(f):
@@ -374,13 +407,15 @@ def _format_eta(seconds: float) -> str:
 
 
 def run_meta(run: Run, history: list, train_time: float, changes: list[dict],
-             validation: list | None = None, curvature: list | None = None) -> dict:
+             validation: list | None = None, curvature: list | None = None,
+             pacing: dict | None = None) -> dict:
     """The JSON meta saved with a checkpoint; `changes` are the config changes resumes made,
-    `validation` the validation scores so far, `curvature` the curvature measured so far."""
+    `validation` the validation scores so far, `curvature` the curvature measured so far,
+    `pacing` the steps per call chosen (`loop.Pacer.record`)."""
     return {"config": run.config.to_dict(), "history": history, "train_time_s": train_time,
             "dataset": run.dataset.name, "image_shape": list(run.dataset.image_shape),
             "config_changes": changes, "validation": list(validation or []),
-            "curvature": list(curvature or [])}
+            "curvature": list(curvature or []), "pacing": pacing}
 
 
 # Config fields added after checkpoints were written, and the value a checkpoint written
@@ -430,12 +465,13 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
 
     Returns:
       (state, eval_step, history, train_time, config changes made by resumes, validation
-      history, curvature history).
+      history, curvature history, the steps per call chosen: `loop.Pacer.record`).
     """
     config = run.config
     board = board or summaries.Summaries(None)
     history, train_time, changes, validation = [], 0.0, [], []
     curvature = []  # one entry per measurement (tracking.CurvatureTracker.measure)
+    pacing = None  # the steps per call chosen by the run that wrote the checkpoint
     restored = ckpt.restore_latest(abstract_tree(state), config.to_dict())
     if restored is not None:
         tree, meta = restored
@@ -444,8 +480,11 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
         history, train_time = meta.get("history", []), meta.get("train_time_s", 0.0)
         validation = meta.get("validation", [])
         curvature = tracking.resumed_entries(meta.get("curvature", []), int(state.step))
+        pacing = meta.get("pacing")
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
     train_step, eval_step = ahead.train_step, ahead.eval_step
+    if ahead.compiling():
+        logging.info("compiling the train and eval steps")
     ahead.join()  # the steps' programs, compiled while the state was made and restored
     check_memory(run, ahead.memory)
     check_disk(state, os.path.dirname(ckpt.directory))
@@ -469,11 +508,13 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
                   *tracker.boundaries(run.total_steps)]
     newest_best = best.newest_meta() if best is not None else None
     best_accuracy = newest_best[1].get("validation_accuracy") if newest_best else None
-    per_call = config.get("steps_per_call", 1)
-    plan = list(loop.call_plan(start, run.total_steps, per_call, boundaries))
-    batches = loop.stacked_batches(
-        train_batches(run.dataset.train, config.batch_size, config.seed, start,
-                      run.total_steps - start), plan, per_call)
+    pacer = loop.Pacer(start, run.total_steps, boundaries, config.get("steps_per_call", 0),
+                       config.get("max_call_seconds", float("inf")), pacing,
+                       compile_several=ahead.several, agree=_slowest)
+    calls = loop.paced_calls(
+        pacer, train_batches(run.dataset.train, config.batch_size, config.seed, start,
+                             run.total_steps - start),
+        lambda slots: parallel.batch_sharding(run.mesh, int(slots > 1)))
     clock = {"start": time.perf_counter(), "step": start}
 
     def on_sync(state, step, host):
@@ -500,7 +541,8 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
         board.flush()  # everything up to a checkpoint is on disk before the checkpoint
         if step % ckpt_every == 0 or step == run.total_steps:
             ckpt.save(step, state_tree(state),
-                      run_meta(run, history, train_time, changes, validation, curvature))
+                      run_meta(run, history, train_time, changes, validation, curvature,
+                               pacer.record()))
         clock.update(start=time.perf_counter(), step=step)
 
     def validate(state, step):
@@ -514,7 +556,8 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
                 and step not in best.steps():
             best_accuracy = scores["accuracy"]
             best.save(step, state_tree(state),
-                      dict(run_meta(run, history, train_time, changes, validation, curvature),
+                      dict(run_meta(run, history, train_time, changes, validation, curvature,
+                               pacer.record()),
                            validation_accuracy=best_accuracy))
 
     def saved() -> str:
@@ -528,8 +571,7 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
     guard = loop.Guard(loop.leaf_names(state.params), learning_rate=schedule, saved=saved)
     try:
         state = loop.run_steps(
-            train_step, state, plan, batches,
-            parallel.batch_sharding(run.mesh, int(per_call > 1)), guard,
+            train_step, state, calls, guard, pacer=pacer,
             sync=lambda step: (step % log_every == 0 or step % ckpt_every == 0
                                or bool(eval_every) and step % eval_every == 0
                                or tracker.due(step)),
@@ -539,11 +581,13 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
         state = stop.state
         if int(state.step) > (ckpt.steps() or [0])[-1]:
             ckpt.save(int(state.step), state_tree(state),
-                      run_meta(run, history, train_time, changes, validation, curvature))
+                      run_meta(run, history, train_time, changes, validation, curvature,
+                               pacer.record()))
             logging.warning("interrupted: saved step %d; rerun the same command to resume",
                             int(state.step))
         raise KeyboardInterrupt from None
-    return state, eval_step, history, train_time, changes, validation, curvature
+    return (state, eval_step, history, train_time, changes, validation, curvature,
+            pacer.record())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -577,7 +621,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                             config.get("keep_checkpoints", 3)) as ckpt, \
             (Checkpointer(os.path.join(workdir, "best"), 1) if keep_best
              else contextlib.nullcontext()) as best, summaries.Summaries(workdir) as board:
-        state, eval_step, history, train_time, changes, validation, curvature = _train(
+        state, eval_step, history, train_time, changes, validation, curvature, pacing = _train(
             run, state, ckpt, ahead[0], board, best)
         test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
                         run.dataset.num_classes)
@@ -607,6 +651,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "validation": validation,
         "curvature": curvature,
         "config_changes": changes,
+        "pacing": pacing,
     }
     if newest_best is not None:
         results["best_checkpoint"] = {"step": newest_best[0], "validation_accuracy":

@@ -341,7 +341,7 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     step, evaluate = _programs(run, model, choices, widths, sequential)
     init = _initializer(run, tx, vmapped=not sequential, model=model, widths=widths)
 
-    per_call = max(int(config.get("steps_per_call", 1)), 1)
+    per_call = int(config.get("steps_per_call", 0)) or loop.AUTO_MOST_STEPS
     steps = _fold_steps_per_epoch(train_ix, config.batch_size)
     plan = list(loop.call_plan(0, steps * config.num_epochs, per_call, ()))
     stacked = int(per_call > 1)
@@ -360,17 +360,16 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
             guard = loop.Guard(loop.leaf_names(state.params), f"{where}fold {i}: ",
                                learning_rate=schedule, saved=unsaved)
             states.append(loop.run_steps(
-                step, state, plan, loop.stacked_batches(fold_batches[i], plan, per_call),
-                sharding, guard, on_sync=keep))
+                step, state, loop.fixed_calls(plan, fold_batches[i], per_call, sharding), guard,
+                on_sync=keep))
     else:
         state = init(rngs)
         one = jax.tree.map(lambda x: x[0], state.params)
         guard = loop.Guard(loop.leaf_names(one), where, folds=True, learning_rate=schedule,
                            saved=unsaved)
-        batches = loop.stacked_batches(_stacked_folds(fold_batches), plan, per_call)
-        state = loop.run_steps(step, state, plan, batches,
-                               parallel.batch_sharding(run.mesh, stacked + 1), guard,  # [S,] K, B
-                               on_sync=keep)
+        calls = loop.fixed_calls(plan, _stacked_folds(fold_batches), per_call,
+                                 parallel.batch_sharding(run.mesh, stacked + 1))  # [S,] K, B
+        state = loop.run_steps(step, state, calls, guard, on_sync=keep)
     jax.block_until_ready(state if not sequential else states)
     train_time = time.perf_counter() - start
 
