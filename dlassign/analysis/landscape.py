@@ -221,6 +221,11 @@ def curvature_check(batch_loss: Callable, params, directions: Sequence,
     return out
 
 
+def curvature_steps(axis: np.ndarray) -> list[float]:
+    """The steps of `curvature_check` for a slice's `axis`: its grid step down to 1e-5 of it."""
+    return [float(axis[1] - axis[0]) / 10**j for j in range(6)]
+
+
 def checkpoint_landscape(workdir: str, directions: str = "eigen", dims: int = 1,
                          num_points: int = 31, span: float | None = None,
                          sample_size: int = 1024, batch_size: int = 256,
@@ -245,12 +250,16 @@ def checkpoint_landscape(workdir: str, directions: str = "eigen", dims: int = 1,
     """
     if directions not in ("eigen", "random"):
         raise one_of("directions", directions, ("eigen", "random"))
-    slice_coords(1.0 if span is None else span, num_points, dims)  # bad flags fail first
+    axis, _ = slice_coords(1.0 if span is None else span, num_points, dims)  # bad flags first
     for name, value, least in (("sample_size", sample_size, 1), ("batch_size", batch_size, 1),
                                ("lanczos_order", lanczos_order, MIN_LANCZOS_ORDER),
                                ("points_per_call", points_per_call, 1)):
         if value < least:
             raise ConfigError(f"{name}={value} is invalid; expected an integer >= {least}")
+    if directions == "eigen" and span is not None and not curvature_steps(axis)[-1] ** 2:
+        raise ConfigError(f"span={span:g} is too small for the second differences along the "
+                          "eigenvectors (their steps' squares underflow float64); use a span of "
+                          "at least 1e-140")
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"out={out} is a file; expected a directory")
     run, state, _ = restore_run(workdir, step, overrides, which=which)
@@ -294,7 +303,7 @@ def checkpoint_landscape(workdir: str, directions: str = "eigen", dims: int = 1,
     if directions == "eigen":
         # The grid's step down to 1e-5 of it, in float64 (float32 would round the second
         # difference off): ReLU networks need the short steps (`curvature_check`).
-        steps = [float(axis[1] - axis[0]) / 10**j for j in range(6)]
+        steps = curvature_steps(axis)
         with jax.enable_x64(True):
             to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
             result["curvature"] = curvature_check(batch_loss, to64(state.params),
