@@ -8,10 +8,18 @@ hessian_spectrum.json and hessian_density.png into --workdir.
 """
 
 import json
+import os
 
 from absl import flags
 
-from experiments.common import clean_errors, data_dir_override, prepare_platform, run, say
+from experiments.common import (
+    clean_errors,
+    data_dir_override,
+    output_dir,
+    prepare_platform,
+    run,
+    say,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
@@ -35,6 +43,8 @@ flags.mark_flag_as_required("workdir")
 @clean_errors
 def main(argv):
     del argv
+    if os.path.exists(FLAGS.workdir):  # the results go there; a missing one is named later
+        output_dir("workdir", FLAGS.workdir)
     prepare_platform()
     from dlassign.analysis.hessian.study import checkpoint_spectrum
 

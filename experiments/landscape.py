@@ -11,6 +11,7 @@ prints the second difference at the centre over the eigenvalue, which is 1 for a
 
 import json
 import math
+import os
 
 from absl import flags
 
@@ -62,8 +63,9 @@ flags.mark_flag_as_required("workdir")
 @clean_errors
 def main(argv):
     del argv
-    if FLAGS.out:
-        output_dir("out", FLAGS.out)  # before the minutes of work whose results go there
+    # before the minutes of work whose results go there (a missing workdir is named later)
+    if FLAGS.out or os.path.exists(FLAGS.workdir):
+        output_dir("out" if FLAGS.out else "workdir", FLAGS.out or FLAGS.workdir)
     prepare_platform()
     from dlassign.analysis.landscape import checkpoint_landscape
 
