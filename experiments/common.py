@@ -222,8 +222,9 @@ def _config_block(argv: list[str], block: list[str]):
 
 
 def _unknown_field_message(argv: list[str], full: str) -> str:
-    """'no config field 'optimizer.lr'; did you mean 'optimizer.learning_rate'? fields of
-    optimizer: ...' for an unknown `--config.<full>`."""
+    """"no config field 'optimizer.learning_rat' (did you mean 'optimizer.learning_rate'?);
+    fields of optimizer: ..." for an unknown `--config.<full>`: the deepest block that exists,
+    a close match in it where there is one, and its fields."""
     parts = full.split(".")
     message = f"no config field {full!r}"
     for depth in range(len(parts) - 1, -1, -1):  # the deepest block that exists
