@@ -58,3 +58,32 @@ def restore_checkpoint(directory, abstract, step: int | None = None):
     """(tree, meta) of checkpoint `step` under `directory` (None: the newest intact one)."""
     with Checkpointer(str(directory)) as ckpt:
         return ckpt.restore_latest(abstract) if step is None else ckpt.restore(step, abstract)
+
+
+def session_processes(session: int) -> list[int]:
+    """The live (not zombie) processes of a session: a process started with
+    `start_new_session=True` and everything it started, however they were reparented."""
+    import os
+
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(name))
+    return pids
+
+
+def wait_until_gone(session: int, seconds: float) -> list[int]:
+    """Polls until the session holds no live process, or `seconds` passed; what is left."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while (left := session_processes(session)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
