@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from dlassign.errors import CheckpointError
-from dlassign.runtime import distributed, faults, parallel, workdir
+from dlassign.runtime import distributed, faults, parallel, preemption, workdir
 
 
 class _Orbax:
@@ -133,11 +133,12 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict) -> None:
         meta = dict(meta, step=int(step), state_sha256=fingerprint(state))
         faults.during_checkpoint_write(int(step), self.directory)
-        self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-        self._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            _write_manifest(os.path.join(self.directory, str(int(step))))
+        with preemption.shielded():  # Ctrl-C in a rename would leave a half-moved step
+            self._manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                _write_manifest(os.path.join(self.directory, str(int(step))))
         distributed.barrier(f"dlassign_checkpoint_{int(step)}_saved")
 
     def check_files(self, step: int) -> None:

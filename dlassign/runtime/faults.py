@@ -6,7 +6,10 @@ out-of-memory kill would:
 * `after_step:N`       right after training step N is dispatched, before its checkpoint;
 * `sigterm_after_step:N` sends itself SIGTERM there instead, as a scheduler would;
 * `checkpoint_write:N` while checkpoint N is being written (once Orbax's temporary directory
-                       exists, before it is renamed into place).
+                       exists, before it is renamed into place);
+* `sigint_checkpoint_write:N` sends itself SIGINT there instead, as Ctrl-C would;
+* `pause_checkpoint_write:N` stops itself (SIGSTOP) there, until a SIGCONT: a save caught in
+                       the middle, for a reader to meet.
 
 In a multi-process run a failpoint fires in every process, or with a suffix `@P` (e.g.
 `after_step:5@1`) only in process P.
@@ -49,15 +52,19 @@ def after_step(step: int) -> None:
 
 
 def during_checkpoint_write(step: int, directory: str) -> None:
-    """Starts a watcher that kills the process once step's temporary directory appears."""
-    if not _armed("checkpoint_write", step):
+    """Starts a watcher that signals the process once step's temporary directory appears."""
+    actions = {"checkpoint_write": signal.SIGKILL, "sigint_checkpoint_write": signal.SIGINT,
+               "pause_checkpoint_write": signal.SIGSTOP}
+    armed = [sig for point, sig in actions.items() if _armed(point, step)]
+    if not armed:
         return
 
     def watch():
         prefix = f"{step}.orbax-checkpoint-tmp"
         while True:
             if any(name.startswith(prefix) for name in os.listdir(directory)):
-                kill_now()
+                os.kill(os.getpid(), armed[0])
+                return
             time.sleep(0.0005)
 
     threading.Thread(target=watch, daemon=True).start()

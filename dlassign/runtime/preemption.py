@@ -44,6 +44,22 @@ def deferred():
         _deferring.clear()
 
 
+@contextlib.contextmanager
+def shielded():
+    """A write that must not be cut in half (a checkpoint save): a stop request waits until it
+    is done. Outside a training loop the stop then happens as the block ends."""
+    outer = _deferring.is_set()
+    before = len(_signals)
+    _deferring.set()
+    try:
+        yield
+    finally:
+        if not outer:
+            _deferring.clear()
+    if not outer and len(_signals) > before:
+        raise KeyboardInterrupt
+
+
 def install() -> None:
     """Routes SIGTERM and SIGINT to a stop request (call once, from the main thread of an entry
     point)."""
