@@ -60,30 +60,40 @@ def restore_checkpoint(directory, abstract, step: int | None = None):
         return ckpt.restore_latest(abstract) if step is None else ckpt.restore(step, abstract)
 
 
-def session_processes(session: int) -> list[int]:
-    """The live (not zombie) processes of a session: a process started with
-    `start_new_session=True` and everything it started, however they were reparented."""
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:  # it ended meanwhile
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes that `pid` started, and theirs, recursively."""
     import os
 
-    pids = []
+    children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # it ended meanwhile
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            pids.append(int(name))
-    return pids
+        if name.isdigit() and (fields := _stat(int(name))) and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
-def wait_until_gone(session: int, seconds: float) -> list[int]:
-    """Polls until the session holds no live process, or `seconds` passed; what is left."""
+def still_running(pids: list[int], seconds: float) -> list[int]:
+    """Polls until none of `pids` is alive (zombies count as gone), or `seconds` passed;
+    returns those still alive."""
     import time
 
     deadline = time.monotonic() + seconds
-    while (left := session_processes(session)) and time.monotonic() < deadline:
+    while True:
+        alive = [p for p in pids if (fields := _stat(p)) and fields[0] != "Z"]
+        if not alive or time.monotonic() > deadline:
+            return alive
         time.sleep(0.2)
-    return left

@@ -11,7 +11,7 @@ import pytest
 
 from dlassign.errors import ConfigError
 from dlassign.runtime.workers import Task, WorkerDied, check_workers, run_tasks
-from tests.helpers import session_processes, wait_until_gone
+from tests.helpers import descendants, still_running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,17 +168,20 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     """SIGKILL of the parent: the busy worker and the idle one, and the resource tracker, are
     all gone within 10 s (before, both workers waited forever)."""
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)], cwd=ROOT,
-                              start_new_session=True, stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL)
+    run = []
     try:
         deadline = time.monotonic() + 60
         while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(os.listdir(tmp_path)) == 2, "the workers did not start"
         time.sleep(0.5)  # the short task's worker is idle now
+        run = descendants(parent.pid)
+        assert len(run) >= 3, run  # two workers and the resource tracker
         parent.kill()
         parent.wait()
-        left = wait_until_gone(parent.pid, 10)
+        left = still_running(run, 10)
         assert not left, [open(f"/proc/{p}/cmdline").read() for p in left]
     finally:
-        for pid in session_processes(parent.pid):
+        for pid in still_running(run, 0):
             os.kill(pid, signal.SIGKILL)
