@@ -188,9 +188,16 @@ def _died(procs: dict, started, running: list[str]) -> WorkerDied:
     while not started.empty():
         name, pid = started.get()
         where[pid] = name
-    dead = [(where[pid], p.exitcode) for pid, p in procs.items()
-            if pid in where and where[pid] in running and p.exitcode is not None
-            and p.exitcode < 0]  # the others end by a SIGTERM they handle, with a status
+    # The others end by the SIGTERM they handle, with a status. The pool may report the death
+    # a moment before the dead process can be reaped: give it that moment.
+    deadline = time.monotonic() + 2.0
+    while True:
+        dead = [(where[pid], p.exitcode) for pid, p in procs.items()
+                if pid in where and where[pid] in running and p.exitcode is not None
+                and p.exitcode < 0]
+        if dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     if dead:
         what = "; ".join(f"the worker process of study {name!r} {_describe_exit(code)}"
                          for name, code in dead)
