@@ -6,6 +6,10 @@ and XLA compiles one program at a time. The main job's studies share nothing but
 `run_tasks` hands them to a pool of spawned processes (each its own JAX runtime) and returns
 their results in the order given. Tasks start in that order as workers come free: put the
 longest first. A task can wait for others (`Task.after`), e.g. a comparison of two runs.
+
+Workers end with their parent however it dies (`runtime.lifeline`), exit quietly when stopped
+between tasks, and a worker that dies mid-task is reported as one error naming its task
+(`WorkerDied`).
 """
 
 from __future__ import annotations
