@@ -17,6 +17,7 @@ from dlassign.porting.convert import flax_to_torch, torch_to_flax
 from dlassign.porting.io import write_state_dict
 from dlassign.porting.torch_models import build
 from dlassign.runtime.checkpoint import Checkpointer
+from dlassign.runtime.workdir import WorkdirLock
 from dlassign.training.evaluation import restore_run
 from dlassign.training.trainer import compile_steps, predict
 
@@ -36,7 +37,8 @@ def port(arch: str, state_dict: dict[str, np.ndarray], config, replace_head: boo
         config.model.name = arch
     meta = {"kind": "variables", "arch": arch, "source": source, "num_classes": num_classes,
             "config": config.to_dict()}
-    with Checkpointer(os.path.join(output, "checkpoints")) as ckpt:
+    # the writer of `output`: holds it, and so tidies what an interrupted port left there
+    with WorkdirLock(output), Checkpointer(os.path.join(output, "checkpoints")) as ckpt:
         ckpt.save(0, {"params": variables["params"], "batch_stats": variables["batch_stats"]},
                   meta)
     return variables
