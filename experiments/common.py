@@ -25,9 +25,10 @@ flags.DEFINE_bool("distributed", False, "Join a multi-process run through "
 def prepare_platform(num_cpu_devices: int = 0) -> None:
     """Joins a multi-host run (--distributed), and creates one CPU host device per core (or
     `num_cpu_devices`) before JAX starts."""
-    from dlassign.runtime import compilation_cache, distributed
+    from dlassign.runtime import compilation_cache, distributed, lifeline
     from dlassign.runtime.parallel import configure_cpu_devices
 
+    lifeline.watch_environment()  # a launcher's child ends with it (experiments.launch)
     compilation_cache.enable()  # DLASSIGN_COMPILATION_CACHE=0 switches it off
     configure_cpu_devices(num_cpu_devices)
     if flags.FLAGS.distributed:
@@ -83,6 +84,15 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
+def _multi_process() -> bool:
+    """Whether this process is one of several of a run (JAX's distributed runtime started)."""
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
 def _lost_peer(e: BaseException) -> bool:
     """Whether `e` is JAX's runtime failing in a multi-process run (a collective or the
     coordination service losing a peer)."""
@@ -93,7 +103,8 @@ def _lost_peer(e: BaseException) -> bool:
 
 
 def clean_errors(main):
-    """Reports a DlassignError (bad config, missing data, bad checkpoint) as one line, exit 2;
+    """Reports a DlassignError (bad config, missing data, bad checkpoint) as one line, exit 2
+    (75 for a worker process that died: rerun);
     Ctrl-C and SIGTERM (which the training loop turns into a save between steps) as one line,
     exit 130 and 143, the shells' conventions for those signals; in a multi-process run, a
     collective that fails because a peer died as one line, exit 75 (EX_TEMPFAIL: rerun)."""
@@ -108,8 +119,14 @@ def clean_errors(main):
         try:
             return main(argv)
         except DlassignError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            status = getattr(e, "exit_status", 2)  # 2: bad input; a lost worker says 75
+            if _multi_process():
+                # JAX's exit handler would wait at a shutdown barrier for the other processes,
+                # which wait for this one: leave at once, so the launcher reports this line.
+                sys.stdout.flush()
+                os._exit(status)
+            sys.exit(status)
         except Exception as e:
             if not _lost_peer(e):
                 raise
@@ -120,10 +137,10 @@ def clean_errors(main):
                   "command to resume", file=sys.stderr, flush=True)
             os._exit(LOST_PEER_STATUS)
         except KeyboardInterrupt:
-            signal_name = "SIGTERM" if preemption.requested() else "interrupt"
-            print(f"stopped by {signal_name}: the finished steps are saved; rerun the same "
-                  "command to resume", file=sys.stderr)
-            sys.exit(143 if preemption.requested() else 130)
+            by_sigterm = preemption.by_sigterm()
+            print(f"stopped by {'SIGTERM' if by_sigterm else 'interrupt'}: the finished steps "
+                  "are saved; rerun the same command to resume", file=sys.stderr)
+            sys.exit(143 if by_sigterm else 130)
 
     return wrapped
 

@@ -7,7 +7,8 @@ Picks a free port for JAX's coordinator, starts the processes with `--distribute
 environment `dlassign.runtime.distributed` reads (coordinator, process count and index, CPU
 devices per process), prefixes their output with `[pN]`, and exits as soon as one process
 fails, killing the others, with that process's status. Ctrl-C or SIGTERM to the launcher is
-passed on as SIGTERM, which the processes turn into a coordinated save at the same step. On a
+passed on as SIGTERM, which the processes turn into a coordinated save at the same step; a
+launcher that dies outright (SIGKILL) takes the processes with it (`runtime.lifeline`). On a
 cluster, start the entry point itself with `--distributed` under the cluster's launcher
 (docs/scale-out.md).
 """
@@ -25,7 +26,7 @@ import time
 
 from absl import app, flags
 
-from dlassign.runtime import distributed
+from dlassign.runtime import distributed, lifeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("processes", 2, "Number of processes to start.")
@@ -70,11 +71,13 @@ def spawn(command: list[str], num_processes: int, devices_per_process: int = 1, 
           env_overrides: dict[str, str] | None = None, **popen_kwargs
           ) -> list[subprocess.Popen]:
     """Starts `python -m <command...> --distributed` as `num_processes` processes of one run,
-    each in its own session (a terminal's Ctrl-C reaches only the launcher)."""
+    each in its own session (a terminal's Ctrl-C reaches only the launcher), each ending when
+    this process dies (`runtime.lifeline`)."""
     port = port or free_port()
     return [subprocess.Popen([sys.executable, "-m", *command, "--distributed"],
                              env={**environment(i, num_processes, port, devices_per_process,
-                                                heartbeat_timeout), **(env_overrides or {})},
+                                                heartbeat_timeout), **lifeline.environment(),
+                                  **(env_overrides or {})},
                              start_new_session=True, **popen_kwargs)
             for i in range(num_processes)]
 

@@ -232,6 +232,31 @@ def studies(config, workdir: str) -> list[Task]:
                  after=("transfer_resnet18", "transfer_lenet5"))]
 
 
+def check_blocks(config) -> None:
+    """Checks the config blocks of the trainings before any worker starts, so that a bad field
+    is one line naming its block, e.g. `tune_cnn.num_epochs=0 is invalid; ...`.
+
+    Raises:
+      ConfigError: the first bad field, under its block's name.
+    """
+    from dlassign.analysis.sharpness import validate_sharpness_config
+    from dlassign.errors import ConfigError
+    from dlassign.training.config_validation import validate_train_config, validate_tune_config
+
+    blocks = [("tune_mlp", config.tune_mlp, validate_tune_config),
+              ("tune_cnn", config.tune_cnn, validate_tune_config),
+              *((f"transfer.{a}", config.transfer[a], validate_train_config) for a in TRANSFER),
+              ("sharpness", config.sharpness, validate_sharpness_config)]
+    for name, block, check in blocks:
+        try:
+            check(block)
+        except ConfigError as e:
+            message = str(e)
+            field = message.split("=", 1)[0].split(" ", 1)[0]
+            joined = "." if field.split(".")[0] in block.keys() else ": "
+            raise ConfigError(f"{name}{joined}{message}") from None
+
+
 @clean_errors
 def main(argv):
     del argv
@@ -243,10 +268,13 @@ def main(argv):
     prepare_platform(num_cpu_devices)
     import jax
 
-    os.makedirs(workdir, exist_ok=True)
+    from dlassign.runtime.workdir import WorkdirLock
+
+    check_blocks(config)
     start = time.time()
-    out = run_tasks(studies(config, workdir), workers,
-                    setup=functools.partial(worker_setup, num_cpu_devices))
+    with WorkdirLock(workdir):  # a second main job on it stops here, naming this one
+        out = run_tasks(studies(config, workdir), workers,
+                        setup=functools.partial(worker_setup, num_cpu_devices))
     sections = [out["convexity"],
                 "## Question 3: dense and convolutional networks, tuned by k-fold CV\n",
                 out["tune_mlp"], out["tune_cnn"],

@@ -58,3 +58,42 @@ def restore_checkpoint(directory, abstract, step: int | None = None):
     """(tree, meta) of checkpoint `step` under `directory` (None: the newest intact one)."""
     with Checkpointer(str(directory)) as ckpt:
         return ckpt.restore_latest(abstract) if step is None else ckpt.restore(step, abstract)
+
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:  # it ended meanwhile
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes that `pid` started, and theirs, recursively."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (fields := _stat(int(name))) and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def still_running(pids: list[int], seconds: float) -> list[int]:
+    """Polls until none of `pids` is alive (zombies count as gone), or `seconds` passed;
+    returns those still alive."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = [p for p in pids if (fields := _stat(p)) and fields[0] != "Z"]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)

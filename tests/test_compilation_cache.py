@@ -132,3 +132,55 @@ def test_prune_drops_the_least_recently_read_entries_at_most_once_a_day(tmp_path
     assert prune(str(tmp_path), max_bytes=6 * 1024, now=now + 25 * 3600) == 4
     assert _entries(tmp_path) == [f"jit_f-{i}-cache" for i in range(4, 8)]
     assert not (tmp_path / "jit_f-0-atime").exists()
+
+
+# Two programs of different output structure: one's executable loaded for the other crashes
+# JAX's own cache with an assertion.
+TWO_PROGRAMS = """
+from dlassign.runtime import compilation_cache
+compilation_cache.enable()
+import jax
+import jax.numpy as jnp
+a = jax.jit(lambda x: jnp.sin(x) * 2)(1.0)
+b, c = jax.jit(lambda x: (x * 3, x + 1))(2.0)
+print("RESULT", float(a), float(b), float(c))
+"""
+
+
+def _two_programs(cache: Path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env[ENV] = str(cache)
+    out = subprocess.run([sys.executable, "-c", TWO_PROGRAMS], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    result = next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
+    return result, out.stderr
+
+
+@pytest.mark.parametrize("damage", ["cut_short", "wrong_names"])
+def test_a_bad_cache_entry_is_named_removed_and_written_again(tmp_path, damage):
+    """Case 8, entries cut short by a full disk, and case 9, valid entries under each other's
+    names: each run warns naming the entry and recompiles; the next run loads them again."""
+    cache = tmp_path / "cache"
+    expected, _ = _two_programs(cache)
+    entries = sorted(cache.glob("jit_*-cache"))
+    assert len(entries) >= 2, entries
+    intact = {p.name: p.read_bytes() for p in entries}
+    if damage == "cut_short":
+        for p in entries:
+            p.write_bytes(intact[p.name][:len(intact[p.name]) // 2])
+    else:
+        first, second = entries[:2]
+        first.write_bytes(intact[second.name])
+        second.write_bytes(intact[first.name])
+    again, stderr = _two_programs(cache)
+    assert again == expected
+    damaged = entries if damage == "cut_short" else entries[:2]
+    for p in damaged:
+        assert f"compilation cache entry {p}" in stderr, stderr[-3000:]
+    # written again: the same bytes as the first run's (JAX's executables are deterministic
+    # apart from the compile time in their header), read back without a warning
+    assert sorted(p.name for p in cache.glob("jit_*-cache")) == sorted(intact)
+    third, stderr = _two_programs(cache)
+    assert third == expected and "compilation cache entry" not in stderr, stderr[-3000:]

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from dlassign.errors import CheckpointError
 from dlassign.runtime.checkpoint import Checkpointer
+from dlassign.runtime.workdir import WorkdirLock
 from dlassign.training.trainer import abstract_tree, make_state, setup, train_and_evaluate
 from tests.helpers import checkpoint_steps, restore_checkpoint, synthetic_dataset, tiny_config
 
@@ -21,13 +23,22 @@ TRAIN = [sys.executable, "-m", "experiments.train", "--config=configs/base.py",
          "--config.log_every_steps=10", "--config.num_cpu_devices=2"]
 
 
-def train_cli(workdir, failpoint=None, extra=()):
+def _env(failpoint=None) -> dict:
     env = dict(os.environ)
     env.pop("DLASSIGN_FAILPOINT", None)
     if failpoint:
         env["DLASSIGN_FAILPOINT"] = failpoint
-    return subprocess.run(TRAIN + [f"--workdir={workdir}", *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return env
+
+
+def train_cli(workdir, failpoint=None, extra=()):
+    return subprocess.run(TRAIN + [f"--workdir={workdir}", *extra], cwd=ROOT,
+                          env=_env(failpoint), capture_output=True, text=True, timeout=300)
+
+
+def evaluate_cli(workdir):
+    return subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def final_state(workdir):
@@ -88,7 +99,8 @@ def test_damaged_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
     train_and_evaluate(config, str(tmp_path), data)
     latest = _damage_latest(tmp_path)
     run = setup(config, data)
-    with Checkpointer(str(tmp_path / "checkpoints")) as ckpt:
+    # the holder of the workdir (the training run) moves damage aside; a reader only falls back
+    with WorkdirLock(str(tmp_path)), Checkpointer(str(tmp_path / "checkpoints")) as ckpt:
         state, meta = ckpt.restore_latest(abstract_tree(make_state(run)), config.to_dict())
     assert meta["step"] < latest
     assert any("falling back" in r.getMessage() for r in caplog.records)
@@ -385,3 +397,137 @@ def test_sigterm_outside_a_training_loop_stops_at_once():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.split() == ["deferred", "interrupted"], out.stderr[-2000:]
+
+
+def _stopped(pid: int, seconds: float) -> bool:
+    """Waits until process `pid` is stopped (SIGSTOP); whether it was within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_evaluate_during_a_save_leaves_the_live_run_alone(reference, tmp_path):
+    """The run stops itself in the middle of writing checkpoint 30 (its temporary folder on
+    disk); evaluate reads the newest finished step (20) and removes nothing; the run then
+    finishes with the uninterrupted run's parameters."""
+    run = subprocess.Popen(TRAIN + [f"--workdir={tmp_path}"], cwd=ROOT,
+                           env=_env("pause_checkpoint_write:30"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        assert _stopped(run.pid, 240), "the run never reached checkpoint 30"
+        temporaries = sorted((tmp_path / "checkpoints").glob("30.orbax-checkpoint-tmp*"))
+        assert temporaries
+        evaluated = evaluate_cli(tmp_path)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        assert json.loads((tmp_path / "eval.json").read_text())["step"] == 20
+        assert "interrupted checkpoint save" not in evaluated.stderr
+        assert all(p.exists() for p in temporaries)
+    finally:
+        run.send_signal(signal.SIGCONT)
+        _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    assert final_state(tmp_path) == final_state(reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_checkpoint_write_exits_130_and_the_rerun_resumes(reference, tmp_path):
+    """Ctrl-C while checkpoint 20 is being written (checkpoints at every step): the save
+    finishes, the run stops in one line with 130, no traceback; the rerun resumes from it and
+    ends where an uninterrupted run ends."""
+    stopped = train_cli(tmp_path, "sigint_checkpoint_write:20",
+                        ("--config.checkpoint_every_steps=1",))
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith(
+        "stopped by interrupt: the finished steps are saved; rerun the same command to resume")
+    steps = checkpoint_steps(tmp_path / "checkpoints")
+    assert 20 <= max(steps) < 25, steps
+    assert not list((tmp_path / "checkpoints").glob("*orbax-checkpoint-tmp*"))
+    resumed = train_cli(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {max(steps)}" in resumed.stderr
+    assert "falling back" not in resumed.stderr  # every checkpoint it left is intact
+    assert final_state(tmp_path) == final_state(reference)
+
+
+def test_ctrl_c_inside_a_checkpoint_write_waits_for_it(tmp_path):
+    """Outside a training loop a save is shielded too: Ctrl-C during it lets it finish and
+    then stops."""
+    code = ("import os, signal\n"
+            "from dlassign.runtime import preemption\n"
+            "preemption.install()\n"
+            "try:\n"
+            "    with preemption.shielded():\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        print('write finished', flush=True)\n"
+            "except KeyboardInterrupt:\n"
+            "    print('then stopped', preemption.by_sigterm(), flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.splitlines() == ["write finished", "then stopped False"], out.stderr
+
+
+@pytest.mark.parametrize("damage", ["permission", "fifo"])
+def test_an_unreadable_checkpoint_file_falls_back_naming_it(tmp_path, damage, monkeypatch,
+                                                            caplog):
+    """A file of the newest step that cannot be read (no permission; or a fifo, whose read would
+    wait forever): the restore falls back to the previous step, naming the file."""
+    from dlassign.runtime import checkpoint
+
+    data = synthetic_dataset()
+    config = tiny_config()
+    train_and_evaluate(config, str(tmp_path), data)
+    steps = checkpoint_steps(tmp_path / "checkpoints")
+    newest = tmp_path / "checkpoints" / str(steps[-1])
+    victim = next(p for p in sorted((newest / "state").rglob("*"))
+                  if p.is_file() and p.parent.name == "d")
+    name = str(victim.relative_to(newest))
+    if damage == "fifo":
+        victim.unlink()
+        os.mkfifo(victim)
+    else:
+        real_open = open
+
+        def refusing(path, *args, **kwargs):
+            if os.path.samefile(path, victim):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint, "open", refusing, raising=False)
+    run = setup(config, data)
+    state, meta = restore_checkpoint(tmp_path / "checkpoints", abstract_tree(make_state(run)))
+    assert meta["step"] == steps[-2]
+    warnings = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+    reason = "not a regular file" if damage == "fifo" else "Permission denied"
+    assert any(f"{name} cannot be read ({reason})" in w for w in warnings), warnings
+    assert newest.exists()  # a reader moves nothing
+
+
+@pytest.mark.slow
+def test_an_unreadable_checkpoint_file_through_evaluate_and_train(reference, tmp_path):
+    """A fifo in place of a file of the newest step: evaluate falls back naming it, no
+    traceback; the rerun of the training sets the step aside and ends where it ended."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    steps = checkpoint_steps(workdir / "checkpoints")
+    newest = workdir / "checkpoints" / str(steps[-1])
+    victim = next(p for p in sorted((newest / "state").rglob("*"))
+                  if p.is_file() and p.parent.name == "d")
+    victim.unlink()
+    os.mkfifo(victim)
+    name = str(victim.relative_to(newest))
+    evaluated = evaluate_cli(workdir)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "Traceback" not in evaluated.stderr
+    assert f"{name} cannot be read (not a regular file)" in evaluated.stderr
+    assert json.loads((workdir / "eval.json").read_text())["step"] == steps[-2]
+    rerun = train_cli(workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert final_state(workdir) == final_state(reference)

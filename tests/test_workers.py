@@ -1,12 +1,19 @@
 """Studies side by side in worker processes (`dlassign.runtime.workers`, the main job's runner)."""
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from dlassign.errors import ConfigError
-from dlassign.runtime.workers import Task, check_workers, run_tasks
+from dlassign.runtime.workers import Task, WorkerDied, check_workers, run_tasks
+from tests.helpers import descendants, still_running
+
+ROOT = Path(__file__).resolve().parents[1]
 
 _SETUP = {"called": False}
 
@@ -103,3 +110,78 @@ def test_a_task_waits_for_the_tasks_it_is_after_and_gets_their_results(tmp_path,
 def test_a_task_after_an_unknown_or_later_task_is_refused():
     with pytest.raises(ValueError, match="'then' waits for \\['later'\\]"):
         run_tasks([Task("then", _where, after=("later",)), Task("later", _where)], workers=2)
+
+
+def _install_preemption():
+    from dlassign.runtime import preemption
+
+    preemption.install()  # as the entry points' workers do (`experiments.common.worker_setup`)
+
+
+def _kill_self():
+    time.sleep(0.5)  # the other task has started by now
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_killed_mid_task_names_its_task():
+    tasks = [Task("victim", _kill_self), Task("bystander", _where, (3.0,))]
+    with pytest.raises(WorkerDied) as e:
+        run_tasks(tasks, workers=2, setup=_install_preemption)
+    assert "worker process of study 'victim' was killed by SIGKILL" in str(e.value)
+    assert "bystander" not in str(e.value) and "Rerun the same command" in str(e.value)
+    assert e.value.exit_status == 75
+
+
+def test_an_idle_worker_stopped_after_a_failure_prints_no_traceback(capfd):
+    """One task fails while the other worker waits for work: it is stopped with SIGTERM, and
+    must not print 'Process SpawnProcess-N: Traceback ... KeyboardInterrupt'."""
+    tasks = [Task("fails", _fail_later, ("bad value 5",)), Task("quick", _where)]
+    with pytest.raises(ValueError, match="bad value 5"):
+        run_tasks(tasks, workers=2, setup=_install_preemption)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def _fail_later(message: str):
+    time.sleep(1.0)  # the other worker has finished its task and waits
+    raise ValueError(message)
+
+
+def _report_and_sleep(folder: str, seconds: float) -> None:
+    with open(os.path.join(folder, str(os.getpid())), "w"):
+        pass
+    time.sleep(seconds)
+
+
+PARENT = """
+import sys
+from dlassign.runtime.workers import Task, run_tasks
+from tests.test_workers import _install_preemption, _report_and_sleep
+_install_preemption()
+run_tasks([Task("long", _report_and_sleep, (sys.argv[1], 300.0)),
+           Task("short", _report_and_sleep, (sys.argv[1], 0.0))], workers=2,
+          setup=_install_preemption)
+"""
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """SIGKILL of the parent: the busy worker and the idle one, and the resource tracker, are
+    all gone within 10 s (before, both workers waited forever)."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)], cwd=ROOT,
+                              stderr=subprocess.DEVNULL)
+    run = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(os.listdir(tmp_path)) == 2, "the workers did not start"
+        time.sleep(0.5)  # the short task's worker is idle now
+        run = descendants(parent.pid)
+        assert len(run) >= 3, run  # two workers and the resource tracker
+        parent.kill()
+        parent.wait()
+        left = still_running(run, 10)
+        assert not left, [open(f"/proc/{p}/cmdline").read() for p in left]
+    finally:
+        for pid in still_running(run, 0):
+            os.kill(pid, signal.SIGKILL)

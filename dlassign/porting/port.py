@@ -20,6 +20,7 @@ from dlassign.porting.convert import flax_to_torch, torch_to_flax
 from dlassign.porting.io import write_state_dict
 from dlassign.porting.torch_models import build
 from dlassign.runtime.checkpoint import Checkpointer
+from dlassign.runtime.workdir import WorkdirLock
 from dlassign.training.evaluation import restore_run
 from dlassign.training.trainer import compile_steps, predict
 
@@ -68,18 +69,20 @@ def port(arch: str, state_dict: dict[str, np.ndarray], config, replace_head: boo
             "config": config.to_dict()}
     tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     target = os.path.join(output, "checkpoints")
-    if not os.path.isdir(target) or not os.listdir(target):
-        with Checkpointer(target) as ckpt:
-            ckpt.save(0, tree, meta)
-        return variables
-    staging = tempfile.mkdtemp(prefix=".port-", dir=output)
-    try:
-        with Checkpointer(os.path.join(staging, "checkpoints")) as ckpt:
-            ckpt.save(0, tree, meta)
-        os.replace(target, os.path.join(staging, "replaced"))
-        os.replace(os.path.join(staging, "checkpoints"), target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # the writer of `output`: holds it, and so tidies what an interrupted port left there
+    with WorkdirLock(output):
+        if not os.path.isdir(target) or not os.listdir(target):
+            with Checkpointer(target) as ckpt:
+                ckpt.save(0, tree, meta)
+            return variables
+        staging = tempfile.mkdtemp(prefix=".port-", dir=output)
+        try:
+            with Checkpointer(os.path.join(staging, "checkpoints")) as ckpt:
+                ckpt.save(0, tree, meta)
+            os.replace(target, os.path.join(staging, "replaced"))
+            os.replace(os.path.join(staging, "checkpoints"), target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return variables
 
 

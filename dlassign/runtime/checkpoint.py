@@ -6,6 +6,11 @@ previous checkpoint, with a warning, when the latest is damaged; a checkpoint wr
 model or dataset geometry is refused with the fields that differ. Orbax writes each step into a
 temporary directory and renames it when complete, so a kill mid-write leaves the last finished
 checkpoint as the latest.
+
+Only the process that holds the workdir's lock (`runtime.workdir`, the training run) tidies the
+directory: it removes the temporary folders of interrupted saves and moves damaged steps aside.
+A reader (evaluate, the Hessian spectrum, the landscape) may open the checkpoints of a run that
+is still training; it reads the newest finished step and leaves everything where it is.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from typing import Any
 
@@ -22,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from dlassign.errors import CheckpointError
-from dlassign.runtime import distributed, faults, parallel
+from dlassign.runtime import distributed, faults, parallel, preemption, workdir
 
 
 class _Orbax:
@@ -106,12 +112,15 @@ def config_differences(saved: dict, current: dict, fields=IDENTITY_FIELDS,
 class Checkpointer:
     """Keeps the last `keep` checkpoints of a run under `directory`.
 
+    Opened inside the workdir lock (`WorkdirLock`) it is the run's writer and tidies the
+    directory; opened without it, it is a reader that changes nothing on disk but what it saves.
     Close it when done (`close()`, or use it as a context manager): Orbax's manager holds
     background threads and an event loop until then."""
 
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
-        if jax.process_index() == 0:
+        self.owner = workdir.holds(self.directory)  # the same answer in every process of a run
+        if self.owner and jax.process_index() == 0:
             _remove_temporaries(self.directory)
         distributed.barrier("dlassign_checkpointer_open")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -124,11 +133,12 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict) -> None:
         meta = dict(meta, step=int(step), state_sha256=fingerprint(state))
         faults.during_checkpoint_write(int(step), self.directory)
-        self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-        self._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            _write_manifest(os.path.join(self.directory, str(int(step))))
+        with preemption.shielded():  # Ctrl-C in a rename would leave a half-moved step
+            self._manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                _write_manifest(os.path.join(self.directory, str(int(step))))
         distributed.barrier(f"dlassign_checkpoint_{int(step)}_saved")
 
     def check_files(self, step: int) -> None:
@@ -150,7 +160,11 @@ class Checkpointer:
         except (OSError, ValueError, AssertionError):
             raise CheckpointError(f"checkpoint {step} in {self.directory}: its file manifest "
                                   f"{MANIFEST} is unreadable") from None
-        have = _file_hashes(folder)
+        try:
+            have = _file_hashes(folder)
+        except _Unreadable as e:
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged: "
+                                  f"{e.name} cannot be read ({e.reason})") from None
         for name in sorted(set(want) | set(have)):
             if want.get(name) != have.get(name):
                 what = ("is missing" if name not in have else "is not in its manifest"
@@ -186,6 +200,10 @@ class Checkpointer:
         beside it, never deleted), so the run can write those step numbers again. Every
         process calls it; process 0 moves the folders."""
         if not steps:
+            return
+        if not self.owner:  # a reader: the run that owns the workdir deals with them
+            logging.warning("checkpoint(s) %s in %s left in place: this process does not hold "
+                            "the workdir", ", ".join(map(str, steps)), self.directory)
             return
         if jax.process_index() == 0:
             self._move_aside(steps, reasons)
@@ -321,7 +339,15 @@ def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [""])[0][:300]
 
 
+class _Unreadable(Exception):
+    def __init__(self, name: str, reason: str):
+        super().__init__(name, reason)
+        self.name, self.reason = name, reason
+
+
 def _file_hashes(folder: str) -> dict[str, str]:
+    """SHA-256 of every file under `folder` by relative path; raises `_Unreadable` naming a
+    file that cannot be read, or that is no regular file (reading a fifo would wait forever)."""
     out = {}
     for root, _, files in os.walk(folder):
         for name in files:
@@ -330,9 +356,14 @@ def _file_hashes(folder: str) -> dict[str, str]:
             if rel in (MANIFEST, MANIFEST + ".tmp"):
                 continue
             h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            try:
+                if not stat.S_ISREG(os.stat(path).st_mode):
+                    raise _Unreadable(rel, "not a regular file")
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+            except OSError as e:
+                raise _Unreadable(rel, e.strerror or type(e).__name__) from None
             out[rel] = h.hexdigest()
     return out
 

@@ -13,15 +13,25 @@ The directory is kept under `MAX_SIZE_BYTES` by `prune`, at most once a day when
 starts: the least recently read entries go first. JAX's own size bound
 (`jax_compilation_cache_max_size`) is left off on purpose: it lists and reads every entry's
 access time under a global file lock on every write, which made a first run of the test suite
-(thousands of small programs) quadratic in the number of entries. A reader that meets an entry
-another process is still writing gets JAX's warning and compiles the program itself.
+(thousands of small programs) quadratic in the number of entries.
+
+Each entry is written whole or not at all (a temporary file, then a rename) and sealed with the
+SHA-256 of its key and of its bytes (`CheckedCache`). JAX's own file cache never rewrites an
+entry, so one cut short (a full disk) warned and recompiled in every later run, and a valid
+entry under another program's name crashed every run with an assertion deep in JAX. An entry
+that is cut short, damaged, filed under the wrong name or written by something else is now
+removed with a warning naming it, and the program is compiled and written again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import pathlib
 import time
+
+from absl import logging
 
 ENV = "DLASSIGN_COMPILATION_CACHE"
 OFF = ("0", "off", "false", "no")
@@ -60,6 +70,7 @@ def enable() -> str | None:
     if path is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
+    _use_checked_cache()
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_SECS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -68,6 +79,78 @@ def enable() -> str | None:
     except OSError:  # a cache we cannot tidy is still a cache
         pass
     return path
+
+
+_MAGIC = b"dlassign-xla-cache-1\n"
+_HEADER = len(_MAGIC) + 64  # the magic, SHA-256 of the key, SHA-256 of the value
+
+
+def seal(key: str, value: bytes) -> bytes:
+    """An entry's bytes on disk: `value` behind a header that ties it to `key`."""
+    return (_MAGIC + hashlib.sha256(key.encode()).digest() + hashlib.sha256(value).digest()
+            + value)
+
+
+def unseal(key: str, data: bytes) -> tuple[bytes | None, str]:
+    """(value, '') for an intact entry of `key`; (None, what is wrong) otherwise."""
+    if len(data) < _HEADER or not data.startswith(_MAGIC):
+        return None, ("is cut short" if _MAGIC.startswith(data[:len(_MAGIC)])
+                      else "was not written by this version of dlassign")
+    value = data[_HEADER:]
+    if data[len(_MAGIC):len(_MAGIC) + 32] != hashlib.sha256(key.encode()).digest():
+        return None, "holds another program (it is filed under the wrong name)"
+    if data[len(_MAGIC) + 32:_HEADER] != hashlib.sha256(value).digest():
+        return None, "is cut short or damaged"
+    return value, ""
+
+
+def _checked_cache_class():
+    from jax._src.compilation_cache_interface import CacheInterface
+
+    class CheckedCache(CacheInterface):
+        """JAX's persistent cache as one sealed file per program, `KEY-cache` (the names
+        JAX's own file cache uses, which `prune` reads)."""
+
+        def __init__(self, path: str):
+            self._path = pathlib.Path(path)
+            self._path.mkdir(parents=True, exist_ok=True)
+
+        def get(self, key: str) -> bytes | None:
+            entry = self._path / f"{key}-cache"
+            try:
+                data = entry.read_bytes()
+            except FileNotFoundError:
+                return None
+            value, problem = unseal(key, data)
+            if value is None:
+                logging.warning("compilation cache entry %s %s; removed, and the program is "
+                                "compiled again", entry, problem)
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            return value
+
+        def put(self, key: str, value: bytes) -> None:
+            entry = self._path / f"{key}-cache"
+            if entry.exists():
+                return
+            part = self._path / f".{key}.{os.getpid()}.part"
+            try:
+                part.write_bytes(seal(key, value))
+                os.replace(part, entry)
+            finally:  # a full disk: no partial entry stays behind (JAX warns with the error)
+                with contextlib.suppress(FileNotFoundError):
+                    part.unlink()
+
+    return CheckedCache
+
+
+def _use_checked_cache() -> None:
+    """Makes JAX build its persistent cache as a `CheckedCache`. JAX has no public hook for
+    this: its module-level `get_file_cache`, which builds the cache on first use, is replaced."""
+    from jax._src import compilation_cache as jax_cache
+
+    cls = _checked_cache_class()
+    jax_cache.get_file_cache = lambda path: (cls(path), path)
 
 
 def prune(path: str, max_bytes: int = MAX_SIZE_BYTES, every_secs: float = PRUNE_EVERY_SECS,

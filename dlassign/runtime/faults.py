@@ -7,6 +7,9 @@ out-of-memory kill would:
 * `sigterm_after_step:N` sends itself SIGTERM there instead, as a scheduler would;
 * `checkpoint_write:N` while checkpoint N is being written (once Orbax's temporary directory
                        exists, before it is renamed into place);
+* `sigint_checkpoint_write:N` sends itself SIGINT there instead, as Ctrl-C would;
+* `pause_checkpoint_write:N` stops itself (SIGSTOP) there, until a SIGCONT: a save caught in
+                       the middle, for a reader to meet;
 * `slow_call:S`        not a crash: every training call lasts S seconds more per step, a
                        stand-in for a model whose steps are slow (the stop tests).
 
@@ -58,15 +61,19 @@ def during_call(steps: int) -> None:
 
 
 def during_checkpoint_write(step: int, directory: str) -> None:
-    """Starts a watcher that kills the process once step's temporary directory appears."""
-    if not _armed("checkpoint_write", step):
+    """Starts a watcher that signals the process once step's temporary directory appears."""
+    actions = {"checkpoint_write": signal.SIGKILL, "sigint_checkpoint_write": signal.SIGINT,
+               "pause_checkpoint_write": signal.SIGSTOP}
+    armed = [sig for point, sig in actions.items() if _armed(point, step)]
+    if not armed:
         return
 
     def watch():
         prefix = f"{step}.orbax-checkpoint-tmp"
         while True:
             if any(name.startswith(prefix) for name in os.listdir(directory)):
-                kill_now()
+                os.kill(os.getpid(), armed[0])
+                return
             time.sleep(0.0005)
 
     threading.Thread(target=watch, daemon=True).start()

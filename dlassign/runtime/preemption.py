@@ -3,7 +3,9 @@
 SLURM, Kubernetes and preemptible VMs send SIGTERM some seconds before they kill. Within a
 training loop (`deferred`) the handler only records the request, and the loop checks it between
 calls (`requested`), so a save never starts halfway through a step or a checkpoint write;
-elsewhere SIGTERM stops the process at once, as Ctrl-C does.
+elsewhere SIGTERM stops the process at once. Ctrl-C (SIGINT) is treated the same way: raised
+in the middle of a checkpoint write it would leave a half-renamed step that the save on the
+way out then collides with. A second Ctrl-C stops at once.
 
 In a multi-process run the processes must stop at the same step, or the save would wait forever
 for the ones still training. There JAX's distributed runtime owns SIGTERM: a notice to any one
@@ -19,11 +21,15 @@ import threading
 
 _stop = threading.Event()
 _deferring = threading.Event()
+_signals: list[int] = []  # the signals that asked to stop, in order
 
 
 def _handler(signum, frame) -> None:
     del frame
     _stop.set()
+    _signals.append(signum)
+    if signum == signal.SIGINT and _signals.count(signal.SIGINT) > 1:
+        raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
     if not _deferring.is_set():  # outside a training loop nothing saves: stop at once
         raise KeyboardInterrupt
 
@@ -38,9 +44,27 @@ def deferred():
         _deferring.clear()
 
 
+@contextlib.contextmanager
+def shielded():
+    """A write that must not be cut in half (a checkpoint save): a stop request waits until it
+    is done. Outside a training loop the stop then happens as the block ends."""
+    outer = _deferring.is_set()
+    before = len(_signals)
+    _deferring.set()
+    try:
+        yield
+    finally:
+        if not outer:
+            _deferring.clear()
+    if not outer and len(_signals) > before:
+        raise KeyboardInterrupt
+
+
 def install() -> None:
-    """Routes SIGTERM to a stop request (call once, from the main thread of an entry point)."""
+    """Routes SIGTERM and SIGINT to a stop request (call once, from the main thread of an entry
+    point)."""
     signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
 
 
 def stop_at(call: int) -> bool:
@@ -61,3 +85,9 @@ def stop_at(call: int) -> bool:
 def requested() -> bool:
     """Whether a stop was requested since the process started."""
     return _stop.is_set()
+
+
+def by_sigterm() -> bool:
+    """Whether the stop was a scheduler's (SIGTERM, or JAX's preemption notice in a
+    multi-process run) rather than Ctrl-C."""
+    return _stop.is_set() and (not _signals or _signals[0] == signal.SIGTERM)

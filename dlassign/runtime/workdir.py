@@ -3,6 +3,10 @@
 The lock is `fcntl.flock` on `WORKDIR/.lock`, which the operating system releases when the
 process dies however it dies, so a stale lock of a killed run is simply taken over. The file
 records who holds it, for the message a second process gets.
+
+Readers (evaluate, the Hessian spectrum, the landscape) take no lock: they may read a workdir
+while its run trains. Only the holder tidies it (`holds`): a reader that removed a temporary
+folder would pull it from under the save that is writing it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jax
 from dlassign.errors import DlassignError
 
 LOCK_NAME = ".lock"
+_held: set[str] = set()  # the workdirs this process holds the lock of, while it holds them
 
 
 class WorkdirBusy(DlassignError):
@@ -54,7 +59,8 @@ class WorkdirLock:
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
-        if jax.process_index() != 0:
+        if jax.process_index() != 0:  # process 0 holds it for every process of the run
+            _held.add(os.path.realpath(self.workdir))
             return self
         check_workdir(self.workdir)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -69,13 +75,22 @@ class WorkdirLock:
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "command": " ".join(sys.argv), "since": time.time()}).encode())
         self._fd = fd
+        _held.add(os.path.realpath(self.workdir))
         return self
 
     def __exit__(self, *exc) -> None:
+        _held.discard(os.path.realpath(self.workdir))
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def holds(path: str) -> bool:
+    """Whether this process holds the lock of `path` or of a workdir that contains it (in a
+    multi-process run: whether its process 0 holds it for the run)."""
+    path = os.path.realpath(path)
+    return any(path == w or path.startswith(w.rstrip(os.sep) + os.sep) for w in _held)
 
 
 def _describe(fd: int) -> str:
