@@ -155,3 +155,16 @@ def test_sigterm_during_slow_calls_stops_within_the_call_bound(tmp_path, steps_p
     assert rest.strip().splitlines()[-1].startswith("stopped by SIGTERM"), log[-3000:]
     assert waited < 8.0, (waited, log[-3000:])  # at most one 1.5 s call, the save, the exit
     assert checkpoint_steps(tmp_path / "checkpoints")[-1] >= 4
+
+
+def test_a_fixed_steps_per_call_that_would_not_fit_in_memory_is_refused(monkeypatch):
+    from dlassign.errors import ConfigError
+    from dlassign.training import trainer
+
+    run = trainer.setup(tiny_config({"steps_per_call": 16}), synthetic_dataset())
+    monkeypatch.setattr(trainer, "available_memory", lambda: 2**16)  # 64 KiB: 16 batches of 2 KiB, three calls ahead
+    with pytest.raises(ConfigError, match=r"steps_per_call=16 stacks batches of .* lower "
+                                          r"steps_per_call, or 0"):
+        trainer.check_memory(run, None)
+    monkeypatch.setattr(trainer, "available_memory", lambda: 2**30)
+    trainer.check_memory(run, None)

@@ -218,7 +218,10 @@ def fixed_calls(plan: Iterable[tuple[int, int]], batches: Iterator[dict], steps_
                stack([next(batches) for _ in range(n)], steps_per_call), sharding)
 
 
-def place_ahead(calls: Iterable[tuple], size: int = 2) -> Iterator[tuple]:
+PREFETCH = 2  # calls whose batches are on the devices before they run
+
+
+def place_ahead(calls: Iterable[tuple], size: int = PREFETCH) -> Iterator[tuple]:
     """The calls with their batches put on the devices `size` calls ahead, overlapping the copy
     with compute: (first step, steps, slots, tag, device batch)."""
     queue = collections.deque()

@@ -205,6 +205,8 @@ class CompileAhead:
         self._run, self._abstract_state = run, abstract_state
         eval_batch = _abstract_batch(run, run.config.eval_batch_size, mask=True)
         first_slots = run.config.get("steps_per_call", 0) or 1
+        logging.info("compiling the train step (%d per call) and the eval step", first_slots)
+        self.started = time.perf_counter()  # when the compiling began
 
         def train():
             self._compile_train(first_slots)
@@ -237,9 +239,6 @@ class CompileAhead:
         if jax.process_count() > 1:
             thread.join()
         return thread
-
-    def compiling(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
 
     def join(self) -> None:
         for t in self._threads:
@@ -303,10 +302,11 @@ def check_disk(state: TrainState, workdir: str) -> None:
 
 def check_memory(run: Run, stats) -> None:
     """Fails in one line where an evaluation batch cannot fit in memory, by XLA's own estimate
-    of the compiled eval program (`stats`: its `memory_analysis()`, None when unknown).
+    of the compiled eval program (`stats`: its `memory_analysis()`, None when unknown), or where
+    a fixed `steps_per_call` stacks more batches than half the memory holds.
 
     Raises:
-      ConfigError: names eval_batch_size, with the sizes.
+      ConfigError: names eval_batch_size or steps_per_call, with the sizes.
     """
     n = run.config.eval_batch_size
     have = available_memory()
@@ -319,6 +319,16 @@ def check_memory(run: Run, stats) -> None:
             raise ConfigError(f"eval_batch_size={n} needs about {need / 2**30:.1f} GiB to "
                               f"evaluate, {have / 2**30:.1f} GiB are available; lower "
                               "eval_batch_size")
+    k = min(run.config.get("steps_per_call", 0), run.total_steps)
+    if have is not None and k > 1:
+        images = run.dataset.train.images
+        batch = run.config.batch_size * (images[0].nbytes + run.dataset.train.labels[0].nbytes)
+        need = (loop.PREFETCH + 1) * k * batch  # the calls placed ahead and the one running
+        if need > have / 2:
+            raise ConfigError(f"steps_per_call={k} stacks batches of {k * batch / 2**20:.0f} MiB "
+                              f"per call, {need / 2**30:.1f} GiB with the calls placed ahead; "
+                              f"{have / 2**30:.1f} GiB are available; lower steps_per_call, or "
+                              "0 to let the run choose")
 
 
 def predict(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size: int
@@ -483,9 +493,10 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
         pacing = meta.get("pacing")
         logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
     train_step, eval_step = ahead.train_step, ahead.eval_step
-    if ahead.compiling():
-        logging.info("compiling the train and eval steps")
+    waited = time.perf_counter()
     ahead.join()  # the steps' programs, compiled while the state was made and restored
+    logging.info("train and eval steps compiled %.1f s after they started (%.1f s waited)",
+                 time.perf_counter() - ahead.started, time.perf_counter() - waited)
     check_memory(run, ahead.memory)
     check_disk(state, os.path.dirname(ckpt.directory))
     logging.info("%s: %d parameters, %d train / %d test examples, %d steps (%d per epoch), "
