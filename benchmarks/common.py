@@ -70,11 +70,12 @@ def parse(description: str, extra=None,
 
 
 def add_steps_per_call(p: argparse.ArgumentParser) -> None:
-    """--steps_per_call: ours runs that many steps per jitted call, as the training loop does."""
-    from configs import base
+    """--steps_per_call: ours runs that many steps per jitted call, as the training loop does
+    (default: the most it chooses, `loop.AUTO_MOST_STEPS`)."""
+    from dlassign.training.loop import AUTO_MOST_STEPS
 
-    p.add_argument("--steps_per_call", type=int, default=base.get_config().steps_per_call,
-                   help="our steps per jitted call (default: the config's)")
+    p.add_argument("--steps_per_call", type=int, default=AUTO_MOST_STEPS,
+                   help="our steps per jitted call")
 
 
 def start_jax(cpu_devices: int):

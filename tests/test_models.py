@@ -475,3 +475,26 @@ def test_active_units_keep_the_first_units_exactly_and_zero_the_rest():
         g = jax.grad(f)(x, None)
     np.testing.assert_array_equal(g[:, :4], 3.0 * jnp.cos(x[:, :4]))
     np.testing.assert_array_equal(g[:, 4:], 0.0)
+
+
+@pytest.mark.parametrize("size,out", [(1, 7), (2, 7), (3, 6), (7, 7), (9, 7)])
+def test_pooled_dense_is_the_pool_then_the_dense_layer(size, out):
+    """Same initial parameters as nn.Dense on the pooled map; values and gradients in float64
+    equal where the pool folds into the kernel (smaller maps) and where it does not."""
+    from dlassign.models.layers import PooledDense, adaptive_avg_pool, flatten_chw
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), (3, size, size, 5), jnp.float64)
+        ours, dense = PooledDense(4, (out, out)), nn.Dense(4)
+        pooled = lambda x: flatten_chw(adaptive_avg_pool(x, (out, out)))
+        v = ours.init(jax.random.PRNGKey(1), x.astype(jnp.float32))
+        for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(
+                dense.init(jax.random.PRNGKey(1), pooled(x).astype(jnp.float32))), strict=True):
+            np.testing.assert_array_equal(a, b)
+        v = jax.tree.map(lambda a: a.astype(jnp.float64), v)
+        loss = lambda f: (lambda v, x: jnp.sum(jnp.sin(f(v, x))))
+        got = jax.grad(loss(ours.apply), (0, 1))(v, x)
+        want = jax.grad(loss(lambda v, x: dense.apply(v, pooled(x))), (0, 1))(v, x)
+        np.testing.assert_allclose(ours.apply(v, x), dense.apply(v, pooled(x)), atol=1e-13)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-13)

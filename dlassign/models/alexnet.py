@@ -6,7 +6,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import adaptive_avg_pool, conv, flatten_chw, logits, max_pool
+from dlassign.models.layers import (
+    PooledDense,
+    adaptive_avg_pool,
+    conv,
+    flatten_chw,
+    logits,
+    max_pool,
+)
 from dlassign.models.registry import Architecture, TorchEntry
 
 # (features, kernel, stride, padding, pool after) for torchvision's features.0/3/6/8/10.
@@ -31,10 +38,16 @@ class AlexNet(nn.Module):
             x = nn.relu(conv(f, k, s, p, impl=self.impl, dtype=self.dtype, name=f"conv{i + 1}")(x))
             if pool:
                 x = max_pool(x, 3, 2, impl=self.impl)
-        x = flatten_chw(adaptive_avg_pool(x, (6, 6)))
-        for name in ("fc1", "fc2"):
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
-            x = nn.relu(nn.Dense(4096, dtype=self.dtype, name=name)(x))
+        # fc1 takes the adaptive 6x6 average pool, flattened; with dropout in between (while
+        # training), each pooled copy of a pixel has its own mask and the pool stays apart
+        if train and self.dropout > 0:
+            x = nn.Dropout(self.dropout, deterministic=False)(
+                flatten_chw(adaptive_avg_pool(x, (6, 6))))
+            x = nn.relu(nn.Dense(4096, dtype=self.dtype, name="fc1")(x))
+        else:
+            x = nn.relu(PooledDense(4096, (6, 6), self.dtype, name="fc1")(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = nn.relu(nn.Dense(4096, dtype=self.dtype, name="fc2")(x))
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
 
 

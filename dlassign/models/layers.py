@@ -202,6 +202,42 @@ def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
     return jnp.einsum("oh,nhwc,pw->nopc", mh, x, mw)
 
 
+class PooledDense(nn.Module):
+    """torch's AdaptiveAvgPool2d(size), flatten (C, H, W order) and Linear, as one layer with
+    `nn.Dense`'s parameters (kernel [C*OH*OW, features], bias; same initial values).
+
+    Where the map has fewer pixels than the pool's output (VGG-16 at 32 px: 1x1 pooled to 7x7,
+    AlexNet at 64 px: 1x1 to 6x6) the pool only repeats pixels, and the product folds the pool's
+    matrix into the kernel instead: a [C*H*W, features] kernel, 49 (36) times fewer
+    multiply-adds in the forward and both gradients. The same function, rounded differently.
+    """
+
+    features: int
+    size: tuple[int, int]
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [N, H, W, C] -> [N, features]."""
+        _, h, w, c = x.shape
+        oh, ow = self.size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (c * oh * ow, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if h * w == 1:  # every output pixel is the one pixel: a sum (no transposed copy)
+            kernel = kernel.reshape(c, oh * ow, self.features).sum(axis=1)
+        elif h * w < oh * ow:
+            mh = jnp.asarray(_adaptive_matrix(h, oh), kernel.dtype)
+            mw = jnp.asarray(_adaptive_matrix(w, ow), kernel.dtype)
+            kernel = jnp.einsum("ap,bq,cabf->cpqf", mh, mw,
+                                kernel.reshape(c, oh, ow, self.features))
+            kernel = kernel.reshape(c * h * w, self.features)
+        else:
+            x = adaptive_avg_pool(x, self.size)
+        return jnp.dot(flatten_chw(x), kernel) + bias
+
+
 def flatten_chw(x: jax.Array) -> jax.Array:
     """Flattens NHWC in torch's C, H, W order, so ported Linear weights apply unchanged."""
     return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
@@ -229,7 +265,8 @@ def logits(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-__all__ = ["ACTIVATIONS", "CHOSEN", "IMPLS", "activation", "activation_max_pool", "active_units",
+__all__ = ["ACTIVATIONS", "CHOSEN", "IMPLS", "PooledDense", "activation", "activation_max_pool",
+           "active_units",
            "active_widths",
            "adaptive_avg_pool", "batch_minor", "batch_norm", "chosen_activations", "conv",
            "flatten_chw", "flatten_dense", "logits", "max_pool", "use_batch_minor"]

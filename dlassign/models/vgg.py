@@ -9,14 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import (
-    adaptive_avg_pool,
-    batch_norm,
-    conv,
-    flatten_chw,
-    logits,
-    max_pool,
-)
+from dlassign.models.layers import PooledDense, batch_norm, conv, logits, max_pool
 from dlassign.models.registry import Architecture, TorchEntry
 
 # torchvision's configuration 'D' (VGG-16): channels of each 3x3 conv, 'M' a 2x2/2 max pool.
@@ -47,9 +40,10 @@ class VGG(nn.Module):
                 x = batch_norm(train, self.dtype, name=f"bn{i}")(x)
             x = nn.relu(x)
             i += 1
-        x = flatten_chw(adaptive_avg_pool(x, (7, 7)))
-        for name in ("fc1", "fc2"):
-            x = nn.relu(nn.Dense(4096, dtype=self.dtype, name=name)(x))
+        for name in ("fc1", "fc2"):  # fc1 takes the adaptive 7x7 average pool, flattened
+            layer = (PooledDense(4096, (7, 7), self.dtype, name=name) if name == "fc1"
+                     else nn.Dense(4096, dtype=self.dtype, name=name))
+            x = nn.relu(layer(x))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
 
