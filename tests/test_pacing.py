@@ -162,7 +162,8 @@ def test_a_fixed_steps_per_call_that_would_not_fit_in_memory_is_refused(monkeypa
     from dlassign.training import trainer
 
     run = trainer.setup(tiny_config({"steps_per_call": 16}), synthetic_dataset())
-    monkeypatch.setattr(trainer, "available_memory", lambda: 2**16)  # 64 KiB: 16 batches of 2 KiB, three calls ahead
+    # 64 KiB: half of it is less than 16 batches of 2 KiB for each of three calls
+    monkeypatch.setattr(trainer, "available_memory", lambda: 2**16)
     with pytest.raises(ConfigError, match=r"steps_per_call=16 stacks batches of .* lower "
                                           r"steps_per_call, or 0"):
         trainer.check_memory(run, None)
