@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dlassign.training import loop
 from dlassign.training.loop import AUTO_MOST_STEPS, Pacer, call_plan
 from tests.helpers import checkpoint_steps, synthetic_dataset, tiny_config
 
@@ -67,6 +68,18 @@ def test_auto_keeps_several_steps_only_where_a_step_is_not_slower_and_replays(se
             (f, n, k, None) for f, n, k in calls if f > resume]
 
 
+def test_auto_tries_several_steps_only_where_the_steps_left_repay_a_compile():
+    pacer = Pacer(0, 100, (), 0, 5.0, compile_seconds=1.0,
+                  compile_several=lambda k: pytest.fail("compiled a several-step call"))
+    calls = _drive(pacer, lambda k: 0.01)  # 1 s of steps left, 10 s would repay the compile
+    assert {k for _, _, k in calls} == {1} and pacer.record()["chosen"]
+    asked = []
+    pacer = Pacer(0, 2000, (), 0, 5.0, compile_seconds=1.0,
+                  compile_several=lambda k: asked.append(k) or _Compiled())
+    _drive(pacer, lambda k: 0.01)  # 20 s left
+    assert asked == [AUTO_MOST_STEPS]
+
+
 def test_auto_takes_one_step_per_call_where_two_would_not_fit_the_call_bound():
     pacer = Pacer(0, 30, (), 0, max_call_seconds=5.0,
                   compile_several=lambda k: pytest.fail("compiled a several-step call"))
@@ -98,8 +111,10 @@ def test_a_run_records_its_choice_in_results_and_checkpoints(tmp_path, monkeypat
     from dlassign.runtime.checkpoint import Checkpointer
     from dlassign.training.trainer import train_and_evaluate
 
-    # steps of 20 ms, so that the several-step call compiles before the run ends
+    # steps of 20 ms, so that the several-step call compiles before the run ends, tried
+    # however short the run is against the compile time
     monkeypatch.setenv("DLASSIGN_FAILPOINT", "slow_call:0.02")
+    monkeypatch.setattr(loop, "PAYBACK", 0.0)
     data = synthetic_dataset()
     config = tiny_config({"steps_per_call": 0, "num_epochs": 10, "checkpoint_every_steps": 8,
                           "log_every_steps": 8})

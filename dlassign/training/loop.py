@@ -76,6 +76,10 @@ TRIAL_CALLS = 2  # one-step calls of the several-step program timed before keepi
 # A step inside the several-step program may take this much longer than alone and still be
 # kept (noise); XLA:CPU programs whose layouts suffer inside a loop take several times longer.
 TRIAL_TOLERANCE = 1.25
+# Several steps per call save a few per cent of a step at best, and compiling them takes about
+# what compiling one step took, on cores the steps share: they are tried only where the steps
+# left take this many times that compile time.
+PAYBACK = 10.0
 
 
 class Pacer:
@@ -84,11 +88,13 @@ class Pacer:
     With `steps_per_call` N > 0 every call runs N steps (fewer up to a boundary), unless the
     first call, timed, says a call of N steps lasts longer than `max_call_seconds`; the calls
     then take as many steps as fit. With 0 the first calls run one step each and are timed;
-    where several steps fit in `max_call_seconds`, a call of that many steps is compiled on a
-    background thread (`compile_several(k)` returns the started thread), two calls of it run
-    one step each, timed, and it is kept unless its step is more than `TRIAL_TOLERANCE` times
-    slower than a step alone: it saves the per-call overhead, but XLA:CPU compiles some
-    programs worse inside a loop (grouped convolutions' gradients, for one).
+    where several steps fit in `max_call_seconds` and the steps left take `PAYBACK` times
+    `compile_seconds` (what compiling the one-step call took), a call of that many steps is
+    compiled on a background thread (`compile_several(k)` returns the started thread), two
+    calls of it run one step each, timed, and it is kept unless its step is more than
+    `TRIAL_TOLERANCE` times slower than a step alone: it saves the per-call overhead, but
+    XLA:CPU compiles some programs worse inside a loop (grouped convolutions' gradients, for
+    one).
 
     In a run of several processes `agree` makes every process see the slowest one's time (a
     collective: every process times the same calls), and `compile_several` must compile before
@@ -104,8 +110,9 @@ class Pacer:
                  steps_per_call: int = 0, max_call_seconds: float = float("inf"),
                  record: dict | None = None,
                  compile_several: Callable[[int], object] | None = None,
-                 agree: Callable[[float], float] = lambda seconds: seconds):
-        self.total, self.agree = total, agree
+                 agree: Callable[[float], float] = lambda seconds: seconds,
+                 compile_seconds: float = 0.0):
+        self.total, self.agree, self.compile_seconds = total, agree, compile_seconds
         self.setting, self.max_call_seconds = steps_per_call, max_call_seconds
         self.compile_several = compile_several
         self._boundaries = {b for b in boundaries if 0 < b < total} | {total}
@@ -180,9 +187,12 @@ class Pacer:
                 return
             self.one_step_s = min(self._times[1:] or self._times)
             k = min(AUTO_MOST_STEPS, int(self.max_call_seconds / self.one_step_s))
-            if k < 2 or self.compile_several is None:
+            left = (self.total - self.planned) * self.one_step_s
+            if k < 2 or self.compile_several is None or left < PAYBACK * self.compile_seconds:
                 self.phase = "chosen"
-                logging.info("one step per call: a step takes %.3f s", self.one_step_s)
+                logging.info("one step per call: a step takes %.3f s, the %.0f s of steps left "
+                             "against %.1f s to compile a call", self.one_step_s, left,
+                             self.compile_seconds)
             else:
                 self._trial_k, self.phase = k, "compiling"
                 self._compiling = self.compile_several(k)

@@ -202,6 +202,7 @@ class CompileAhead:
 
         self.train_step, self.eval_step = compile_steps(run, abstract_state)
         self.memory = None
+        self.train_seconds = 0.0  # what compiling the first calls' train step took
         self._run, self._abstract_state = run, abstract_state
         eval_batch = _abstract_batch(run, run.config.eval_batch_size, mask=True)
         first_slots = run.config.get("steps_per_call", 0) or 1
@@ -223,9 +224,11 @@ class CompileAhead:
             t.start()
 
     def _compile_train(self, slots: int) -> None:
+        started = time.perf_counter()
         batch = _abstract_batch(self._run, self._run.config.batch_size, slots=slots)
         self.train_step.lower(self._abstract_state, batch,
                               jax.ShapeDtypeStruct((), np.int32)).compile()
+        self.train_seconds = time.perf_counter() - started
 
     def several(self, slots: int):
         """Compiles the train step for `slots` steps per call: on a started background thread
@@ -521,7 +524,8 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
     best_accuracy = newest_best[1].get("validation_accuracy") if newest_best else None
     pacer = loop.Pacer(start, run.total_steps, boundaries, config.get("steps_per_call", 0),
                        config.get("max_call_seconds", float("inf")), pacing,
-                       compile_several=ahead.several, agree=_slowest)
+                       compile_several=ahead.several, agree=_slowest,
+                       compile_seconds=_slowest(ahead.train_seconds))
     calls = loop.paced_calls(
         pacer, train_batches(run.dataset.train, config.batch_size, config.seed, start,
                              run.total_steps - start),
