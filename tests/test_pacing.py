@@ -89,10 +89,17 @@ def test_auto_takes_one_step_per_call_where_two_would_not_fit_the_call_bound():
 
 def test_auto_several_steps_fit_the_call_bound():
     asked = []
-    pacer = Pacer(0, 40, (), 0, max_call_seconds=1.0,
+    pacer = Pacer(0, 40, (), 0, max_call_seconds=0.1,
                   compile_several=lambda k: asked.append(k) or _Compiled())
-    calls = _drive(pacer, lambda k: 0.3)
+    calls = _drive(pacer, lambda k: 0.03)
     assert asked == [3] and {k for _, _, k in calls[5:]} == {3}
+
+
+def test_auto_runs_steps_longer_than_the_calls_overhead_one_per_call():
+    pacer = Pacer(0, 400, (), 0, 5.0,
+                  compile_several=lambda k: pytest.fail("compiled a several-step call"))
+    calls = _drive(pacer, lambda k: 2 * loop.SEVERAL_BELOW_S)  # a ResNet-sized step
+    assert {k for _, _, k in calls} == {1} and pacer.record()["chosen"]
 
 
 def test_a_fixed_steps_per_call_shrinks_when_its_first_call_outlasts_the_bound():
@@ -144,7 +151,8 @@ def _stream_until(proc, needle: str, timeout: float) -> list[str]:
 def test_sigterm_during_slow_calls_stops_within_the_call_bound(tmp_path, steps_per_call):
     """Steps of 0.4 s (a failpoint) and calls bounded to 1.5 s: a SIGTERM that arrives during
     a call stops the run within a few seconds, with the finished steps saved, whether the
-    steps per call are chosen or fixed at 8 (whose first call, 3.2 s, shrinks the rest)."""
+    steps per call are chosen (one: such steps gain nothing from more) or fixed at 8 (whose
+    first call, 3.2 s, shrinks the rest)."""
     env = dict(os.environ, DLASSIGN_FAILPOINT="slow_call:0.4")
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.train", "--config=configs/base.py",
@@ -153,7 +161,7 @@ def test_sigterm_during_slow_calls_stops_within_the_call_bound(tmp_path, steps_p
          "--config.num_cpu_devices=1"],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        lines = _stream_until(proc, "steps per call" if steps_per_call == 0 else "per call to "
+        lines = _stream_until(proc, "per call: " if steps_per_call == 0 else "per call to "
                               "keep calls under", timeout=120)
         time.sleep(2.0)  # inside a bounded call
         sent = time.monotonic()

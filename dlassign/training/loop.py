@@ -76,9 +76,12 @@ TRIAL_CALLS = 2  # one-step calls of the several-step program timed before keepi
 # A step inside the several-step program may take this much longer than alone and still be
 # kept (noise); XLA:CPU programs whose layouts suffer inside a loop take several times longer.
 TRIAL_TOLERANCE = 1.25
-# Several steps per call save a few per cent of a step at best, and compiling them takes about
-# what compiling one step took, on cores the steps share: they are tried only where the steps
-# left take this many times that compile time.
+# A call costs about 1.4 ms more than its steps on a 2-core CPU (LeNet-5 at batch 32: 3.7 ms
+# per step one per call, 2.3 ms eight per call); past this step time that is under 3% and within
+# the noise, so longer steps run one per call without trying more.
+SEVERAL_BELOW_S = 0.05
+# Compiling several steps takes about what compiling one step took, on the cores the steps
+# share: they are tried only where the steps left take this many times that compile time.
 PAYBACK = 10.0
 
 
@@ -88,7 +91,8 @@ class Pacer:
     With `steps_per_call` N > 0 every call runs N steps (fewer up to a boundary), unless the
     first call, timed, says a call of N steps lasts longer than `max_call_seconds`; the calls
     then take as many steps as fit. With 0 the first calls run one step each and are timed;
-    where several steps fit in `max_call_seconds` and the steps left take `PAYBACK` times
+    where a step takes under `SEVERAL_BELOW_S`, several fit in `max_call_seconds` and the
+    steps left take `PAYBACK` times
     `compile_seconds` (what compiling the one-step call took), a call of that many steps is
     compiled on a background thread (`compile_several(k)` returns the started thread), two
     calls of it run one step each, timed, and it is kept unless its step is more than
@@ -188,7 +192,8 @@ class Pacer:
             self.one_step_s = min(self._times[1:] or self._times)
             k = min(AUTO_MOST_STEPS, int(self.max_call_seconds / self.one_step_s))
             left = (self.total - self.planned) * self.one_step_s
-            if k < 2 or self.compile_several is None or left < PAYBACK * self.compile_seconds:
+            if (k < 2 or self.one_step_s > SEVERAL_BELOW_S or self.compile_several is None
+                    or left < PAYBACK * self.compile_seconds):
                 self.phase = "chosen"
                 logging.info("one step per call: a step takes %.3f s, the %.0f s of steps left "
                              "against %.1f s to compile a call", self.one_step_s, left,
