@@ -154,4 +154,4 @@ def report(rows: list[dict], columns: list[tuple[str, str, str]], path: str = ""
                                 for _, k, fmt in columns) + " |")
     if path:
         with open(path, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(rows, f, indent=2, allow_nan=False)

@@ -179,7 +179,7 @@ def main() -> None:
                         "f1_macro": float(f1.mean())},
                "steps": step, "train_time_s": train_time}
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(results, f, indent=2, allow_nan=False)
     print(f"test accuracy {results['test']['accuracy']:.4f} f1 {results['test']['f1_macro']:.4f}")
 
 

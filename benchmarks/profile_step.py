@@ -193,7 +193,7 @@ def main():
         report(rows[:args.top], columns)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(everything, f, indent=2)
+            json.dump(everything, f, indent=2, allow_nan=False)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def worker(args) -> None:
         with open(args.json, "w") as f:
             json.dump({"processes": jax.process_count(), "params": size,
                        "step_s": statistics.median(times),
-                       "all_reduce_s": statistics.median(reduce_times)}, f)
+                       "all_reduce_s": statistics.median(reduce_times)}, f, allow_nan=False)
 
 
 def launch(model: str, processes: int, args) -> dict:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import runpy
+import shlex
 import sys
 
 from absl import app, flags, logging
 
-from dlassign.errors import DlassignError
+from dlassign.errors import ConfigError, DlassignError
 
+flags.DEFINE_bool("config_help", False, "Print every field of --config with its value (the "
+                  "config file's defaults with any --config.FIELD=VALUE overrides applied), one "
+                  "--config.FIELD=VALUE line each, and exit.")
 flags.DEFINE_bool("distributed", False, "Join a multi-process run through "
                   "jax.distributed.initialize() (experiments.launch sets this; TPU pods, SLURM "
                   "and Open MPI are detected; elsewhere set JAX_COORDINATOR_ADDRESS, "
@@ -128,28 +133,166 @@ def data_dir_override(data_dir: str | None) -> dict | None:
     return {"data.data_dir": data_dir} if data_dir else None
 
 
-def _config_fields(argv, field: str) -> str:
-    """', valid fields here: a, b, c' for the block that an unknown `--config.<field>` names,
-    or '' when the config file cannot be read."""
+def output_dir(flag: str, path: str) -> None:
+    """Checks, before any work, that `path` can be a directory of outputs: it is one, or it can
+    be created (its nearest existing parent is a writable directory).
+
+    Raises:
+      ConfigError: names the flag, the path and what is wrong with it.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--{flag}={path} is a file; expected a directory (an existing one, or "
+                          "one to create)")
+    _writable_parent(flag, path)
+
+
+def output_file(flag: str, path: str, suffixes: tuple[str, ...]) -> None:
+    """Checks, before any work, that `path` can be written: a file name ending in one of
+    `suffixes` in an existing, writable directory.
+
+    Raises:
+      ConfigError: names the flag, the path and what is valid.
+    """
+    if not path.endswith(suffixes):
+        raise ConfigError(f"--{flag}={path} has an unknown suffix; expected one of "
+                          f"{', '.join(suffixes)}")
+    if os.path.isdir(path):
+        raise ConfigError(f"--{flag}={path} is a directory; expected a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--{flag}={path}: directory {parent} does not exist; create it or "
+                          "name a file in an existing directory")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--{flag}={path}: directory {parent} is not writable")
+
+
+def _writable_parent(flag: str, path: str) -> None:
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--{flag}={path} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--{flag}={path} cannot be written: {parent} is not writable")
+
+
+def resolve_config_path(spec: str) -> str:
+    """`configs/NAME.py[:ARG]` as the installed `configs` package's file when no such file is
+    under the working directory, so the documented commands run from any directory."""
+    path, sep, arg = spec.partition(":")
+    if os.path.exists(path) or not os.path.normpath(path).startswith("configs" + os.sep):
+        return spec
+    import configs
+
+    package = os.path.dirname(os.path.abspath(configs.__file__))
+    candidate = os.path.join(package, os.path.normpath(path)[len("configs" + os.sep):])
+    return candidate + sep + arg if os.path.isfile(candidate) else spec
+
+
+def _resolved_argv(argv: list[str]) -> list[str]:
+    """`argv` with every `--config=configs/...` resolved (`resolve_config_path`); where the
+    entry point's --config has such a default and none is given, the resolved default added."""
+    argv = [f"--config={resolve_config_path(a[len('--config='):])}"
+            if a.startswith("--config=") else a for a in argv]
+    if "config" in flags.FLAGS and not any(a.startswith("--config=") for a in argv[1:]):
+        default = (flags.FLAGS["config"].default_as_str or "").strip("'\"")
+        if default and resolve_config_path(default) != default:
+            argv = [argv[0], f"--config={resolve_config_path(default)}", *argv[1:]]
+    return argv
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if spec is None and "config" in flags.FLAGS:
+        spec = (flags.FLAGS["config"].default_as_str or "").strip("'\"") or None
+    return spec
+
+
+def _config_block(argv: list[str], block: list[str]):
+    """The block of the config file that `block` names (e.g. ['optimizer']), read afresh; None
+    when the config file cannot be read or has no such block."""
     try:
-        spec = next(a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config="))
-        path, _, arg = spec.partition(":")
-        module = runpy.run_path(path)
-        node = module["get_config"](*([arg] if arg else []))
-        for part in field.split(".")[:-1]:
+        path, _, arg = _config_spec(argv).partition(":")
+        node = runpy.run_path(path)["get_config"](*([arg] if arg else []))
+        for part in block:
             node = node[part]
-        return f"; fields of {'.'.join(field.split('.')[:-1]) or 'the config'}: " + ", ".join(
-            sorted(node.keys()))
+        return node if hasattr(node, "keys") else None
     except Exception:  # only a hint: the one-line error stands without it
-        return ""
+        return None
+
+
+def _unknown_field_message(argv: list[str], full: str) -> str:
+    """"no config field 'optimizer.learning_rat' (did you mean 'optimizer.learning_rate'?);
+    fields of optimizer: ..." for an unknown `--config.<full>`: the deepest block that exists,
+    a close match in it where there is one, and its fields."""
+    parts = full.split(".")
+    message = f"no config field {full!r}"
+    for depth in range(len(parts) - 1, -1, -1):  # the deepest block that exists
+        node = _config_block(argv, parts[:depth])
+        if node is None:
+            continue
+        keys = sorted(node.keys())
+        block = ".".join(parts[:depth])
+        close = difflib.get_close_matches(parts[depth], keys, n=1, cutoff=0.5)
+        if close:
+            message += f" (did you mean {'.'.join([*parts[:depth], close[0]])!r}?)"
+        return message + f"; fields of {block or 'the config'}: {', '.join(keys)}"
+    return message
+
+
+def _innermost(e: BaseException) -> str:
+    """The message of `e`, unwrapped from the exceptions ml_collections nests in one another."""
+    message = e.args[0] if e.args else e
+    while isinstance(message, BaseException):
+        message = message.args[0] if message.args else type(message).__name__
+    return str(message)
+
+
+def _print_config(argv: list[str]) -> None:
+    """What --config_help prints: every field of the parsed config, as `--config.F=V` lines."""
+    if "config" not in flags.FLAGS:
+        print("error: --config_help: this entry point takes no --config; --helpfull lists its "
+              "flags", file=sys.stderr)
+        sys.exit(2)
+    config = flags.FLAGS["config"].value
+    if config is None:
+        print("error: --config_help needs --config=FILE, e.g. --config=configs/base.py",
+              file=sys.stderr)
+        sys.exit(2)
+    print(f"# the fields of --config={_config_spec(argv)}; override any with "
+          "--config.FIELD=VALUE")
+
+    def walk(node, prefix: str):
+        for key in sorted(node.keys()):
+            value = node[key]
+            if hasattr(value, "keys"):
+                walk(value, f"{prefix}{key}.")
+            else:
+                print(f"--config.{prefix}{key}={shlex.quote(str(value))}")
+
+    walk(config, "")
 
 
 def _parse_flags(argv):
-    """absl's parser, with every config-file and override error as one line, exit 2."""
+    """absl's parser, with every config-file and override error as one line, exit 2;
+    --config_help prints the config's fields and exits."""
+    argv = _resolved_argv(list(argv))
+    config_help = any(a in ("--config_help", "--config_help=true", "--config_help=True")
+                      for a in argv[1:])
     try:
-        rest = flags.FLAGS(argv)
+        try:
+            rest = flags.FLAGS(argv)
+        except flags.IllegalFlagValueError:
+            # a required flag left out (or another flag's value) does not matter to
+            # --config_help: the flags were read before the validators ran
+            if not (config_help and flags.FLAGS.is_parsed()):
+                raise
+            rest = argv[:1]
         if "config" in flags.FLAGS and flags.FLAGS.config is not None:
             flags.FLAGS.config.get("seed")  # a config file that failed to load raises here
+        if config_help:
+            _print_config(argv)
+            sys.exit(0)
         return rest
     except flags.Error as e:
         print(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.",
@@ -164,21 +307,19 @@ def _parse_flags(argv):
         print(f"error: cannot load {spec}: {reason}", file=sys.stderr)
         sys.exit(2)
     except (KeyError, AttributeError, TypeError, ValueError) as e:
-        # ml_collections raises these for --config.<field> overrides: an unknown field (with a
-        # "Did you mean" hint) or a value of the wrong type.
-        message = str(e.args[0] if e.args else e)
+        # ml_collections raises these for --config.<field> overrides: an unknown field (a
+        # KeyError, possibly inside an AttributeError) or a value of the wrong type.
+        message = _innermost(e)
         bad = [a for a in argv[1:] if a.startswith("--config.")]
         if isinstance(e, (KeyError, AttributeError)) and message.startswith(("'", '"')):
-            field, _, hint = message.partition("\n")
-            name = field.strip("'\"")
+            name = message.partition("\n")[0].strip().strip("'\"")
             full = name  # the path up to the unknown part, e.g. 'optimizer.lr' or 'optimzer'
             for arg in bad:
                 parts = arg.split("=", 1)[0][len("--config."):].split(".")
                 if name in parts:
                     full = ".".join(parts[:parts.index(name) + 1])
                     break
-            message = (f"no config field {full!r}" + (f". {hint.strip()}" if hint else "")
-                       + _config_fields(argv, full))
+            message = _unknown_field_message(argv, full)
         print(f"error: bad config override {' '.join(bad)}: {message}".replace("\n", " "),
               file=sys.stderr)
         sys.exit(2)

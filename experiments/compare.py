@@ -8,7 +8,7 @@ Writes comparison.md (table and comment), comparison.png (bar chart) and compari
 
 from absl import flags
 
-from experiments.common import clean_errors, run, single_process
+from experiments.common import clean_errors, output_dir, run, single_process
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Directory for the comparison (default: the first run's "
@@ -28,6 +28,7 @@ def main(argv):
         raise DlassignError("give the workdirs to compare: python -m experiments.compare DIR...")
     output = FLAGS.output or os.path.join(os.path.dirname(os.path.abspath(dirs[0])),
                                           "comparison")
+    output_dir("output", output)
     print(compare(dirs, output)["markdown"])
 
 

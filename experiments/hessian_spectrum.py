@@ -8,21 +8,33 @@ hessian_spectrum.json and hessian_density.png into --workdir.
 """
 
 import json
+import os
 
 from absl import flags
 
-from experiments.common import clean_errors, data_dir_override, prepare_platform, run, say
+from experiments.common import (
+    clean_errors,
+    data_dir_override,
+    output_dir,
+    prepare_platform,
+    run,
+    say,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
-flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest intact one.")
-flags.DEFINE_integer("num_examples", 4096, "Training examples the Hessian is averaged over.")
-flags.DEFINE_integer("batch_size", 512, "Examples per HVP batch.")
-flags.DEFINE_integer("lanczos_order", 90, "Lanczos steps per SLQ draw.")
-flags.DEFINE_integer("num_draws", 3, "SLQ random starts.")
-flags.DEFINE_integer("top_k", 5, "Eigenvalues from power iteration with deflation.")
-flags.DEFINE_integer("power_iters", 50, "Iterations per eigenvalue at most.")
-flags.DEFINE_integer("trace_samples", 100, "Hutchinson probes.")
+flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest intact one.",
+                     lower_bound=0)
+flags.DEFINE_integer("num_examples", 4096, "Training examples the Hessian is averaged over.",
+                     lower_bound=1)
+flags.DEFINE_integer("batch_size", 512, "Examples per HVP batch.", lower_bound=1)
+flags.DEFINE_integer("lanczos_order", 90, "Lanczos steps per SLQ draw.", lower_bound=1)
+flags.DEFINE_integer("num_draws", 3, "SLQ random starts.", lower_bound=1)
+flags.DEFINE_integer("top_k", 5, "Eigenvalues from power iteration with deflation.",
+                     lower_bound=1)
+flags.DEFINE_integer("power_iters", 50, "Iterations per eigenvalue at most.", lower_bound=1)
+flags.DEFINE_integer("trace_samples", 100, "Hutchinson probes; at least 2 (the trace's standard "
+                     "error divides by the number of probes less one).", lower_bound=2)
 flags.DEFINE_integer("seed", 0, "Fixes the example sample and the random vectors.")
 flags.DEFINE_string("data_dir", None, "Where the dataset's raw files are now, if they moved.")
 flags.mark_flag_as_required("workdir")
@@ -31,6 +43,8 @@ flags.mark_flag_as_required("workdir")
 @clean_errors
 def main(argv):
     del argv
+    if os.path.exists(FLAGS.workdir):  # the results go there; a missing one is named later
+        output_dir("workdir", FLAGS.workdir)
     prepare_platform()
     from dlassign.analysis.hessian.study import checkpoint_spectrum
 

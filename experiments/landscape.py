@@ -10,39 +10,62 @@ prints the second difference at the centre over the eigenvalue, which is 1 for a
 """
 
 import json
+import math
+import os
 
 from absl import flags
 
-from experiments.common import clean_errors, data_dir_override, prepare_platform, run, say
+from experiments.common import (
+    clean_errors,
+    data_dir_override,
+    output_dir,
+    prepare_platform,
+    run,
+    say,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "The run's latest checkpoints, or "
                   "its best one by validation accuracy (WORKDIR/best, kept by a run with "
                   "checkpoint_best).")
-flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest intact one.")
+flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest intact one.",
+                     lower_bound=0)
 flags.DEFINE_enum("directions", "eigen", ["eigen", "random"],
                   "eigen: the top Hessian eigenvector(s); random: filter-normalised Gaussian "
                   "directions.")
 flags.DEFINE_integer("dims", 1, "1: a line; 2: a contour plot over a plane.", lower_bound=1,
                      upper_bound=2)
-flags.DEFINE_integer("num_points", 31, "Grid points per axis (odd: the centre is on the grid).")
-flags.DEFINE_float("span", None, "The slice covers [-span, span] per axis; default: 1 for random "
-                   "directions (filter norms), sqrt(2 / lambda_1) for eigenvectors (unit norm).")
-flags.DEFINE_integer("sample_size", 1024, "Training examples the loss is averaged over.")
-flags.DEFINE_integer("batch_size", 256, "Examples per batch.")
-flags.DEFINE_integer("lanczos_order", 40, "Lanczos steps for the eigenvectors.")
+flags.DEFINE_integer("num_points", 31, "Grid points per axis (odd, at least 3: the centre and "
+                     "its neighbours are on the grid).", lower_bound=3)
+flags.DEFINE_float("span", None, "The slice covers [-span, span] per axis (positive, finite); "
+                   "default: 1 for random directions (filter norms), sqrt(2 / lambda_1) for "
+                   "eigenvectors (unit norm).")
+flags.DEFINE_integer("sample_size", 1024, "Training examples the loss is averaged over.",
+                     lower_bound=1)
+flags.DEFINE_integer("batch_size", 256, "Examples per batch.", lower_bound=1)
+flags.DEFINE_integer("lanczos_order", 40, "Lanczos steps for the eigenvectors; at least 10 "
+                     "(fewer miss the top eigenvalue: dlassign.analysis.landscape."
+                     "MIN_LANCZOS_ORDER).", lower_bound=10)
 flags.DEFINE_integer("points_per_call", 8, "Grid points evaluated per jitted call.",
                      lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Fixes the example sample and the random vectors.")
-flags.DEFINE_string("out", None, "Where the JSON and the figure go; default: --workdir.")
+flags.DEFINE_string("out", None, "Directory for the JSON and the figure (created if missing); "
+                    "default: --workdir.")
 flags.DEFINE_string("data_dir", None, "Where the dataset's raw files are now, if they moved.")
+flags.register_validator("num_points", lambda n: n % 2 == 1,
+                         "must be odd, so the centre of the slice is on the grid")
+flags.register_validator("span", lambda v: v is None or (math.isfinite(v) and v > 0),
+                         "must be a positive finite number")
 flags.mark_flag_as_required("workdir")
 
 
 @clean_errors
 def main(argv):
     del argv
+    # before the minutes of work whose results go there (a missing workdir is named later)
+    if FLAGS.out or os.path.exists(FLAGS.workdir):
+        output_dir("out" if FLAGS.out else "workdir", FLAGS.out or FLAGS.workdir)
     prepare_platform()
     from dlassign.analysis.landscape import checkpoint_landscape
 

@@ -70,7 +70,7 @@ def main(argv):
     summary = {"arch": FLAGS.arch, "epochs": FLAGS.epochs, "test_accuracy": accuracy,
                "train_seconds": time.perf_counter() - start, "output": FLAGS.output}
     with open(FLAGS.output + ".json", "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(summary, f, indent=2, allow_nan=False)
     print(json.dumps(summary, indent=2))
 
 

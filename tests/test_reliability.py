@@ -235,8 +235,13 @@ def test_sharded_checkpoint_restores_on_one_device(tmp_path):
     ("--config.optimizer.learning_rate=-1.0", "optimizer.learning_rate=-1.0 is invalid"),
     ("--config.model.name=resnet19", "unknown model.name 'resnet19'; expected one of"),
     ("--config.data.subset_fraction=1.5", "data.subset_fraction=1.5 is invalid"),
-    ("--config.optimzer.learning_rate=0.1", 'no config field \'optimzer\'. Did you mean '
-                                            '"optimizer"'),
+    ("--config.optimzer.learning_rate=0.1", "no config field 'optimzer' (did you mean "
+                                            "'optimizer'?)"),
+    ("--config.optimizer.learning_rat=0.01", "no config field 'optimizer.learning_rat' (did you "
+                                             "mean 'optimizer.learning_rate'?); fields of "
+                                             "optimizer: backbone_lr_scale,"),
+    ("--config.data.validation_fraction=0.99999", "data.validation_fraction=0.99999 holds out "
+                                                  "all 1347 training examples, leaving none"),
     ("--workdri=x", "Unknown command line flag 'workdri'. Did you mean: workdir"),
 ])
 def test_cli_bad_flag_is_one_line_exit_2(tmp_path, flag, needle):

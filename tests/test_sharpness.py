@@ -87,6 +87,23 @@ def test_a_step_size_beyond_stability_is_reported():
     assert "did not train" in table or "diverged at step" in table
 
 
+def test_a_diverged_run_is_written_as_strict_json(tmp_path):
+    """Divergence is a finding: its NaN and infinite losses are null in results.json."""
+    config = tiny(num_steps=20)
+    with config.unlocked():
+        config.step_sizes = {"mse": (1e4,)}
+    result = sharpness.run_study(config)
+    assert result["runs"][0]["diverged_at"] is not None
+    sharpness.write_outputs(result, str(tmp_path))
+
+    def refuse(constant):
+        raise AssertionError(f"results.json holds {constant}")
+
+    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    (run,) = saved["runs"]
+    assert run["final_loss"] is None and run["diverged_at"] == result["runs"][0]["diverged_at"]
+
+
 def test_both_config_files_are_valid():
     for dataset in ("digits", "mnist"):
         sharpness.validate_sharpness_config(sharpness_config.get_config(dataset))

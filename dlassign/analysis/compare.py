@@ -10,31 +10,53 @@ import numpy as np
 from dlassign.errors import DlassignError
 from dlassign.models import architecture, architectures
 from dlassign.report import markdown_table, pct, plt
+from dlassign.runtime.files import write_json
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 
 
 def load_runs(dirs: list[str]) -> list[dict]:
-    """One row per workdir from its results.json."""
-    rows = []
-    for d in dirs:
-        path = os.path.join(d, "results.json")
-        if not os.path.isfile(path):
-            raise DlassignError(f"{d!r} has no results.json; expected a finished "
-                                "experiments.train workdir")
+    """One row per workdir from its results.json.
+
+    Raises:
+      DlassignError: a workdir without results.json, or one that is damaged or not a training
+        run's; names the file and what is wrong.
+    """
+    return [_row(d) for d in dirs]
+
+
+def _row(d: str) -> dict:
+    path = os.path.join(d, "results.json")
+    if not os.path.isfile(path):
+        raise DlassignError(f"{d!r} has no results.json; expected a finished "
+                            "experiments.train workdir")
+    try:
         with open(path) as f:
             r = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DlassignError(f"{path} cannot be read as JSON ({_first_line(e)}); expected the "
+                            "results.json of a finished experiments.train run") from e
+    try:
         cfg = r.get("config", {})
         start = (cfg.get("torchvision_weights") and f"torchvision {cfg['torchvision_weights']}"
                  or cfg.get("init_checkpoint") and "ported checkpoint" or "scratch")
-        rows.append({
-            "workdir": d, "model": r["model"], "dataset": r["dataset"],
-            "subset_fraction": cfg.get("data", {}).get("subset_fraction", 1.0),
-            "start": start, "num_params": r["num_params"], "train_time_s": r["train_time_s"],
-            "collapsed": r["prediction_collapse"]["collapsed"],
-            "num_examples": r["test"]["num_examples"],
-            **{m: r["test"][m] for m in METRICS}})
-    return rows
+        row = {
+            "workdir": d, "model": str(r["model"]), "dataset": str(r["dataset"]),
+            "subset_fraction": float(cfg.get("data", {}).get("subset_fraction", 1.0)),
+            "start": start, "num_params": int(r["num_params"]),
+            "train_time_s": float(r["train_time_s"]),
+            "collapsed": bool(r["prediction_collapse"]["collapsed"]),
+            "num_examples": int(r["test"]["num_examples"]),
+            **{m: float(r["test"][m]) for m in METRICS}}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        missing = f"no field {e.args[0]!r}" if isinstance(e, KeyError) else _first_line(e)
+        raise DlassignError(f"{path} is not the results.json of a finished experiments.train "
+                            f"run ({missing}); compare takes training workdirs") from e
+    return row
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def table(rows: list[dict]) -> str:
@@ -89,6 +111,5 @@ def compare(dirs: list[str], output: str) -> dict:
     with open(os.path.join(output, "comparison.md"), "w") as f:
         f.write(text)
     bar_chart(rows, os.path.join(output, "comparison.png"))
-    with open(os.path.join(output, "comparison.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    write_json(os.path.join(output, "comparison.json"), rows)
     return {"rows": rows, "markdown": text}

@@ -33,7 +33,7 @@ from dlassign.errors import ConfigError
 from dlassign.models import get_model
 from dlassign.models.layers import ACTIVATIONS
 from dlassign.report import markdown_table, plt
-from dlassign.runtime.files import save_figure, write_json
+from dlassign.runtime.files import finite_or_none, save_figure, write_json
 from dlassign.training.config_validation import _choice, _number, check_data_dir
 from dlassign.training.losses import LOSSES, get_loss
 from dlassign.training.train_state import init_compiler_options
@@ -365,6 +365,7 @@ def write_outputs(result: dict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     result = dict(result, table=summary_table(result), lanczos_table=lanczos_table(result),
                   power_lanczos_max_relative_difference=agreement(result))
-    write_json(os.path.join(workdir, "results.json"), result)
+    # a diverged run's losses and sharpness are NaN or infinite: null in the (strict) JSON
+    write_json(os.path.join(workdir, "results.json"), finite_or_none(result))
     figure(result, os.path.join(workdir, "sharpness.png"))
     return result

@@ -22,7 +22,10 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Training drops the last partial batch; the next epoch's permutation covers those examples."""
     if batch_size > n:
-        raise ConfigError(f"batch_size {batch_size} exceeds the {n} training examples")
+        raise ConfigError(f"batch_size {batch_size} exceeds the {n} training examples (what "
+                          "data.subset_fraction and data.validation_fraction leave of the training "
+                          "split); lower batch_size, or raise data.subset_fraction or lower "
+                          "data.validation_fraction")
     return n // batch_size
 
 

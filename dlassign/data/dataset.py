@@ -8,6 +8,7 @@ import dataclasses
 from dlassign.data.folds import stratified_split, stratified_subset
 from dlassign.data.preprocess import Normalizer, transform_geometry
 from dlassign.data.sources import Split, dataset_info, load_split
+from dlassign.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +31,25 @@ def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset
     is; `prepare` holds out before it computes one. Returns `dataset` itself for fraction 0."""
     if not fraction:
         return dataset
-    keep, held = stratified_split(dataset.train.labels, fraction, seed)
-    return dataclasses.replace(dataset, train=dataset.train.take(keep),
-                               validation=dataset.train.take(held))
+    train, validation = split_off_validation(dataset.train, fraction, seed)
+    return dataclasses.replace(dataset, train=train, validation=validation)
+
+
+def split_off_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(what trains, the validation part): a stratified `fraction` of `train` held out.
+
+    Raises:
+      ConfigError: nothing would be left to train on; names data.validation_fraction and the
+        fractions that leave enough.
+    """
+    keep, held = stratified_split(train.labels, fraction, seed)
+    if keep.size == 0:
+        n = len(train)
+        raise ConfigError(f"data.validation_fraction={fraction} holds out all {n} training "
+                          "examples, leaving none to train on; use a fraction in [0, 1) that "
+                          f"leaves at least batch_size of them: about 1 - batch_size / {n} "
+                          "at most")
+    return train.take(keep), train.take(held)
 
 
 def prepare(data_cfg, seed: int) -> Dataset:
@@ -57,8 +74,7 @@ def prepare(data_cfg, seed: int) -> Dataset:
         train = train.take(stratified_subset(train.labels, fraction, seed))
     validation = None
     if data_cfg.get("validation_fraction", 0.0):
-        keep, held = stratified_split(train.labels, data_cfg.validation_fraction, seed)
-        train, validation = train.take(keep), train.take(held)
+        train, validation = split_off_validation(train, data_cfg.validation_fraction, seed)
     geometry = dict(pad_to=data_cfg.get("pad_to", 0), image_size=data_cfg.get("image_size", 0),
                     channels=data_cfg.get("channels", 0))
     train, test = transform_geometry(train, **geometry), transform_geometry(test, **geometry)

@@ -7,12 +7,15 @@ What `experiments.port_weights` runs; `port` writes a checkpoint that a training
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 from absl import logging
 
 from dlassign.data import dataset_info
+from dlassign.errors import PortingError
 from dlassign.porting.convert import flax_to_torch, torch_to_flax
 from dlassign.porting.io import write_state_dict
 from dlassign.porting.torch_models import build
@@ -21,14 +24,41 @@ from dlassign.training.evaluation import restore_run
 from dlassign.training.trainer import compile_steps, predict
 
 
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuses an `output` that already holds checkpoints, unless `overwrite` and they are one
+    earlier port's (step 0 alone: a training run's steps are never replaced).
+
+    Raises:
+      PortingError: names `output`, what it holds and what to do.
+    """
+    target = os.path.join(output, "checkpoints")
+    held = sorted(os.listdir(target)) if os.path.isdir(target) else []
+    if not held:
+        return
+    if held != ["0"]:
+        raise PortingError(f"--output={output} holds other checkpoints ({', '.join(held)} in "
+                           f"{target}), not a port's; choose a new or empty --output")
+    if not overwrite:
+        raise PortingError(f"--output={output} already holds ported weights; pass --overwrite "
+                           "to replace them, or choose another --output")
+
+
 def port(arch: str, state_dict: dict[str, np.ndarray], config, replace_head: bool, output: str,
-         source: str) -> dict:
+         source: str, overwrite: bool = False) -> dict:
     """Converts `state_dict` for `config`'s dataset and writes it as a Flax checkpoint in
     `output/checkpoints` (step 0) that `init_checkpoint`, evaluate and export read.
 
+    With `overwrite`, an earlier port in `output` is replaced once the new checkpoint is
+    written whole (it is written beside it, then moved into place), so a failed port leaves
+    the earlier one as it was.
+
     Returns:
       The variables written, {"params", "batch_stats"}.
+
+    Raises:
+      PortingError: `output` holds checkpoints that may not be replaced (`check_output`).
     """
+    check_output(output, overwrite)
     num_classes = dataset_info(config.data.name).num_classes
     variables = torch_to_flax(state_dict, arch, num_classes, replace_head,
                               rng=jax.random.PRNGKey(config.seed))
@@ -36,9 +66,20 @@ def port(arch: str, state_dict: dict[str, np.ndarray], config, replace_head: boo
         config.model.name = arch
     meta = {"kind": "variables", "arch": arch, "source": source, "num_classes": num_classes,
             "config": config.to_dict()}
-    with Checkpointer(os.path.join(output, "checkpoints")) as ckpt:
-        ckpt.save(0, {"params": variables["params"], "batch_stats": variables["batch_stats"]},
-                  meta)
+    tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    target = os.path.join(output, "checkpoints")
+    if not os.path.isdir(target) or not os.listdir(target):
+        with Checkpointer(target) as ckpt:
+            ckpt.save(0, tree, meta)
+        return variables
+    staging = tempfile.mkdtemp(prefix=".port-", dir=output)
+    try:
+        with Checkpointer(os.path.join(staging, "checkpoints")) as ckpt:
+            ckpt.save(0, tree, meta)
+        os.replace(target, os.path.join(staging, "replaced"))
+        os.replace(os.path.join(staging, "checkpoints"), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return variables
 
 

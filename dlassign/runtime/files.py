@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
+
+from dlassign.errors import NumericalError
 
 
 def write_text(path: str, text: str) -> None:
@@ -28,13 +31,47 @@ def save_figure(fig, path: str, **kwargs) -> None:
 
 
 def write_json(path: str, obj) -> None:
-    """Writes JSON atomically: a crash leaves the old file or the new one, never half of one.
+    """Writes strict JSON atomically: a crash leaves the old file or the new one, never half of
+    one. In a multi-process run only process 0 writes.
 
-    In a multi-process run only process 0 writes.
+    Raises:
+      NumericalError: `obj` holds a NaN or an infinity (which strict JSON cannot hold); names
+        the file and where in `obj` the number is. Nothing is written.
     """
     if jax.process_index() != 0:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError as e:
+        where = non_finite_path(obj)
+        if where is None:
+            raise
+        raise NumericalError(f"{path} not written: {where[0] or 'the value'} is {where[1]}; "
+                             "JSON holds only finite numbers") from e
+    write_text(path, text)
+
+
+def non_finite_path(obj, prefix: str = "") -> tuple[str, float] | None:
+    """(dotted path, value) of the first NaN or infinity in nested dicts and lists, or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (prefix, obj)
+    items = (obj.items() if isinstance(obj, dict)
+             else enumerate(obj) if isinstance(obj, (list, tuple)) else ())
+    for key, value in items:
+        found = non_finite_path(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return None
+
+
+def finite_or_none(obj):
+    """`obj` with every NaN and infinity in nested dicts and lists replaced by None (JSON's
+    null), for results where a non-finite number is a finding (a diverged run's loss)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+

@@ -11,6 +11,7 @@ from absl import logging
 
 from dlassign.analysis.hessian.operators import dataset_hvp, model_batch_loss, sample_batches
 from dlassign.analysis.hessian.spectrum import hutchinson_trace, power_iteration, slq_density
+from dlassign.errors import ConfigError
 from dlassign.report import plt
 from dlassign.runtime import parallel
 from dlassign.runtime.files import save_figure, write_json
@@ -26,7 +27,17 @@ def checkpoint_spectrum(workdir: str, num_examples: int = 4096, batch_size: int 
 
     BatchNorm uses its running statistics and dropout is off (the loss is a function of the
     parameters alone). Writes hessian_spectrum.json and hessian_density.png into `workdir`.
+
+    Raises:
+      ConfigError: a count below its least working value (trace_samples: 2, for the standard
+        error), before the checkpoint is read.
     """
+    for name, value, least in (("num_examples", num_examples, 1), ("batch_size", batch_size, 1),
+                               ("lanczos_order", lanczos_order, 1), ("num_draws", num_draws, 1),
+                               ("top_k", top_k, 1), ("power_iters", power_iters, 1),
+                               ("trace_samples", trace_samples, 2)):
+        if value < least:
+            raise ConfigError(f"{name}={value} is invalid; expected an integer >= {least}")
     run, state, _ = restore_run(workdir, step, overrides)
     batches, num_sample = sample_batches(run.dataset.train, num_examples, seed, run.mesh,
                                          batch_size)
