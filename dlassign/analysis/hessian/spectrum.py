@@ -9,6 +9,7 @@ Eigenvalues of symmetric matrices always come from `eigh`/`eigvalsh`, never a ge
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -49,15 +50,16 @@ def lanczos(matvec: MatVec, dim: int, order: int, rng: jax.Array, dtype=None
 
 
 def _lanczos(matvec: MatVec, dim: int, order: int, rng: jax.Array, dtype,
-             stop: Callable[[np.ndarray, float], bool] | None = None
-             ) -> tuple[np.ndarray, np.ndarray, float]:
-    """`lanczos`, stopping early where `stop(T, beta)` (T the tridiagonal matrix so far, beta
-    the norm of the next Lanczos vector) says so; also returns that last beta."""
+             stop: Callable[[np.ndarray, float], bool] | None = None,
+             start: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """`lanczos` from `start` (default: a random vector), stopping early where `stop(T, beta)`
+    (T the tridiagonal matrix so far, beta the norm of the next Lanczos vector) says so; also
+    returns that last beta."""
     order = min(order, dim)
     basis = jnp.zeros((order, dim), dtype)
     tridiag = np.zeros((order, order))
     keys = jax.random.split(rng, order + 1)
-    v = jax.random.normal(keys[0], (dim,), dtype)
+    v = jax.random.normal(keys[0], (dim,), dtype) if start is None else jnp.asarray(start, dtype)
     v = v / jnp.linalg.norm(v)
     beta, v_prev = 0.0, jnp.zeros((dim,), dtype)
     scale = 0.0
@@ -72,7 +74,8 @@ def _lanczos(matvec: MatVec, dim: int, order: int, rng: jax.Array, dtype,
         scale = max(scale, abs(alpha), beta)
         if i + 1 == order:
             break
-        if stop is not None and stop(tridiag[:i + 1, :i + 1], beta):
+        if not np.isfinite([alpha, beta]).all() or (
+                stop is not None and stop(tridiag[:i + 1, :i + 1], beta)):
             size = i + 1
             break
         if beta <= 1e3 * jnp.finfo(dtype).eps * max(scale, 1e-30):
@@ -140,7 +143,8 @@ def _select(values: np.ndarray, k: int, which: str) -> np.ndarray:
 
 def lanczos_eigenpairs(matvec: MatVec, dim: int, k: int, rng: jax.Array, tol: float = 1e-6,
                        max_order: int | None = None, which: str = "largest", dtype=None,
-                       min_order: int | None = None) -> Eigenpairs:
+                       min_order: int | None = None, start: jax.Array | None = None
+                       ) -> Eigenpairs:
     """The k extreme eigenpairs of H by Lanczos (full re-orthogonalisation), run until their
     residuals ||H v - lambda v|| / |lambda| are below `tol`.
 
@@ -159,6 +163,7 @@ def lanczos_eigenpairs(matvec: MatVec, dim: int, k: int, rng: jax.Array, tol: fl
       which: 'largest' (algebraic), 'smallest' or 'magnitude'.
       min_order: the fewest steps before the stopping rule is consulted (default 2k + 2: a
         shorter Krylov space can look converged on a pair it has not yet found).
+      start: the first Lanczos vector (e.g. an eigenvector of a nearby matrix); default random.
 
     Returns:
       `Eigenpairs` in the order `which` asks, vectors float[k, dim].
@@ -176,7 +181,11 @@ def lanczos_eigenpairs(matvec: MatVec, dim: int, k: int, rng: jax.Array, tol: fl
         estimate = np.abs(beta * vectors[-1, chosen])
         return bool(np.all(estimate <= 0.5 * tol * np.maximum(np.abs(values[chosen]), 1e-30)))
 
-    tridiag, basis, _ = _lanczos(matvec, dim, max_order, rng, dtype, stop)
+    tridiag, basis, _ = _lanczos(matvec, dim, max_order, rng, dtype, stop, start)
+    if not np.isfinite(tridiag).all():  # a product overflowed (e.g. diverged parameters)
+        nan = np.full(k, np.nan)
+        return Eigenpairs(nan, np.full((k, dim), np.nan), nan, np.zeros(k, bool), tol,
+                          tridiag.shape[0])
     values, vectors = np.linalg.eigh(tridiag)
     chosen = _select(values, k, which)
     out_values, out_vectors, residuals = [], [], []
@@ -276,8 +285,10 @@ def power_iteration(matvec: MatVec, dim: int, k: int, rng: jax.Array, max_iters:
     Vectors without a warm start start from Lanczos (`lanczos_eigenpairs`, at most `max_iters`
     steps, ordered by magnitude): power iteration from a random vector needs about
     log(1/tol) / gap products, hundreds where the top two eigenvalues are 10% apart, and
-    Lanczos about the square root of that. Each start is then checked, and refined where it
-    must be, by the power steps (a converged one costs one product).
+    Lanczos about the square root of that. Each start is then checked by a power step (a
+    converged one costs that one product); a warm start that has not converged is refined by
+    Lanczos started from it on the deflated operator, and the power steps go on from there
+    within the `max_iters` products.
 
     Args:
       start: warm start: float[dim] for the first eigenvector, or [j, dim] for the first j
@@ -309,19 +320,33 @@ def power_iteration(matvec: MatVec, dim: int, k: int, rng: jax.Array, max_iters:
             if not float(norm) > 0:  # the Krylov space missed this direction
                 v, _ = _unit(basis, jax.random.normal(jax.random.fold_in(rng, i), (dim,), dtype))
         value = residual = None
-        for _ in range(max_iters):
+        used, refined = 0, i >= len(starts) or not float(norm) > 0
+        while used < max_iters:
             hv = matvec(v)
-            products += 1
+            used += 1
             value, residual, new = _power_step(basis, v, hv)
             if float(residual) <= tol:
                 break
+            if not refined and max_iters - used >= 3:
+                refined = True
+                pairs = lanczos_eigenpairs(functools.partial(_deflated, matvec, basis), dim, 1,
+                                           jax.random.fold_in(rng, i), tol, max_iters - used - 1,
+                                           "magnitude", dtype, min_order=2, start=v)
+                used += pairs.products
+                new, _ = _unit(basis, jnp.asarray(pairs.vectors[0], dtype))
             v = new
+        products += used
         found.append(v)
         values.append(float(value))
         residuals.append(float(residual))
     residuals = np.asarray(residuals)
     return Eigenpairs(np.asarray(values, np.float64), np.stack([np.asarray(v) for v in found]),
                       residuals, residuals <= tol, tol, products)
+
+
+def _deflated(matvec: MatVec, basis: jax.Array, v: jax.Array) -> jax.Array:
+    """P H P v with P the projection off the rows of `basis`."""
+    return _orthogonalise(basis, matvec(_orthogonalise(basis, v)))
 
 
 @jax.jit
