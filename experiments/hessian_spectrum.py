@@ -35,12 +35,13 @@ flags.DEFINE_integer("top_k", 5, "Eigenvalues from power iteration with deflatio
                      lower_bound=1)
 flags.DEFINE_integer("power_iters", 50, "Iterations per eigenvalue at most.", lower_bound=1)
 flags.DEFINE_float("tol", 1e-4, "Relative residual ||Hv - lambda v|| / |lambda| at which an "
-                   "eigenvalue counts as converged (results: residual, converged).",
-                   lower_bound=0)
+                   "eigenvalue counts as converged (results: residual, converged).")
 flags.DEFINE_integer("trace_samples", 100, "Hutchinson probes; at least 2 (the trace's standard "
                      "error divides by the number of probes less one).", lower_bound=2)
 flags.DEFINE_integer("seed", 0, "Fixes the example sample and the random vectors.")
 flags.DEFINE_string("data_dir", None, "Where the dataset's raw files are now, if they moved.")
+flags.register_validator("tol", lambda t: 0 < t < 1,
+                         "must be a relative residual in (0, 1), e.g. 1e-4")
 flags.mark_flag_as_required("workdir")
 
 

@@ -49,7 +49,7 @@ flags.DEFINE_integer("lanczos_order", 40, "Lanczos steps for the eigenvectors; a
                      "MIN_LANCZOS_ORDER).", lower_bound=10)
 flags.DEFINE_float("tol", 1e-4, "Relative residual ||Hv - lambda v|| / |lambda| at which an "
                    "eigenvector counts as converged (results: residual, converged); Lanczos "
-                   "stops there, at most --lanczos_order steps.", lower_bound=0)
+                   "stops there, at most --lanczos_order steps.")
 flags.DEFINE_integer("points_per_call", 8, "Grid points evaluated per jitted call.",
                      lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Fixes the example sample and the random vectors.")
@@ -60,6 +60,8 @@ flags.register_validator("num_points", lambda n: n % 2 == 1,
                          "must be odd, so the centre of the slice is on the grid")
 flags.register_validator("span", lambda v: v is None or (math.isfinite(v) and v > 0),
                          "must be a positive finite number")
+flags.register_validator("tol", lambda t: 0 < t < 1,
+                         "must be a relative residual in (0, 1), e.g. 1e-4")
 flags.mark_flag_as_required("workdir")
 
 

@@ -202,3 +202,29 @@ def test_a_top_pair_ten_percent_apart_converges_from_a_cold_start():
         starved = power_iteration(curvature.matvec, curvature.dim, 1, jax.random.PRNGKey(0),
                                   max_iters=3, tol=1e-6)
         assert not starved.converged[0] and starved.residuals[0] > 1e-6
+
+
+def test_dataset_hvp_and_model_batch_loss_take_any_loss_and_module(problem):
+    """The old entry points: `dataset_hvp` on a plain mean loss (it used to need (sum, count)),
+    and `model_batch_loss` on a module without `train`, with dict batches and a mask, and a
+    loss function of its own; both give the exact Hessian's products."""
+    from dlassign.analysis.hessian import dataset_hvp
+
+    with jax.enable_x64(True):
+        v = jax.random.normal(jax.random.PRNGKey(2), (problem["x0"].size,), jnp.float64)
+        want = problem["exact"] @ np.asarray(v)
+        matvec, _, _ = dataset_hvp(problem["loss_fn"], problem["params"], problem["batches"])
+        assert matvec.dtype == jnp.float64
+        np.testing.assert_allclose(matvec(v), want, atol=1e-12)
+        images, labels = problem["images"], problem["labels"]
+        # 40 examples in batches of 16: the last one padded with 8 masked rows
+        idx = np.arange(48) % 40
+        batches = [{"x": images[idx[s:s + 16]], "y": labels[idx[s:s + 16]],
+                    "mask": np.arange(s, s + 16) < 40} for s in (0, 16, 32)]
+        batch_loss = model_batch_loss(problem["model"], {}, smoothed_cross_entropy,
+                                      inputs="x", targets="y")
+        matvec, _, _ = dataset_hvp(batch_loss, problem["params"], batches)
+        np.testing.assert_allclose(matvec(v), want, atol=1e-12)
+        with pytest.raises(ValueError, match="a batch must be a dict with keys 'image'"):
+            model_batch_loss(problem["model"], {}, "cross_entropy")(problem["params"],
+                                                                    {"x": images})
