@@ -327,10 +327,12 @@ def power_iteration(matvec: MatVec, dim: int, k: int, rng: jax.Array, max_iters:
             value, residual, new = _power_step(basis, v, hv)
             if float(residual) <= tol:
                 break
-            if not refined and max_iters - used >= 3:
+            if not refined and max_iters - used >= 4:
+                # Lanczos from v: its steps and its residual's product, and one product left
+                # for the power step that checks (and reports) the refined vector
                 refined = True
                 pairs = lanczos_eigenpairs(functools.partial(_deflated, matvec, basis), dim, 1,
-                                           jax.random.fold_in(rng, i), tol, max_iters - used - 1,
+                                           jax.random.fold_in(rng, i), tol, max_iters - used - 2,
                                            "magnitude", dtype, min_order=2, start=v)
                 used += pairs.products
                 new, _ = _unit(basis, jnp.asarray(pairs.vectors[0], dtype))
