@@ -273,7 +273,8 @@ def slq_density(matvec: MatVec, dim: int, order: int, num_draws: int, rng: jax.A
 
 
 def power_iteration(matvec: MatVec, dim: int, k: int, rng: jax.Array, max_iters: int = 100,
-                    tol: float = 1e-6, dtype=None, start: jax.Array | None = None) -> Eigenpairs:
+                    tol: float = 1e-6, dtype=None, start: jax.Array | None = None,
+                    cold_iters: int | None = None) -> Eigenpairs:
     """The k eigenvalues of largest magnitude, by power iteration with deflation (PyHessian).
 
     Each eigenvector is found by power iteration on H restricted to the orthogonal complement of
@@ -282,19 +283,23 @@ def power_iteration(matvec: MatVec, dim: int, k: int, rng: jax.Array, max_iters:
     percents away from the eigenvalue, where the top two are close), or after `max_iters`
     products, and the result says which pairs converged.
 
-    Vectors without a warm start start from Lanczos (`lanczos_eigenpairs`, at most `max_iters`
-    steps, ordered by magnitude): power iteration from a random vector needs about
-    log(1/tol) / gap products, hundreds where the top two eigenvalues are 10% apart, and
-    Lanczos about the square root of that. Each start is then checked by a power step (a
-    converged one costs that one product); a warm start that has not converged is refined by
-    Lanczos started from it on the deflated operator, and the power steps go on from there
-    within the `max_iters` products.
+    Vectors without a warm start come from one Lanczos run (`lanczos_eigenpairs`, at most
+    `cold_iters` steps and a product per pair, ordered by magnitude): power iteration from a
+    random vector needs about log(1/tol) / gap products, over a hundred where the top two
+    eigenvalues are 10% apart, and Lanczos about the square root of that. A Lanczos pair that
+    converged is taken as it is; one that did not goes on by power steps. A warm start is
+    checked by a power step (a converged one costs that one product); one that has not
+    converged is refined by Lanczos started from it on the deflated operator, and the power
+    steps go on from there. Each eigenvalue spends at most `max_iters` products beyond the
+    cold Lanczos run.
 
     Args:
       start: warm start: float[dim] for the first eigenvector, or [j, dim] for the first j
         (e.g. the vectors a previous call returned, at a nearby point); the others start from
         Lanczos. A start vector of zeros counts as none.
       dtype: as for `lanczos`.
+      cold_iters: the most Lanczos steps of the cold start (default `max_iters`); a cold start
+        meets near-degenerate top pairs that a warm one has already separated.
 
     Returns:
       `Eigenpairs` in the order found (decreasing magnitude), vectors [k, dim].
@@ -308,19 +313,26 @@ def power_iteration(matvec: MatVec, dim: int, k: int, rng: jax.Array, max_iters:
     cold = None
     for i in range(k):
         basis = jnp.stack(found) if found else jnp.zeros((1, dim), dtype)
-        norm = 0.0
+        warm = False
         if i < len(starts):
             v, norm = _unit(basis, jnp.asarray(starts[i], dtype))
-        if not float(norm) > 0:
+            warm = bool(float(norm) > 0)
+        if not warm:
             if cold is None:
-                cold = lanczos_eigenpairs(matvec, dim, k, rng, tol, max_iters, "magnitude",
-                                          dtype)
+                cold = lanczos_eigenpairs(matvec, dim, k, rng, tol,
+                                          max_iters if cold_iters is None else cold_iters,
+                                          "magnitude", dtype)
                 products += cold.products
+            if cold.converged[i]:  # measured on H itself: nothing to refine or check
+                found.append(jnp.asarray(cold.vectors[i], dtype))
+                values.append(float(cold.values[i]))
+                residuals.append(float(cold.residuals[i]))
+                continue
             v, norm = _unit(basis, jnp.asarray(cold.vectors[i], dtype))
             if not float(norm) > 0:  # the Krylov space missed this direction
                 v, _ = _unit(basis, jax.random.normal(jax.random.fold_in(rng, i), (dim,), dtype))
         value = residual = None
-        used, refined = 0, i >= len(starts) or not float(norm) > 0
+        used, refined = 0, not warm  # a cold vector has had its Lanczos already
         while used < max_iters:
             hv = matvec(v)
             used += 1

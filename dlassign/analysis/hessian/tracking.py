@@ -5,8 +5,9 @@ The trainer makes those steps sync points of its loop and calls `CurvatureTracke
 The eigenvalue comes from power iteration (`spectrum.power_iteration`) warm-started from the
 previous measurement's eigenvector: between two nearby points of a run the top eigenvector moves
 little, so a few Hessian-vector products bring the relative residual ||Hv - lambda v|| / |lambda|
-below `tol`. The first measurement of a process (and the first after a resume) starts from
-Lanczos and takes more. Power iteration finds the eigenvalue of largest magnitude, the top
+below `tol`. The first measurement of a process (and the first after a resume) starts cold,
+from Lanczos (at most `cold_iters` steps: near-degenerate top pairs need more than a warm start),
+and takes more. Power iteration finds the eigenvalue of largest magnitude, the top
 positive one for the networks trained here. Every entry records the residual of its eigenpair
 and whether it met `tol` within `power_iters` products (`converged`), in results.json and in
 TensorBoard next to the eigenvalue.
@@ -61,6 +62,7 @@ class CurvatureTracker:
         self.every_steps = int(config.get("every_steps", 0))
         self.num_examples = int(config.get("num_examples", 256))
         self.power_iters = int(config.get("power_iters", 10))
+        self.cold_iters = int(config.get("cold_iters", 30))
         self.tol = float(config.get("tol", 1e-3))
         self.trace_samples = int(config.get("trace_samples", 0))
         self.dataset, self.mesh, self.seed, self.max_batch = dataset, mesh, seed, max_batch
@@ -116,7 +118,7 @@ class CurvatureTracker:
         # the key draws the Lanczos start of a cold measurement (no previous vector)
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
         pairs = power_iteration(counted, dim, 1, key, max_iters=self.power_iters, tol=self.tol,
-                                dtype=x0.dtype, start=self._vector)
+                                dtype=x0.dtype, start=self._vector, cold_iters=self.cold_iters)
         self._vector = self._place(pairs.vectors[0])
         entry = {"step": int(step), "top_eigenvalue": float(pairs.values[0]),
                  "residual": float(pairs.residuals[0]), "converged": bool(pairs.converged[0]),
