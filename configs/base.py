@@ -68,7 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.curvature.every_steps = 0   # 0: off; N: at every multiple of N steps
     c.curvature.num_examples = 256  # the sample (stratified, chosen by the seed)
     c.curvature.power_iters = 10  # Hessian-vector products per measurement at most
-    c.curvature.tol = 1e-3        # stop when the Rayleigh quotient moves by less (relative)
+    c.curvature.cold_iters = 30   # Lanczos steps of a cold start (the first of a process)
+    c.curvature.tol = 1e-3        # converged: ||Hv - lambda v|| / |lambda| below this
     c.curvature.trace_samples = 0  # Hutchinson probes for the trace (0: no trace)
 
     c.dtype = "float32"           # float32 | bfloat16 (compute; parameters stay float32)

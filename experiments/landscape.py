@@ -47,6 +47,9 @@ flags.DEFINE_integer("batch_size", 256, "Examples per batch.", lower_bound=1)
 flags.DEFINE_integer("lanczos_order", 40, "Lanczos steps for the eigenvectors; at least 10 "
                      "(fewer miss the top eigenvalue: dlassign.analysis.landscape."
                      "MIN_LANCZOS_ORDER).", lower_bound=10)
+flags.DEFINE_float("tol", 1e-4, "Relative residual ||Hv - lambda v|| / |lambda| at which an "
+                   "eigenvector counts as converged (results: residual, converged); Lanczos "
+                   "stops there, at most --lanczos_order steps.")
 flags.DEFINE_integer("points_per_call", 8, "Grid points evaluated per jitted call.",
                      lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Fixes the example sample and the random vectors.")
@@ -57,6 +60,8 @@ flags.register_validator("num_points", lambda n: n % 2 == 1,
                          "must be odd, so the centre of the slice is on the grid")
 flags.register_validator("span", lambda v: v is None or (math.isfinite(v) and v > 0),
                          "must be a positive finite number")
+flags.register_validator("tol", lambda t: 0 < t < 1,
+                         "must be a relative residual in (0, 1), e.g. 1e-4")
 flags.mark_flag_as_required("workdir")
 
 
@@ -72,7 +77,8 @@ def main(argv):
     r = checkpoint_landscape(FLAGS.workdir, FLAGS.directions, FLAGS.dims, FLAGS.num_points,
                              FLAGS.span, FLAGS.sample_size, FLAGS.batch_size,
                              FLAGS.lanczos_order, FLAGS.points_per_call, FLAGS.seed, FLAGS.step,
-                             FLAGS.out, data_dir_override(FLAGS.data_dir), FLAGS.which)
+                             FLAGS.out, data_dir_override(FLAGS.data_dir), FLAGS.which,
+                             FLAGS.tol)
     say(json.dumps({k: v for k, v in r.items() if k not in ("axis", "losses")}, indent=2))
     for k, c in enumerate(r.get("curvature", [])):
         ratios = ", ".join(f"{q:.4f} at step {h:.4g}" for q, h in zip(c["ratios"], c["steps"]))

@@ -65,16 +65,22 @@ def test_logged_eigenvalue_matches_cold_lanczos_at_the_right_steps_and_in_tensor
     entries = results["curvature"]
     assert [e["step"] for e in entries] == [10, 20, 30, 40]
     for e in entries:
-        assert 2 <= e["iterations"] <= 10 and e["top_eigenvalue"] > 0 and e["seconds"] > 0
+        # a cold start: Lanczos (at most cold_iters steps, 30) and its check, then at most
+        # power_iters (10) power steps; warm: at most power_iters
+        assert 1 <= e["iterations"] <= 30 + 1 + 10 and e["top_eigenvalue"] > 0
+        assert e["seconds"] > 0
+        assert e["converged"] == (e["residual"] <= 1e-3)
         assert np.isfinite(e["trace"]) and e["trace_standard_error"] >= 0
-    # warm starts: after the first measurement, fewer products than the cold first one
-    assert min(e["iterations"] for e in entries[1:]) < entries[0]["iterations"]
+    # every measurement reached tol (1e-3): the cold first from Lanczos (9 steps and its
+    # residual), the warm ones within power_iters (refined by Lanczos from the last vector)
+    assert all(e["converged"] for e in entries)
+    assert max(e["iterations"] for e in entries[1:]) <= 10
     # step 40: a warm-started measurement (three before it)
     assert entries[-1]["top_eigenvalue"] == pytest.approx(
         cold_lanczos_top(str(tmp_path), 40, 200), rel=1e-2)
 
     scalars, _ = read_events(tmp_path)
-    for name in ("top_eigenvalue", "trace", "iterations"):
+    for name in ("top_eigenvalue", "residual", "converged", "trace", "iterations"):
         assert steps_of(scalars, f"curvature/{name}") == [10, 20, 30, 40], name
         np.testing.assert_allclose([v for _, v in scalars[f"curvature/{name}"]],
                                    [e[name] for e in entries], rtol=1e-6)
@@ -97,8 +103,9 @@ def test_off_by_default_and_the_trainer_does_not_change(tmp_path):
 
 
 def test_power_iteration_warm_start():
-    """Started from the top eigenvector, power iteration stops after two products; a zero
-    start falls back to a random vector; the values agree with the cold start."""
+    """Started from the top eigenvector, power iteration stops after one product (its residual
+    is already below tol); a zero start counts as none (a Lanczos start); the values agree with
+    the cold start."""
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.normal(size=(50, 50)))
     eig = np.concatenate([[10.0, 6.0], rng.uniform(-1, 3, 48)])
@@ -109,17 +116,18 @@ def test_power_iteration_warm_start():
         calls.append(1)
         return h @ v
 
-    cold, vectors = power_iteration(matvec, 50, 1, jax.random.PRNGKey(0), max_iters=200,
-                                    tol=1e-5)
+    cold = power_iteration(matvec, 50, 1, jax.random.PRNGKey(0), max_iters=200, tol=1e-5)
     cold_calls = len(calls)
     calls.clear()
-    warm, _ = power_iteration(matvec, 50, 1, jax.random.PRNGKey(1), max_iters=200, tol=1e-5,
-                              start=vectors[0])
-    assert len(calls) == 2 < cold_calls
-    assert cold[0] == pytest.approx(10.0, rel=1e-5) and warm[0] == pytest.approx(10.0, rel=1e-5)
-    zero, _ = power_iteration(matvec, 50, 2, jax.random.PRNGKey(2), max_iters=300, tol=1e-8,
-                              start=np.zeros(50, np.float32))
-    np.testing.assert_allclose(zero, [10.0, 6.0], rtol=1e-4)
+    warm = power_iteration(matvec, 50, 1, jax.random.PRNGKey(1), max_iters=200, tol=1e-5,
+                           start=cold.vectors[0])
+    assert len(calls) == warm.products == 1 < cold_calls == cold.products
+    assert cold.all_converged and warm.all_converged
+    assert cold.values[0] == pytest.approx(10.0, rel=1e-5)
+    assert warm.values[0] == pytest.approx(10.0, rel=1e-5)
+    zero = power_iteration(matvec, 50, 2, jax.random.PRNGKey(2), max_iters=300, tol=1e-5,
+                           start=np.zeros(50, np.float32))
+    np.testing.assert_allclose(zero.values, [10.0, 6.0], rtol=1e-4)
 
 
 @pytest.mark.parametrize("field,value,words", [
@@ -127,6 +135,7 @@ def test_power_iteration_warm_start():
     ("every_steps", 2.5, "curvature.every_steps=2.5 is invalid"),
     ("num_examples", 0, "curvature.num_examples=0 is invalid; expected an integer >= 1"),
     ("power_iters", 1, "curvature.power_iters=1 is invalid; expected an integer >= 2"),
+    ("cold_iters", 0, "curvature.cold_iters=0 is invalid; expected an integer >= 2"),
     ("tol", 0.0, "curvature.tol=0.0 is invalid; expected a number > 0 and < 1"),
     ("tol", float("nan"), "curvature.tol=nan is invalid"),
     ("trace_samples", 1, "curvature.trace_samples=1 is invalid; expected 0 (no trace) or at "

@@ -415,3 +415,27 @@ def test_a_launched_command_is_checked_as_the_launcher_and_the_module():
     assert _split_launched(cmd) == [
         Command("x.md:1", "experiments.launch", ("--processes=2",)),
         Command("x.md:1", "experiments.train", ("--config=configs/base.py",))]
+
+
+# ----------------------------------------------------------------------------- runnable examples
+
+# Pages whose ```python blocks are one program, run here in order: an example a reader copies
+# must run. Other pages' Python blocks are fragments (README's architecture declaration).
+RUNNABLE_PAGES = ("docs/curvature.md",)
+
+
+def python_blocks(text: str) -> str:
+    """The ```python fenced blocks of a markdown text, joined in order."""
+    return "\n".join(m.group(1) for m in re.finditer(r"^```python\n(.*?)^```", text,
+                                                      flags=re.DOTALL | re.MULTILINE))
+
+
+@pytest.mark.parametrize("page", RUNNABLE_PAGES)
+def test_the_python_examples_of_the_docs_run(page):
+    """The page's example, in a fresh process (it enables float64 for itself), on the CPU."""
+    code = python_blocks((ROOT / page).read_text())
+    assert code.count("\n") > 10, f"{page} has no runnable example"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, f"{page}'s example failed:\n{out.stderr[-3000:]}"

@@ -32,6 +32,7 @@ MISSING = "/nonexistent/workdir"  # flags are checked before the workdir is read
     ("--trace_samples=0", ["--trace_samples=0", ">= 2"]),
     ("--trace_samples=1", ["--trace_samples=1", ">= 2"]),
     ("--step=-1", ["--step=-1"]),
+    ("--tol=0", ["--tol", "relative residual in (0, 1)"]),
 ])
 def test_hessian_spectrum_bad_flags(flag, needles):
     one_line_error(cli("experiments.hessian_spectrum", f"--workdir={MISSING}", flag), *needles)

@@ -65,6 +65,9 @@ def test_the_sharpness_rises_and_power_iteration_agrees_with_lanczos(tmp_path):
     assert abs(check["relative_difference"]) < 1e-2
     # later measurements start from the previous eigenvector: fewer products than the first
     assert min(run["iterations"][1:]) < run["iterations"][0]
+    # every measurement says how far it is from an eigenpair, and each met the tolerance
+    assert run["converged"] == [True] * 5 and max(run["residual"]) <= tiny().tol
+    assert check["converged"] and check["lanczos_residual"] <= tiny().tol
 
     out = sharpness.write_outputs(result, str(tmp_path))
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -89,9 +92,11 @@ def test_a_step_size_beyond_stability_is_reported():
 
 def test_a_diverged_run_is_written_as_strict_json(tmp_path):
     """Divergence is a finding: its NaN and infinite losses are null in results.json."""
+    # eta = 1e38: the first step overflows float32 (a step of 1e4 on MSE only saturates the
+    # softmax: a finite loss and a Hessian of exactly zero, which is no divergence)
     config = tiny(num_steps=20)
     with config.unlocked():
-        config.step_sizes = {"mse": (1e4,)}
+        config.step_sizes = {"cross_entropy": (1e38,)}
     result = sharpness.run_study(config)
     assert result["runs"][0]["diverged_at"] is not None
     sharpness.write_outputs(result, str(tmp_path))

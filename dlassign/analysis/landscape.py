@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.flatten_util import ravel_pytree
 
-from dlassign.analysis.hessian import dataset_hvp, lanczos, model_batch_loss
+from dlassign.analysis.hessian import dataset_hvp, lanczos_eigenpairs, model_batch_loss
 from dlassign.analysis.hessian.operators import flatten, row_count, sample_batches
 from dlassign.errors import ConfigError, NumericalError, one_of
 from dlassign.report import plt
@@ -38,8 +38,8 @@ from dlassign.training.train_state import init_compiler_options
 
 # Fewer Lanczos steps miss the top eigenpair: on a digits MLP whose top eigenvalue is 2.2661, one
 # step gave 0.001 (relative residual 49), two 0.67-1.3 (~1), five 2.21 (0.09), ten 2.2655 (0.01),
-# twenty 2.2661 (2e-6). The residuals are reported with the result; experiments.landscape's
-# --lanczos_order has the same lower bound.
+# twenty 2.2661 (2e-6). The residuals are reported with the result, with a converged flag each;
+# experiments.landscape's --lanczos_order has the same lower bound.
 MIN_LANCZOS_ORDER = 10
 
 
@@ -154,27 +154,20 @@ def _chunk_sums(batch_loss: Callable, params, basis: jax.Array, chunk: jax.Array
 
 
 def top_eigenvectors(matvec: Callable, unravel: Callable, dim: int, k: int, order: int,
-                     rng: jax.Array, dtype=jnp.float32) -> tuple[np.ndarray, list, np.ndarray]:
+                     rng: jax.Array, dtype=jnp.float32, tol: float = 1e-4
+                     ) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
     """The k largest eigenvalues of H and their unit eigenvectors, as Ritz pairs of Lanczos
-    (full re-orthogonalisation) of `order` steps.
+    (full re-orthogonalisation) of at most `order` steps, fewer where every pair's relative
+    residual is below `tol` (`hessian.lanczos_eigenpairs`).
 
     Returns:
-      (eigenvalues float64[k], decreasing; k direction pytrees; relative residuals
-      ||H v - lambda v|| / |lambda| float64[k], each one more HVP).
+      (eigenvalues float64[k], decreasing (Rayleigh quotients of the vectors returned); k
+      direction pytrees; relative residuals ||H v - lambda v|| / |lambda| float64[k], each one
+      more HVP; converged bool[k], residual <= tol).
     """
-    tridiag, basis = lanczos(matvec, dim, max(order, k), rng, dtype)
-    values, vectors = np.linalg.eigh(tridiag)
-    top = np.argsort(values)[::-1][:k]
-    eigenvalues, directions, residuals = [], [], []
-    for i in top:
-        v = jnp.asarray(vectors[:, i] @ basis, dtype)
-        v = v / jnp.linalg.norm(v)
-        hv = matvec(v)
-        value = float(jnp.vdot(v, hv))  # the Rayleigh quotient of the vector actually used
-        eigenvalues.append(value)
-        residuals.append(float(jnp.linalg.norm(hv - value * v)) / max(abs(value), 1e-30))
-        directions.append(unravel(v))
-    return np.asarray(eigenvalues), directions, np.asarray(residuals)
+    pairs = lanczos_eigenpairs(matvec, dim, k, rng, tol, max(order, k), "largest", dtype)
+    directions = [unravel(jnp.asarray(v, dtype)) for v in pairs.vectors]
+    return pairs.values, directions, pairs.residuals, pairs.converged
 
 
 def curvature_check(batch_loss: Callable, params, directions: Sequence,
@@ -231,7 +224,8 @@ def checkpoint_landscape(workdir: str, directions: str = "eigen", dims: int = 1,
                          sample_size: int = 1024, batch_size: int = 256,
                          lanczos_order: int = 40, points_per_call: int = 8, seed: int = 0,
                          step: int | None = None, out: str | None = None,
-                         overrides: dict | None = None, which: str = "latest") -> dict:
+                         overrides: dict | None = None, which: str = "latest",
+                         tol: float = 1e-4) -> dict:
     """The loss of a checkpoint on a 1-D or 2-D slice through it, on a fixed stratified sample
     of the training split; writes landscape_{directions}_{dims}d.json and .png into `out`
     (default: `workdir`).
@@ -246,6 +240,8 @@ def checkpoint_landscape(workdir: str, directions: str = "eigen", dims: int = 1,
         al.'s units) and sqrt(2 / lambda_1) for eigenvectors (where the quadratic model along
         the top eigenvector has risen by 1).
       which: 'latest' or 'best' (by validation accuracy), as `restore_run` takes it.
+      tol: the relative residual ||Hv - lambda v|| / |lambda| at which an eigenvector counts as
+        converged (the result's `residual` and `converged`, one per eigenvector).
       Others: as `experiments.landscape`'s flags.
     """
     if directions not in ("eigen", "random"):
@@ -256,6 +252,8 @@ def checkpoint_landscape(workdir: str, directions: str = "eigen", dims: int = 1,
                                ("points_per_call", points_per_call, 1)):
         if value < least:
             raise ConfigError(f"{name}={value} is invalid; expected an integer >= {least}")
+    if not 0 < tol < 1:
+        raise ConfigError(f"tol={tol} is invalid; expected a relative residual in (0, 1)")
     if directions == "eigen" and span is not None and not curvature_steps(axis)[-1] ** 2:
         raise ConfigError(f"span={span:g} is too small for the second differences along the "
                           "eigenvectors (their steps' squares underflow float64); use a span of "
@@ -275,14 +273,17 @@ def checkpoint_landscape(workdir: str, directions: str = "eigen", dims: int = 1,
               "directions": directions, "dims": dims, "seed": seed}
     if directions == "eigen":
         matvec, x0, unravel = dataset_hvp(batch_loss, state.params, batches, on_dispatch=limiter)
-        eigenvalues, vectors, residuals = top_eigenvectors(matvec, unravel, int(x0.size), dims,
-                                                           lanczos_order, key_eigen, x0.dtype)
+        eigenvalues, vectors, residuals, converged = top_eigenvectors(
+            matvec, unravel, int(x0.size), dims, lanczos_order, key_eigen, x0.dtype, tol)
         logging.info("top %d Hessian eigenvalues %s (relative residuals %s)", dims,
-                     np.round(eigenvalues, 5), np.round(residuals, 5))
+                     np.round(eigenvalues, 5), np.array2string(residuals, precision=2))
+        if not converged.all():
+            logging.warning("the top %d eigenvectors did not all reach the relative residual %g "
+                            "in %d Lanczos steps; raise lanczos_order", dims, tol, lanczos_order)
         if span is None:
             span = float(np.sqrt(2.0 / eigenvalues[0])) if eigenvalues[0] > 0 else 1.0
-        result.update(eigenvalues=eigenvalues.tolist(), eigen_residuals=residuals.tolist(),
-                      lanczos_order=lanczos_order)
+        result.update(eigenvalues=eigenvalues.tolist(), residual=residuals.tolist(),
+                      converged=converged.tolist(), tol=tol, lanczos_order=lanczos_order)
     else:
         vectors = [filter_normalized_direction(state.params, k)
                    for k in jax.random.split(key_random, dims)]

@@ -4,9 +4,11 @@ Typically Occurs at the Edge of Stability", ICLR 2021), measured.
 Full-batch gradient descent (no momentum, constant step size eta) trains a small network on a
 fixed stratified subset of a training split. Every `eval_every` steps the sharpness, the top
 eigenvalue of the full-batch loss's Hessian, is measured by power iteration warm-started from the
-previous eigenvector (`hessian.power_iteration` on `hessian.dataset_hvp`, through the loss of
-`hessian.model_batch_loss`, the one the networks train on), and at a few points checked against
-a cold-started Lanczos on the same parameters. The paper's finding: the sharpness rises until it
+previous eigenvector (the first from Lanczos; `hessian.power_iteration` on `hessian.dataset_hvp`,
+through the loss of `hessian.model_batch_loss`, the one the networks train on), and at a few
+points checked against a cold-started Lanczos on the same parameters. Every measurement records
+its relative residual ||Hv - lambda v|| / |lambda| and whether it met `tol` (`residual`,
+`converged`). The paper's finding: the sharpness rises until it
 reaches 2/eta (progressive sharpening; on a quadratic, gradient descent diverges beyond it) and
 then hovers at or just above 2/eta while the loss keeps falling, non-monotonically.
 
@@ -27,7 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dlassign.analysis.hessian import dataset_hvp, lanczos, model_batch_loss, power_iteration, ritz
+from dlassign.analysis.hessian import (
+    dataset_hvp,
+    lanczos_eigenpairs,
+    model_batch_loss,
+    power_iteration,
+)
 from dlassign.data import datasets, prepare, stratified_subset
 from dlassign.errors import ConfigError
 from dlassign.models import get_model
@@ -187,6 +194,7 @@ def train_and_measure(model, params0, batch: dict, loss: str, eta: float, config
                for i in range(config.lanczos_checks)} if config.lanczos_checks else set())
     params, vector = params0, None
     steps, sharpness, iterations, losses, accuracies, lanczos_rows = [], [], [], [], [], []
+    residuals, converged = [], []
     diverged_at, start = None, time.perf_counter()
     eta_arg = jnp.asarray(eta, jnp.float32)
     key = jax.random.PRNGKey(config.seed)
@@ -199,20 +207,25 @@ def train_and_measure(model, params0, batch: dict, loss: str, eta: float, config
             return matvec(v)
 
         dim = int(x0.size)
-        values, vectors = power_iteration(counted, dim, 1, jax.random.fold_in(key, step),
-                                          max_iters=config.power_iters, tol=config.tol,
-                                          start=vector)
-        vector = vectors[0]
+        pairs = power_iteration(counted, dim, 1, jax.random.fold_in(key, step),
+                                max_iters=config.power_iters, tol=config.tol, start=vector)
+        vector = pairs.vectors[0]
         steps.append(step)
-        sharpness.append(float(values[0]))
+        sharpness.append(float(pairs.values[0]))
+        residuals.append(float(pairs.residuals[0]))
+        converged.append(bool(pairs.converged[0]))
         iterations.append(calls[0])
         accuracies.append(float(accuracy(model, params, batch)))
         if step in checks:
-            tri, _ = lanczos(matvec, dim, config.lanczos_order,
-                             jax.random.fold_in(key, 10**9 + step))
-            top = float(ritz(tri)[0].max())
+            cold = lanczos_eigenpairs(matvec, dim, 1, jax.random.fold_in(key, 10**9 + step),
+                                      config.tol, config.lanczos_order)
+            top = float(cold.values[0])
             lanczos_rows.append({"step": step, "power": sharpness[-1], "lanczos": top,
-                                 "relative_difference": (sharpness[-1] - top) / abs(top)})
+                                 "relative_difference": float(np.float64(sharpness[-1] - top)
+                                                              / abs(top)),
+                                 "power_residual": residuals[-1],
+                                 "lanczos_residual": float(cold.residuals[0]),
+                                 "converged": bool(converged[-1] and cold.converged[0])})
         if step == total:
             break
         if not np.isfinite(sharpness[-1]):
@@ -227,6 +240,10 @@ def train_and_measure(model, params0, batch: dict, loss: str, eta: float, config
             break
     if diverged_at is not None:
         logging.warning("%s eta=%g diverged at step %d", loss, eta, diverged_at)
+    if not all(converged):
+        logging.warning("%s eta=%g: %d of %d sharpness measurements did not reach the relative "
+                        "residual %g within %d products", loss, eta, converged.count(False),
+                        len(converged), config.tol, config.power_iters)
     final = float(_loss_at(mean_loss, params, batch)) if diverged_at is None else float("nan")
     if diverged_at is None:
         losses.append(final)  # the loss after the last step: losses[t] is the loss at step t
@@ -236,6 +253,7 @@ def train_and_measure(model, params0, batch: dict, loss: str, eta: float, config
                  2 / eta, summary["reach_step"], summary["mean_ratio"], final,
                  time.perf_counter() - start)
     return {"loss": loss, "eta": eta, "steps": steps, "sharpness": sharpness,
+            "residual": residuals, "converged": converged,
             "iterations": iterations, "train_loss": losses, "accuracy": accuracies,
             "lanczos_checks": lanczos_rows, "diverged_at": diverged_at, "final_loss": final,
             "final_accuracy": accuracies[-1], "summary": summary,
@@ -277,36 +295,41 @@ def _fmt(x, spec: str = ".3f") -> str:
 
 
 def summary_table(result: dict) -> str:
-    """One row per run: loss, eta, 2/eta, the sharpness at the start and end, steps to reach
-    2/eta, the ratio sharpness/(2/eta) after (mean, min, max, share within the tolerance, the
-    last step within it), final loss and accuracy."""
+    """One row per run: loss, eta, 2/eta, the sharpness at the start and end (marked where the
+    measurement did not converge), steps to reach 2/eta, the ratio sharpness/(2/eta) after
+    (mean, min, max, share within the tolerance, the last step within it), the measurements
+    that converged, final loss and accuracy."""
     tol = result["reach_tolerance"]
     header = ["loss", "eta", "2/eta", "sharpness at step 0", "at the end",
               f"steps to reach 2/eta (within {tol:.0%})", "mean ratio after", "min", "max",
-              f"share within {tol:.0%}", f"last step within {tol:.0%}", "final loss",
-              "final train acc"]
+              f"share within {tol:.0%}", f"last step within {tol:.0%}",
+              "measurements converged", "final loss", "final train acc"]
     rows = []
     for r in result["runs"]:
         s = r["summary"]
+        converged = r.get("converged", [True] * len(r["sharpness"]))
+        mark = ["" if c else " (not converged)" for c in converged]
         end = ("diverged at step " + str(r["diverged_at"]) if r["diverged_at"] is not None
-               else f"{r['sharpness'][-1]:.4g}" if r["trained"]
-               else f"{r['sharpness'][-1]:.4g} (did not train: the loss rose)")
+               else f"{r['sharpness'][-1]:.4g}{mark[-1]}" if r["trained"]
+               else f"{r['sharpness'][-1]:.4g}{mark[-1]} (did not train: the loss rose)")
         rows.append([r["loss"], f"{r['eta']:g}", f"{s['threshold']:.4g}",
-                     f"{r['sharpness'][0]:.4g}", end,
+                     f"{r['sharpness'][0]:.4g}{mark[0]}", end,
                      "not reached" if s["reach_step"] is None else s["reach_step"],
                      _fmt(s["mean_ratio"]), _fmt(s["min_ratio"]), _fmt(s["max_ratio"]),
                      _fmt(s["within_fraction"], ".0%"), _fmt(s["last_within_step"], "d"),
-                     f"{r['final_loss']:.4g}",
+                     f"{sum(converged)}/{len(converged)}", f"{r['final_loss']:.4g}",
                      f"{r['final_accuracy']:.2%}"])
     return markdown_table(header, rows)
 
 
 def lanczos_table(result: dict) -> str:
     rows = [[r["loss"], f"{r['eta']:g}", c["step"], f"{c['power']:.6g}", f"{c['lanczos']:.6g}",
-             f"{c['relative_difference']:+.2e}"]
+             f"{c['relative_difference']:+.2e}", _fmt(c.get("power_residual"), ".1e"),
+             _fmt(c.get("lanczos_residual"), ".1e")]
             for r in result["runs"] for c in r["lanczos_checks"]]
     return markdown_table(["loss", "eta", "step", "power iteration (warm)",
-                           "Lanczos (cold)", "relative difference"], rows)
+                           "Lanczos (cold)", "relative difference", "power residual",
+                           "Lanczos residual"], rows)
 
 
 def agreement(result: dict) -> float | None:

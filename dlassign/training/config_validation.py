@@ -183,7 +183,8 @@ def validate_train_config(config, image_size: int | None = None) -> None:
                           "expected the output of experiments.port_weights or a training workdir")
 
 
-CURVATURE_FIELDS = ("every_steps", "num_examples", "power_iters", "tol", "trace_samples")
+CURVATURE_FIELDS = ("every_steps", "num_examples", "power_iters", "cold_iters", "tol",
+                    "trace_samples")
 
 
 def validate_curvature(curvature) -> None:
@@ -195,6 +196,7 @@ def validate_curvature(curvature) -> None:
     _number("curvature.every_steps", curvature.get("every_steps", 0), low=0, integer=True)
     _number("curvature.num_examples", curvature.get("num_examples", 256), low=1, integer=True)
     _number("curvature.power_iters", curvature.get("power_iters", 10), low=2, integer=True)
+    _number("curvature.cold_iters", curvature.get("cold_iters", 30), low=2, integer=True)
     _number("curvature.tol", curvature.get("tol", 1e-3), low=0, high=1, low_open=True,
             high_open=True)
     trace = curvature.get("trace_samples", 0)

@@ -21,9 +21,14 @@ from dlassign.training.evaluation import restore_run
 def checkpoint_spectrum(workdir: str, num_examples: int = 4096, batch_size: int = 512,
                         lanczos_order: int = 90, num_draws: int = 3, top_k: int = 5,
                         power_iters: int = 50, trace_samples: int = 100, seed: int = 0,
-                        step: int | None = None, overrides: dict | None = None) -> dict:
+                        step: int | None = None, overrides: dict | None = None,
+                        tol: float = 1e-4) -> dict:
     """Top eigenvalues, the most negative one, the trace and the density of a checkpoint's
     training-loss Hessian, on a fixed stratified sample of the training split.
+
+    The top eigenvalues (by magnitude) come from power iteration with deflation started from
+    Lanczos; each carries its relative residual ||Hv - lambda v|| / |lambda| and whether it met
+    `tol` within `power_iters` products (`residual`, `converged`).
 
     BatchNorm uses its running statistics and dropout is off (the loss is a function of the
     parameters alone). Writes hessian_spectrum.json and hessian_density.png into `workdir`.
@@ -38,6 +43,8 @@ def checkpoint_spectrum(workdir: str, num_examples: int = 4096, batch_size: int 
                                ("trace_samples", trace_samples, 2)):
         if value < least:
             raise ConfigError(f"{name}={value} is invalid; expected an integer >= {least}")
+    if not 0 < tol < 1:
+        raise ConfigError(f"tol={tol} is invalid; expected a relative residual in (0, 1)")
     run, state, _ = restore_run(workdir, step, overrides)
     batches, num_sample = sample_batches(run.dataset.train, num_examples, seed, run.mesh,
                                          batch_size)
@@ -50,8 +57,14 @@ def checkpoint_spectrum(workdir: str, num_examples: int = 4096, batch_size: int 
     logging.info("Hessian of %s (%d parameters) on %d training examples", run.config.model.name,
                  dim, num_sample)
     start = time.perf_counter()
-    top, _ = power_iteration(matvec, dim, top_k, keys[0], max_iters=power_iters, tol=1e-4)
-    logging.info("top %d eigenvalues by magnitude: %s", top_k, np.round(top, 4))
+    pairs = power_iteration(matvec, dim, top_k, keys[0], max_iters=power_iters, tol=tol)
+    logging.info("top %d eigenvalues by magnitude: %s (relative residuals %s)", top_k,
+                 np.round(pairs.values, 4), np.array2string(pairs.residuals, precision=2))
+    if not pairs.all_converged:
+        logging.warning("%d of the top %d eigenvalues did not reach the relative residual %g "
+                        "within %d products each; raise power_iters", int((~pairs.converged)
+                                                                          .sum()), top_k, tol,
+                        power_iters)
     density = slq_density(matvec, dim, lanczos_order, num_draws, keys[1])
     trace, trace_se = hutchinson_trace(matvec, dim, trace_samples, keys[2])
     elapsed = time.perf_counter() - start
@@ -60,7 +73,9 @@ def checkpoint_spectrum(workdir: str, num_examples: int = 4096, batch_size: int 
     result = {
         "model": run.config.model.name, "step": int(state.step), "num_params": dim,
         "num_examples": num_sample, "loss": run.config.loss,
-        "top_eigenvalues": top.tolist(), "lanczos_max": highest, "lanczos_min": lowest,
+        "top_eigenvalues": pairs.values.tolist(), "residual": pairs.residuals.tolist(),
+        "converged": pairs.converged.tolist(), "tol": tol,
+        "lanczos_max": highest, "lanczos_min": lowest,
         "most_negative_to_top_ratio": lowest / highest if highest else None,
         "trace": trace, "trace_standard_error": trace_se,
         "lanczos_order": lanczos_order, "num_draws": num_draws, "trace_samples": trace_samples,

@@ -4,9 +4,13 @@ its trace) on a fixed stratified training sample, every `curvature.every_steps` 
 The trainer makes those steps sync points of its loop and calls `CurvatureTracker.measure` there.
 The eigenvalue comes from power iteration (`spectrum.power_iteration`) warm-started from the
 previous measurement's eigenvector: between two nearby points of a run the top eigenvector moves
-little, so a few Hessian-vector products reach `tol`. The first measurement of a process (and the
-first after a resume) starts from a random vector and takes more. Power iteration finds the
-eigenvalue of largest magnitude, the top positive one for the networks trained here.
+little, so a few Hessian-vector products bring the relative residual ||Hv - lambda v|| / |lambda|
+below `tol`. The first measurement of a process (and the first after a resume) starts cold,
+from Lanczos (at most `cold_iters` steps: near-degenerate top pairs need more than a warm start),
+and takes more. Power iteration finds the eigenvalue of largest magnitude, the top
+positive one for the networks trained here. Every entry records the residual of its eigenpair
+and whether it met `tol` within `power_iters` products (`converged`), in results.json and in
+TensorBoard next to the eigenvalue.
 
 The Hessian is that of `hessian.model_batch_loss` (evaluation mode: BatchNorm's running
 statistics, no dropout, no augmentation), through `hessian.dataset_hvp` on batches placed with
@@ -20,7 +24,6 @@ from __future__ import annotations
 import time
 
 import jax
-import numpy as np
 from absl import logging
 
 from dlassign.analysis.hessian import operators
@@ -59,6 +62,7 @@ class CurvatureTracker:
         self.every_steps = int(config.get("every_steps", 0))
         self.num_examples = int(config.get("num_examples", 256))
         self.power_iters = int(config.get("power_iters", 10))
+        self.cold_iters = int(config.get("cold_iters", 30))
         self.tol = float(config.get("tol", 1e-3))
         self.trace_samples = int(config.get("trace_samples", 0))
         self.dataset, self.mesh, self.seed, self.max_batch = dataset, mesh, seed, max_batch
@@ -66,13 +70,8 @@ class CurvatureTracker:
         self._count = 0
         self._vector = None  # the previous measurement's eigenvector: the next start
         # Start vectors live where the products' outputs do (replicated over the mesh), so the
-        # product compiles once; the random start of the first measurement is one program.
-        replicated = parallel.replicated(mesh)
-        self._place = jax.jit(lambda x: x, out_shardings=replicated)
-        self._normal = jax.jit(
-            lambda seed, step, dim, dtype: jax.random.normal(
-                jax.random.fold_in(jax.random.PRNGKey(seed), step), (dim,), dtype),
-            static_argnums=(2, 3), out_shardings=replicated)
+        # product compiles once.
+        self._place = jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))
 
         def batch_loss(params, batch):
             # BatchNorm's statistics come in the batch, so this one function (and its compiled
@@ -96,9 +95,9 @@ class CurvatureTracker:
         return range(self.every_steps, total_steps, self.every_steps) if self.enabled else range(0)
 
     def measure(self, state, step: int) -> dict:
-        """The curvature at `state` (a TrainState): {step, top_eigenvalue, iterations (Hessian-
-        vector products of the power iteration), seconds, and trace and trace_standard_error with
-        trace_samples}."""
+        """The curvature at `state` (a TrainState): {step, top_eigenvalue, residual (its relative
+        residual), converged (residual <= tol), iterations (Hessian-vector products of the
+        eigenvalue), seconds, and trace and trace_standard_error with trace_samples}."""
         start = time.perf_counter()
         if self._batches is None:
             self._batches, self._count = sample_batches(self.dataset, self.num_examples,
@@ -116,31 +115,32 @@ class CurvatureTracker:
             return matvec(v)
 
         dim = int(x0.size)
-        first = self._vector
-        if first is None:
-            first = self._normal(self.seed, step, dim, x0.dtype)
-        # the key only matters if the start vector were zero
-        key = np.asarray([self.seed, step], np.uint32)
-        values, vectors = power_iteration(counted, dim, 1, key, max_iters=self.power_iters,
-                                          tol=self.tol, dtype=x0.dtype, start=first)
-        self._vector = self._place(vectors[0])
-        entry = {"step": int(step), "top_eigenvalue": float(values[0]),
+        # the key draws the Lanczos start of a cold measurement (no previous vector)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
+        pairs = power_iteration(counted, dim, 1, key, max_iters=self.power_iters, tol=self.tol,
+                                dtype=x0.dtype, start=self._vector, cold_iters=self.cold_iters)
+        self._vector = self._place(pairs.vectors[0])
+        entry = {"step": int(step), "top_eigenvalue": float(pairs.values[0]),
+                 "residual": float(pairs.residuals[0]), "converged": bool(pairs.converged[0]),
                  "iterations": calls[0]}
         if self.trace_samples:
             probes = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
             trace, se = hutchinson_trace(matvec, dim, self.trace_samples, probes, x0.dtype)
             entry.update(trace=trace, trace_standard_error=se)
         entry["seconds"] = time.perf_counter() - start
-        logging.info("step %d curvature: top eigenvalue %.5g (%d products)%s, %.2f s", step,
-                     entry["top_eigenvalue"], calls[0],
+        logging.info("step %d curvature: top eigenvalue %.5g (%d products, relative residual "
+                     "%.2g%s)%s, %.2f s", step, entry["top_eigenvalue"], calls[0],
+                     entry["residual"], "" if entry["converged"] else ", NOT converged",
                      f", trace {entry['trace']:.5g}" if "trace" in entry else "",
                      entry["seconds"])
         return entry
 
 
 def board_scalars(entry: dict) -> dict:
-    """The scalars of one measurement that TensorBoard shows under `curvature/`."""
-    return {k: entry[k] for k in ("top_eigenvalue", "trace", "iterations") if k in entry}
+    """The scalars of one measurement that TensorBoard shows under `curvature/`: converged is
+    1 or 0."""
+    return {k: float(entry[k]) for k in ("top_eigenvalue", "residual", "converged", "trace",
+                                         "iterations") if k in entry}
 
 
 def resumed_entries(entries: list[dict], step: int) -> list[dict]:
