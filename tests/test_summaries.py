@@ -57,8 +57,7 @@ def read_hparams(logdir) -> dict:
 
 def runs_of(workdir) -> list[str]:
     """The TensorBoard runs (subdirectories holding event files) of a workdir."""
-    return sorted(p.parent.name for p in Path(workdir).glob("*/events.out.tfevents.*")
-                  if p.parent.name != "checkpoints")
+    return sorted({p.parent.name for p in Path(workdir).glob("*/events.out.tfevents.*")})
 
 
 def steps_of(scalars: dict, tag: str) -> list[int]:
