@@ -79,7 +79,7 @@ def test_logged_eigenvalue_matches_cold_lanczos_at_the_right_steps_and_in_tensor
     assert entries[-1]["top_eigenvalue"] == pytest.approx(
         cold_lanczos_top(str(tmp_path), 40, 200), rel=1e-2)
 
-    scalars, _ = read_events(tmp_path)
+    scalars, _ = read_events(tmp_path / "train")
     for name in ("top_eigenvalue", "residual", "converged", "trace", "iterations"):
         assert steps_of(scalars, f"curvature/{name}") == [10, 20, 30, 40], name
         np.testing.assert_allclose([v for _, v in scalars[f"curvature/{name}"]],
@@ -98,7 +98,7 @@ def test_off_by_default_and_the_trainer_does_not_change(tmp_path):
                                                                                  35, 42]
     assert on["test"]["accuracy"] == off["test"]["accuracy"]
     assert on["test"]["loss"] == pytest.approx(off["test"]["loss"], rel=1e-5)
-    scalars, _ = read_events(tmp_path / "off")
+    scalars, _ = read_events(tmp_path / "off" / "train")
     assert not any(t.startswith("curvature/") for t in scalars)
 
 
@@ -190,7 +190,7 @@ def test_curvature_survives_a_kill_and_resume_once_each(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     killed = curvature_cli(resumed, "after_step:27")
     assert killed.returncode == -signal.SIGKILL
-    before, _ = read_events(resumed)
+    before, _ = read_events(resumed / "train")
     assert steps_of(before, "curvature/top_eigenvalue") == [5, 10, 15, 20, 25]
     out = curvature_cli(resumed)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -208,7 +208,7 @@ def test_curvature_survives_a_kill_and_resume_once_each(tmp_path):
                                [v for _, v in before["curvature/top_eigenvalue"][:4]], rtol=1e-6)
     np.testing.assert_allclose([e["top_eigenvalue"] for e in got["curvature"]],
                                [e["top_eigenvalue"] for e in want["curvature"]], rtol=5e-3)
-    scalars, _ = read_events(resumed)
+    scalars, _ = read_events(resumed / "train")
     assert steps_of(scalars, "curvature/top_eigenvalue") == steps
     np.testing.assert_allclose([v for _, v in scalars["curvature/top_eigenvalue"]],
                                [e["top_eigenvalue"] for e in got["curvature"]], rtol=1e-6)

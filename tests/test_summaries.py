@@ -1,5 +1,6 @@
-"""What a researcher watches: TensorBoard event files (read back with TensorBoard's own reader),
-the validation split and its curves, the best checkpoint, curves.png; across a kill and resume."""
+"""What a researcher watches: TensorBoard event files (read back with TensorBoard's own reader)
+in the train/, validation/ and test/ runs with the config as hyperparameters, the validation
+split and its curves, the best checkpoint, curves.png; across a kill and resume."""
 
 import json
 import os
@@ -24,18 +25,39 @@ TRAIN_SCALARS = ("loss", "accuracy", "grad_norm", "learning_rate", "examples_per
 TEST_SCALARS = ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro")
 
 
-def read_events(logdir) -> dict:
-    """{tag: [(step, value), ...]} of every scalar, and {tag: [step, ...]} of every image, as
-    TensorBoard itself reads the directory (its EventAccumulator, restart purges included)."""
+def accumulate(logdir):
+    """TensorBoard's own reader (EventAccumulator, restart purges included) over one run."""
     accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator")
     events = accumulator.EventAccumulator(str(logdir), size_guidance={"scalars": 0,
                                                                       "images": 0})
     events.Reload()
+    return events
+
+
+def read_events(logdir) -> dict:
+    """{tag: [(step, value), ...]} of every scalar, and {tag: [step, ...]} of every image, of
+    the TensorBoard run in `logdir` (e.g. a workdir's `train/`) as TensorBoard reads it."""
+    events = accumulate(logdir)
     tags = events.Tags()
     scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in tags["scalars"]}
     images = {t: [e.step for e in events.Images(t)] for t in tags["images"]}
     return scalars, images
+
+
+def read_hparams(logdir) -> dict:
+    """{name: value} of the run's hyperparameters, as TensorBoard's hparams view reads them
+    (bool, float or str by the value's kind)."""
+    plugin = pytest.importorskip("tensorboard.plugins.hparams.plugin_data_pb2")
+    content = accumulate(logdir).PluginTagToContent("hparams")
+    start = plugin.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    return {name: getattr(value, value.WhichOneof("kind"))
+            for name, value in start.session_start_info.hparams.items()}
+
+
+def runs_of(workdir) -> list[str]:
+    """The TensorBoard runs (subdirectories holding event files) of a workdir."""
+    return sorted({p.parent.name for p in Path(workdir).glob("*/events.out.tfevents.*")})
 
 
 def steps_of(scalars: dict, tag: str) -> list[int]:
@@ -55,24 +77,40 @@ def test_every_scalar_validation_best_checkpoint_and_curves(tmp_path):
     total = results["steps"]
     assert total == 3 * (192 // 32)  # a quarter of the 256 examples held out
 
-    scalars, images = read_events(tmp_path)
+    # One TensorBoard run each for training, validation and test, with the same tags.
+    assert runs_of(tmp_path) == ["test", "train", "validation"]
+    train, images = read_events(tmp_path / "train")
+    assert set(train) == set(TRAIN_SCALARS) and images == {}
     logged = sync_steps(total, 4, 3)  # log_every_steps=checkpoint_every_steps=4; validation 3
     for name in TRAIN_SCALARS:
-        assert steps_of(scalars, f"train/{name}") == logged, name
-    assert [s for s, _ in scalars["train/loss"]] == [h["step"] for h in results["history"]]
-    np.testing.assert_allclose([v for _, v in scalars["train/loss"]],
+        assert steps_of(train, name) == logged, name
+    assert [s for s, _ in train["loss"]] == [h["step"] for h in results["history"]]
+    np.testing.assert_allclose([v for _, v in train["loss"]],
                                [h["loss"] for h in results["history"]], rtol=1e-6)
-    np.testing.assert_allclose([v for _, v in scalars["train/learning_rate"]], 3e-3, rtol=1e-6)
-    assert all(v > 0 for _, v in scalars["train/examples_per_second"])
+    np.testing.assert_allclose([v for _, v in train["learning_rate"]], 3e-3, rtol=1e-6)
+    assert all(v > 0 for _, v in train["examples_per_second"])
+    validation, images = read_events(tmp_path / "validation")
+    assert images == {}
     validated = sync_steps(total, 3)
     assert [v["step"] for v in results["validation"]] == validated
     for name in ("loss", "accuracy", "f1_macro"):
-        assert steps_of(scalars, f"validation/{name}") == validated
-        np.testing.assert_allclose([v for _, v in scalars[f"validation/{name}"]],
+        assert steps_of(validation, name) == validated
+        np.testing.assert_allclose([v for _, v in validation[name]],
                                    [v[name] for v in results["validation"]], rtol=1e-6)
+    test, images = read_events(tmp_path / "test")
+    assert set(test) == set(TEST_SCALARS)
     for name in TEST_SCALARS:
-        assert scalars[f"test/{name}"] == [(total, pytest.approx(results["test"][name]))]
-    assert images == {"test/confusion_matrix": [total]}
+        assert test[name] == [(total, pytest.approx(results["test"][name]))]
+    assert images == {"confusion_matrix": [total]}
+    # Every run carries the config: dotted keys, numbers as numbers, sequences as text.
+    for run in ("train", "validation", "test"):
+        hparams = read_hparams(tmp_path / run)
+        assert hparams["optimizer.learning_rate"] == pytest.approx(3e-3)
+        assert hparams["batch_size"] == 32.0 and hparams["eval_every_steps"] == 3.0
+        assert hparams["data.validation_fraction"] == 0.25
+        assert hparams["checkpoint_best"] is True
+        assert hparams["model.name"] == config.model.name
+        assert hparams["model.hidden_sizes"] == "(32,)"
 
     # The best checkpoint: the first step with the highest validation accuracy, in best/.
     accuracies = [v["accuracy"] for v in results["validation"]]
@@ -88,37 +126,64 @@ def test_every_scalar_validation_best_checkpoint_and_curves(tmp_path):
 def test_a_run_without_validation_still_writes_events_and_curves(tmp_path):
     results = train_and_evaluate(tiny_config({"num_epochs": 1}), str(tmp_path),
                                  synthetic_dataset())
-    scalars, _ = read_events(tmp_path)
-    assert not any(t.startswith("validation/") for t in scalars)
-    assert steps_of(scalars, "train/loss") == [4, 8] and results["validation"] == []
+    assert runs_of(tmp_path) == ["test", "train"]
+    scalars, _ = read_events(tmp_path / "train")
+    assert steps_of(scalars, "loss") == [4, 8] and results["validation"] == []
     assert not (tmp_path / "best").exists()
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 def test_reopening_drops_the_steps_after_the_resume_point(tmp_path):
-    """A resumed run writes from its checkpoint's step on; what the killed run logged after it
-    (and a finished run's test events), and a record cut short by the kill, are gone."""
-    with summaries.Summaries(str(tmp_path)).open(0) as board:
+    """A resumed run writes from its checkpoint's step on: TensorBoard shows none of what the
+    killed run logged after it, nor a finished run's earlier test results, and reads past a
+    record the kill cut short; the hyperparameters are the first run's, written once."""
+    with summaries.Summaries(str(tmp_path), {"model": {"width": 8}}).open(0) as board:
         for step in range(1, 11):
-            board.scalars(step, {"loss": step}, "train/")
-        board.scalars(10, {"accuracy": 0.5}, "test/")
-    path = summaries.event_files(tmp_path)[0]
-    with open(path, "ab") as f:
-        f.write(b"\x30\x00\x00\x00\x00\x00\x00\x00\x01\x02")  # a record the kill cut short
-    with summaries.Summaries(str(tmp_path)).open(6) as board:
-        for step in range(7, 11):
-            board.scalars(step, {"loss": 100 + step}, "train/")
-        board.scalars(10, {"accuracy": 0.75}, "test/")
-    scalars, _ = read_events(tmp_path)
-    assert scalars["train/loss"] == [(s, s) for s in range(1, 7)] + [(s, 100 + s)
-                                                                     for s in range(7, 11)]
-    assert scalars["test/accuracy"] == [(10, 0.75)]
-    # The files themselves hold each step once, not only TensorBoard's view of them.
-    from tensorboardX.proto.event_pb2 import Event
+            board.scalars(step, {"loss": step}, "train")
+        board.scalars(10, {"accuracy": 0.5}, "test")
+        board.flush()
+        path = next((tmp_path / "train").glob("events.out.tfevents.*"))
+        with open(path, "ab") as f:
+            f.write(b"\x30\x00\x00\x00\x00\x00\x00\x00\x01\x02")  # a record cut short
+    for start in (6, 10):  # resumed after step 6, then the finished run run again
+        with summaries.Summaries(str(tmp_path), {"model": {"width": 16}}).open(start) as board:
+            for step in range(start + 1, 11):
+                board.scalars(step, {"loss": 100 * start + step}, "train")
+            board.scalars(10, {"accuracy": start / 10}, "test")
+    train, _ = read_events(tmp_path / "train")
+    assert train["loss"] == [(s, s) for s in range(1, 7)] + [(s, 600 + s) for s in range(7, 11)]
+    test, _ = read_events(tmp_path / "test")
+    assert test["accuracy"] == [(10, 1.0)]
+    for run in ("train", "test"):
+        assert read_hparams(tmp_path / run) == {"model.width": 8.0}
+        assert len(list((tmp_path / run).glob("events.out.tfevents.*"))) == 3 - (run == "train")
 
-    steps = [Event.FromString(r).step for p in summaries.event_files(tmp_path)
-             for r in summaries._records(p)[0] if Event.FromString(r).summary.value]
-    assert sorted(steps) == [*range(1, 11), 10]
+
+def test_flush_puts_every_event_on_disk(tmp_path):
+    """What a run flushed is in its files before it closes, so a kill right after the
+    checkpoint that follows loses none of it. tensorboardX's SummaryWriter falls short here:
+    its `flush()` does not wait for the events its background thread has not written yet."""
+    board = summaries.Summaries(str(tmp_path)).open(0)
+    for step in range(1, 201):
+        board.scalars(step, {"loss": step / 2}, "train")
+        board.scalars(step, {"loss": step / 4}, "validation")
+    board.flush()
+    for run, scale in (("train", 2), ("validation", 4)):
+        scalars, _ = read_events(tmp_path / run)
+        assert scalars["loss"] == [(s, s / scale) for s in range(1, 201)], run
+    board.close()
+
+
+def test_hyperparameters_are_the_flattened_config():
+    """Dotted keys; booleans, numbers and strings as they are; sequences as text; None out."""
+    config = tiny_config({"model.name": "mlp"})
+    hparams = summaries.hparams_of(config)
+    assert hparams["model.hidden_sizes"] == "(32,)" and hparams["model.name"] == "mlp"
+    assert hparams["batch_size"] == 32.0 and isinstance(hparams["batch_size"], float)
+    assert hparams["optimizer.learning_rate"] == 3e-3
+    assert all(isinstance(v, (bool, float, str)) for v in hparams.values())
+    assert summaries.hparams_of({"a": {"b": [1, 2], "c": None, "d": False}, "e": np.int32(3)}) == {
+        "a.b": "(1, 2)", "a.d": False, "e": 3.0}
 
 
 def test_validation_split_is_stratified_and_disjoint():
@@ -189,23 +254,29 @@ def test_killed_and_resumed_run_logs_every_step_once(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     killed = train_cli(resumed, "after_step:27")
     assert killed.returncode == -signal.SIGKILL
-    before, _ = read_events(resumed)
-    assert steps_of(before, "train/loss")[-1] == 24  # logged after the last checkpoint (20)
+    before, _ = read_events(resumed / "train")
+    assert steps_of(before, "loss")[-1] == 24  # logged after the last checkpoint (20)
     out = train_cli(resumed)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resumed from step 20" in out.stderr
 
-    want, want_images = read_events(reference)
-    got, got_images = read_events(resumed)
     total = json.loads((reference / "results.json").read_text())["steps"]  # 3 x 1212 // 64
-    assert total == 54 and set(got) == set(want) and got_images == want_images
-    assert steps_of(got, "train/loss") == sync_steps(total, 4, 10, 6)
-    assert steps_of(got, "validation/accuracy") == sync_steps(total, 6)
-    for tag in got:
-        assert steps_of(got, tag) == steps_of(want, tag), tag  # once each, none missing
-        if tag != "train/examples_per_second":
-            np.testing.assert_allclose([v for _, v in got[tag]], [v for _, v in want[tag]],
-                                       rtol=1e-6, err_msg=tag)
+    assert total == 54 and runs_of(resumed) == runs_of(reference) == ["test", "train",
+                                                                      "validation"]
+    for run in runs_of(reference):
+        want, want_images = read_events(reference / run)
+        got, got_images = read_events(resumed / run)
+        assert set(got) == set(want) and got_images == want_images, run
+        for tag in got:
+            assert steps_of(got, tag) == steps_of(want, tag), (run, tag)  # once, none missing
+            if tag != "examples_per_second":
+                np.testing.assert_allclose([v for _, v in got[tag]], [v for _, v in want[tag]],
+                                           rtol=1e-6, err_msg=f"{run}/{tag}")
+        assert read_hparams(resumed / run) == read_hparams(reference / run)
+    got, _ = read_events(resumed / "train")
+    assert steps_of(got, "loss") == sync_steps(total, 4, 10, 6)
+    got, _ = read_events(resumed / "validation")
+    assert steps_of(got, "accuracy") == sync_steps(total, 6)
     a = json.loads((resumed / "results.json").read_text())
     b = json.loads((reference / "results.json").read_text())
     assert a["validation"] == b["validation"] and a["best_checkpoint"] == b["best_checkpoint"]
@@ -255,29 +326,39 @@ def test_a_checkpoint_from_before_validation_fraction_existed_resumes(tmp_path):
 @pytest.mark.parametrize("sequential", [False, True])
 def test_each_fold_of_a_grid_cell_is_a_run_with_its_hyperparameters(tmp_path, sequential):
     from dlassign.data import stratified_kfold
-    from dlassign.training.tune import apply_overrides, cell_name, cross_validate
+    from dlassign.training.tune import apply_overrides, cell_hparams, cell_name, cross_validate
 
-    plugin = pytest.importorskip("tensorboard.plugins.hparams.plugin_data_pb2")
-    accumulator = pytest.importorskip(
-        "tensorboard.backend.event_processing.event_accumulator")
     data = synthetic_dataset(n_train=240)
     folds = stratified_kfold(data.train.labels, 2, seed=0)
+    grid = {"model": {"activation": ["relu", "tanh"], "hidden_sizes": [(16,), (32,)]}}
     params = {"model.activation": "tanh", "model.hidden_sizes": (16,)}
     config = apply_overrides(tiny_config({"num_epochs": 2, "log_every_steps": 3}), params)
     logdir = tmp_path / cell_name(0, params)
     assert logdir.name == "00_activation=tanh,hidden_sizes=16"
     cv = cross_validate(config, data, folds, sequential=sequential, logdir=str(logdir),
-                        hparams=params)
+                        hparams=cell_hparams(grid, params))
     for k in range(2):
-        scalars, _ = read_events(logdir / f"fold{k}")
-        assert steps_of(scalars, "train/loss") == [3, 6]  # 120 examples: 3 steps an epoch
-        assert all(steps_of(scalars, f"train/{m}") == [3, 6]
-                   for m in ("accuracy", "grad_norm", "learning_rate"))
-        assert scalars["validation/accuracy"] == [(6, pytest.approx(cv["fold_accuracies"][k]))]
-        assert scalars["hparam/val_loss"] == [(0, pytest.approx(cv["fold_losses"][k]))]
-        events = accumulator.EventAccumulator(str(logdir / f"fold{k}"))
-        events.Reload()
-        start = plugin.HParamsPluginData.FromString(
-            events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
-        assert {n: v.string_value for n, v in start.session_start_info.hparams.items()} == {
-            "model.activation": "tanh", "model.hidden_sizes": "(16,)"}
+        assert runs_of(logdir / f"fold{k}") == ["train", "validation"]
+        train, _ = read_events(logdir / f"fold{k}" / "train")
+        assert set(train) == {"loss", "accuracy", "grad_norm", "learning_rate"}
+        assert all(steps_of(train, m) == [3, 6] for m in train)  # 120 examples: 3 steps an epoch
+        validation, _ = read_events(logdir / f"fold{k}" / "validation")
+        assert validation == {"accuracy": [(6, pytest.approx(cv["fold_accuracies"][k]))],
+                              "loss": [(6, pytest.approx(cv["fold_losses"][k]))]}
+        for run in ("train", "validation"):
+            hparams = read_hparams(logdir / f"fold{k}" / run)
+            # the grid's one-number widths as numbers; the rest of the config as well
+            assert hparams["model.activation"] == "tanh" and hparams["model.hidden_sizes"] == 16
+            assert hparams["num_epochs"] == 2 and hparams["batch_size"] == 32
+
+
+def test_grid_hyperparameters_are_numbers_where_the_grid_is():
+    from dlassign.training.tune import cell_hparams
+
+    grid = {"model": {"hidden_sizes": [(32,), (64,)], "depths": [(32,), (32, 32)],
+                      "dense_width": [32, 64], "activation": ["relu"]}}
+    cell = {"model.hidden_sizes": (64,), "model.depths": (32,), "model.dense_width": 64,
+            "model.activation": "relu"}
+    assert summaries.hparams_of(cell_hparams(grid, cell)) == {
+        "model.hidden_sizes": 64.0, "model.depths": "(32,)", "model.dense_width": 64.0,
+        "model.activation": "relu"}

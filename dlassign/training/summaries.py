@@ -1,206 +1,141 @@
 """TensorBoard event files for every run, written by tensorboardX (no TensorFlow needed).
 
-`tensorboard --logdir=runs` (the optional `tensorboard` extra) shows them. One `Summaries` per
-run directory; only process 0 writes, every other process gets a writer that does nothing.
+`tensorboard --logdir=runs` (the optional `tensorboard` extra) shows them. A run directory
+holds one TensorBoard run per kind of data, as Keras and the flax examples lay them out:
+`train/`, `validation/` and `test/`, each its own event files with the same tags (`loss`,
+`accuracy`, ...), so that TensorBoard draws training and validation loss in one chart. Each of
+them carries the config as hyperparameters (`hparams_of`). Only process 0 writes; every other
+process gets a writer that does nothing.
 
-A resumed run continues the same curves with no step twice and none missing: `open(step)` first
-takes out of the directory's event files every event of a step after the checkpoint it resumes
-from (the killed run logged them, the resumed run logs them again) and the final events of a
-finished run (tags under `test/`, written again at the end), and a run flushes its events at
-every sync point, so that everything up to a checkpoint is on disk before the checkpoint is. The
-new event file also starts with TensorBoard's restart marker (what tensorboardX's `purge_step`
-writes), so a TensorBoard that already read the dropped events hides them too.
+A resumed run continues the same curves with no step twice and none missing. Each run's new
+event file starts with TensorBoard's restart marker, what tensorboardX's `purge_step` writes:
+TensorBoard drops what the directory holds of that step and later (the killed run logged those
+steps, the resumed run logs them again; a finished run's test results are written again at the
+same step). A run flushes its events at every sync point, so that everything up to a
+checkpoint is on disk before the checkpoint is.
 """
 
 from __future__ import annotations
 
 import glob
-import importlib
-import importlib.util
 import os
-import struct
-import sys
 import time
-import types
 
 import jax
 import numpy as np
-from absl import logging
 
 EVENTS_GLOB = "events.out.tfevents.*"
-_TBX_MODULES = ("record_writer", "event_file_writer", "proto.event_pb2", "summary", "utils")
 
 
-def _tensorboardx() -> None:
-    """Imports the parts of tensorboardX used here without its package `__init__`, which imports
-    torch when torch is installed (2-3 s of start-up for every run). A later `import
-    tensorboardX` still runs the full package and reuses these modules."""
-    if "tensorboardX" in sys.modules:
-        return
-    spec = importlib.util.find_spec("tensorboardX")
-    stub = types.ModuleType("tensorboardX")
-    stub.__path__ = list(spec.submodule_search_locations)
-    sys.modules["tensorboardX"] = stub
-    try:
-        for name in _TBX_MODULES:
-            importlib.import_module(f"tensorboardX.{name}")
-    finally:
-        del sys.modules["tensorboardX"]
-FINAL_PREFIXES = ("test/",)  # tags written once, after the last step
-
-
-def event_files(logdir: str) -> list[str]:
-    """The event files directly in `logdir`, in the order TensorBoard reads them."""
-    return sorted(p for p in glob.glob(os.path.join(logdir, EVENTS_GLOB))
-                  if not p.endswith(".tmp"))
-
-
-def _records(path: str) -> tuple[list[bytes], bool]:
-    """The intact TFRecord payloads of an event file, and whether a record cut short (a kill
-    during a write) or damaged ends it."""
-    _tensorboardx()
-    from tensorboardX.record_writer import masked_crc32c
-
-    with open(path, "rb") as f:
-        data = f.read()
-    out, pos = [], 0
-    while pos < len(data):
-        if pos + 12 > len(data):
-            return out, True
-        header = data[pos:pos + 8]
-        (n,) = struct.unpack("<Q", header)
-        end = pos + 12 + n + 4
-        if (struct.unpack("<I", data[pos + 8:pos + 12])[0] != masked_crc32c(header)
-                or end > len(data)):
-            return out, True
-        body = data[pos + 12:pos + 12 + n]
-        if struct.unpack("<I", data[end - 4:end])[0] != masked_crc32c(body):
-            return out, True
-        out.append(body)
-        pos = end
-    return out, False
-
-
-def discard_events_after(logdir: str, step: int) -> int:
-    """Rewrites the event files of `logdir` without the events of steps after `step`, the final
-    events (`FINAL_PREFIXES`) and any record cut short; returns how many events went."""
-    _tensorboardx()
-    from tensorboardX.proto.event_pb2 import Event
-    from tensorboardX.record_writer import RecordWriter
-
-    dropped = 0
-    for path in event_files(logdir):
-        records, cut = _records(path)
-        keep = []
-        for record in records:
-            event = Event.FromString(record)
-            final = any(v.tag.startswith(FINAL_PREFIXES) for v in event.summary.value)
-            if event.step > step or final:
-                dropped += 1
-            else:
-                keep.append(record)
-        if len(keep) == len(records) and not cut:
-            continue
-        writer = RecordWriter(path + ".tmp")
-        for record in keep:
-            writer.write(record)
-        writer.close()
-        os.replace(path + ".tmp", path)
-    return dropped
+def hparams_of(config) -> dict[str, bool | float | str]:
+    """A config (a ConfigDict or dict, nested) as TensorBoard hyperparameters: one per leaf,
+    under its dotted path. TensorBoard's hyperparameters are booleans, numbers or strings:
+    those stay as they are, a sequence becomes its text (`(32, 32)`), None is left out."""
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update({f"{key}.{k}": v for k, v in hparams_of(value).items()})
+        elif isinstance(value, (bool, str)):
+            out[key] = value
+        elif isinstance(value, (int, float, np.number)):
+            out[key] = float(value)
+        elif isinstance(value, (list, tuple)):
+            out[key] = str(tuple(value))
+        elif value is not None:
+            out[key] = str(value)
+    return out
 
 
 class Summaries:
-    """A run's TensorBoard writer: `open(step)`, then scalars, figures and hyperparameters.
+    """A run directory's TensorBoard writers: `open(step)`, then scalars and figures, each into
+    one of the directory's runs (`train`, `validation`, `test`, a subdirectory each).
 
-    Events go through tensorboardX's own event-file writer (`EventsWriter`) synchronously, not
-    through its `SummaryWriter`, whose background queue `flush()` does not drain: a run flushes
-    at every sync point, and what it flushed must be on disk before the checkpoint that follows.
+    Events go through tensorboardX's event-file writer (`EventsWriter`) synchronously: a
+    `SummaryWriter` queues them for a background thread that its `flush()` does not wait for.
     The summaries themselves are tensorboardX's (`tensorboardX.summary`). Use as a context
     manager, or call `close()`. Every method does nothing before `open`, on processes other
     than 0, and with no `logdir`.
     """
 
-    def __init__(self, logdir: str | None):
+    def __init__(self, logdir: str | None, hparams=None):
+        """`hparams`: the config (or any mapping) written as every run's hyperparameters."""
         self.logdir = logdir
-        self._writer = None
+        self.hparams = hparams_of(hparams or {})
+        self._start = None
+        self._writers = {}
 
     def open(self, step: int = 0) -> Summaries:
-        """Starts writing after `step`, the step the run starts (or resumes) from; events the
-        directory holds for later steps are dropped first (`discard_events_after`)."""
-        if self.logdir is None or jax.process_index() != 0 or self._writer is not None:
-            return self
-        _tensorboardx()
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
-
-        os.makedirs(self.logdir, exist_ok=True)
-        existing = bool(event_files(self.logdir))
-        if existing:
-            dropped = discard_events_after(self.logdir, step)
-            if dropped:
-                logging.info("dropped %d TensorBoard events after step %d, logged before the "
-                             "restart; they are written again", dropped, step)
-        # tensorboardX names the file by the second it opens it; the suffix keeps two writers of
-        # one second apart, and in order
-        self._writer = EventsWriter(os.path.join(self.logdir, "events"),
-                                    f".{time.time_ns()}.{os.getpid()}")
-        if existing:  # TensorBoard's restart marker: hide what it read of steps after `step`
-            self._writer.write_event(Event(wall_time=time.time(), step=step + 1,
-                                           session_log=SessionLog(status=SessionLog.START)))
+        """Starts writing after `step`, the step the run starts (or resumes) from."""
+        if self.logdir is not None and jax.process_index() == 0:
+            self._start = step
         return self
 
-    def _write(self, summary, step: int) -> None:
-        _tensorboardx()
+    def _writer(self, run: str, step: int):
+        """`run`'s writer, opened at its first event (of step `step`); None where nothing is
+        written."""
+        if self._start is None:
+            return None
+        if run not in self._writers:
+            self._writers[run] = self._open(run, min(step, self._start + 1))
+        return self._writers[run]
+
+    def _open(self, run: str, purge_step: int):
+        """A new event file in `logdir/run`: the restart marker at `purge_step` where the run
+        holds events already, else the hyperparameters (on disk at once)."""
+        # SummaryWriter.flush leaves queued events unwritten (test_flush_puts_every_event_on_disk)
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import hparams
+
+        logdir = os.path.join(self.logdir, run)
+        os.makedirs(logdir, exist_ok=True)
+        resumed = bool(glob.glob(os.path.join(logdir, EVENTS_GLOB)))
+        # tensorboardX names the file by the second it opens it; the suffix keeps two writers of
+        # one second apart, and in order
+        writer = EventsWriter(os.path.join(logdir, "events"), f".{time.time_ns()}")
+        if resumed:  # as SummaryWriter(purge_step=purge_step) starts its file
+            writer.write_event(Event(wall_time=time.time(), step=purge_step,
+                                     session_log=SessionLog(status=SessionLog.START)))
+        else:  # TensorBoard reads the first hyperparameters of a run, so they are written once
+            _, start, _ = hparams(self.hparams, {})
+            writer.write_event(Event(wall_time=time.time(), step=0, summary=start))
+        writer.flush()
+        return writer
+
+    def _write(self, run: str, step: int, summary) -> None:
         from tensorboardX.proto.event_pb2 import Event
 
-        self._writer.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+        self._writer(run, step).write_event(Event(wall_time=time.time(), step=int(step),
+                                                  summary=summary))
 
-    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
-        """One scalar per entry, tagged `prefix + name`; non-numbers are left out."""
-        if self._writer is None:
+    def scalars(self, step: int, values: dict[str, float], run: str, prefix: str = "") -> None:
+        """One scalar per entry into `run`, tagged `prefix + name`; non-numbers are left out."""
+        if self._start is None:
             return
-        _tensorboardx()
         from tensorboardX.summary import scalar
 
         for name, value in values.items():
             if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-                self._write(scalar(prefix + name, float(value)), step)
+                self._write(run, step, scalar(prefix + name, float(value)))
 
-    def figure(self, tag: str, make_figure, step: int) -> None:
-        """The matplotlib figure `make_figure()` returns, as an image (then closed); nothing is
-        drawn where nothing is written."""
-        if self._writer is None:
+    def figure(self, tag: str, make_figure, step: int, run: str) -> None:
+        """The matplotlib figure `make_figure()` returns, as an image into `run` (then closed);
+        nothing is drawn where nothing is written."""
+        if self._start is None:
             return
-        _tensorboardx()
         from tensorboardX.summary import image
         from tensorboardX.utils import figure_to_image
 
-        self._write(image(tag, figure_to_image(make_figure(), close=True)), step)
-
-    def hparams(self, hparams: dict, metrics: dict[str, float], step: int = 0) -> None:
-        """The run's hyperparameters and final metrics for TensorBoard's hparams view: the
-        summaries of tensorboardX's `add_hparams`, in this run's own event file (`add_hparams`
-        opens a second writer in a subfolder). Values other than bool, int, float and str are
-        written as text, e.g. [128] as '(128,)'."""
-        if self._writer is None:
-            return
-        _tensorboardx()
-        from tensorboardX.summary import hparams as hparams_summaries
-
-        values = {k: v if isinstance(v, (bool, int, float, str))
-                  else str(tuple(v) if isinstance(v, list) else v) for k, v in hparams.items()}
-        for summary in hparams_summaries(values, metrics):
-            self._write(summary, step)
-        self.scalars(step, metrics)
+        self._write(run, step, image(tag, figure_to_image(make_figure(), close=True)))
 
     def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        for writer in self._writers.values():
+            writer.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for writer in self._writers.values():
+            writer.close()
+        self._writers, self._start = {}, None
 
     def __enter__(self) -> Summaries:
         return self

@@ -547,10 +547,10 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
                      _format_eta((run.total_steps - step) / max(rate, 1e-9)))
         board.scalars(step, {**{k: entry[k] for k in ("loss", "accuracy", "grad_norm")},
                              "learning_rate": float(schedule(step - 1)),
-                             "examples_per_second": rate * config.batch_size}, "train/")
+                             "examples_per_second": rate * config.batch_size}, "train")
         if tracker.due(step):
             curvature.append(tracker.measure(state, step))
-            board.scalars(step, tracking.board_scalars(curvature[-1]), "curvature/")
+            board.scalars(step, tracking.board_scalars(curvature[-1]), "train", "curvature/")
         if eval_every and (step % eval_every == 0 or step == run.total_steps):
             validate(state, step)
         board.flush()  # everything up to a checkpoint is on disk before the checkpoint
@@ -564,7 +564,7 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
         nonlocal best_accuracy
         scores = validation_metrics(run, state, eval_step)
         validation.append({"step": step, "epoch": step / run.steps_per_epoch, **scores})
-        board.scalars(step, scores, "validation/")
+        board.scalars(step, scores, "validation")
         logging.info("step %d validation loss %.4f acc %.4f (%d examples)", step,
                      scores["loss"], scores["accuracy"], len(run.dataset.validation))
         if best is not None and (best_accuracy is None or scores["accuracy"] > best_accuracy) \
@@ -635,17 +635,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with WorkdirLock(workdir), Checkpointer(os.path.join(workdir, "checkpoints"),
                                             config.get("keep_checkpoints", 3)) as ckpt, \
             (Checkpointer(os.path.join(workdir, "best"), 1) if keep_best
-             else contextlib.nullcontext()) as best, summaries.Summaries(workdir) as board:
+             else contextlib.nullcontext()) as best, summaries.Summaries(workdir, config) as board:
         state, eval_step, history, train_time, changes, validation, curvature, pacing = _train(
             run, state, ckpt, ahead[0], board, best)
         test = evaluate(state, run.dataset.test, eval_step, run.mesh, config.eval_batch_size,
                         run.dataset.num_classes)
         step = int(state.step)
         board.scalars(step, {k: test[k] for k in ("loss", "accuracy", "precision_macro",
-                                                  "recall_macro", "f1_macro")}, "test/")
-        board.figure("test/confusion_matrix", lambda: confusion_matrix_figure(
+                                                  "recall_macro", "f1_macro")}, "test")
+        board.figure("confusion_matrix", lambda: confusion_matrix_figure(
             test["confusion_matrix"], f"{config.model.name}, step {step}, test accuracy "
-            f"{test['accuracy']:.4f}"), step)
+            f"{test['accuracy']:.4f}"), step, "test")
         newest_best = best.newest_meta() if keep_best else None
         if jax.process_index() == 0:
             training_curves_png(history, validation, os.path.join(workdir, "curves.png"),

@@ -11,9 +11,10 @@ Normalisation statistics ('standardize') come from the whole training split, not
 training part; with 'scale' (the MNIST configs) there are no statistics to leak. `tune.mode`
 chooses vmapped or sequential folds (see `sequential_folds`).
 
-Each cell's folds are TensorBoard runs, `WORKDIR/cells/NN_<values>/fold<k>`: the training curves
-(from the metrics the runner brings back at the end, so no extra sync), the fold's validation
-score and the cell's hyperparameters for TensorBoard's hparams view.
+Each cell's folds write TensorBoard runs, `WORKDIR/cells/NN_<values>/fold<k>/{train,validation}`:
+the training curves (from the metrics the runner brings back at the end, so no extra sync), the
+fold's validation score, and the cell's config as hyperparameters for TensorBoard's hparams view
+(`cell_hparams`: the grid's values numeric where they are numbers).
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ def _padded_folds(train: Split, val_indices: list[np.ndarray], batch_size: int):
         sl = idx[:, s:s + batch_size]
         yield {"image": train.images[sl], "label": train.labels[sl],
                "mask": mask[:, s:s + batch_size]}
+
+
+def cell_hparams(grid, overrides: dict) -> dict:
+    """A cell's grid values as TensorBoard hyperparameters: a grid axis whose every value is a
+    sequence of one number (a width `(32,)`) gives that number, so that the hparams view sorts
+    and plots it; every other value as it is (`summaries.hparams_of` writes a sequence as text)."""
+    one_number = lambda v: (isinstance(v, (list, tuple)) and len(v) == 1
+                            and isinstance(v[0], (int, float)) and not isinstance(v[0], bool))
+    scalar = {path for path, values in flatten_grid(grid)
+              if isinstance(values, list) and all(one_number(v) for v in values)}
+    return {path: value[0] if path in scalar else value for path, value in overrides.items()}
 
 
 def cell_name(index: int, overrides: dict) -> str:
@@ -282,9 +294,9 @@ def _initializer(run, tx, vmapped: bool, model=None, widths: dict | None = None)
 
 def _write_fold_runs(logdir: str, per_fold: list[dict[str, np.ndarray]], log_every: int,
                      schedule, accuracies: np.ndarray, losses: np.ndarray, hparams: dict) -> None:
-    """One TensorBoard run per fold under `logdir` (replacing any earlier attempt's): the
-    training metrics averaged over each `log_every` steps, the fold's validation accuracy and
-    loss at its last step, and the cell's hyperparameters with those two as its metrics."""
+    """Each fold's TensorBoard runs under `logdir/fold<k>` (replacing any earlier attempt's),
+    `hparams` on each: `train`, the training metrics averaged over each `log_every` steps, and
+    `validation`, the fold's validation accuracy and loss at its last step."""
     if jax.process_index() != 0:
         return
     for k, series in enumerate(per_fold):
@@ -292,15 +304,13 @@ def _write_fold_runs(logdir: str, per_fold: list[dict[str, np.ndarray]], log_eve
         shutil.rmtree(fold_dir, ignore_errors=True)  # a cell redone after an interruption
         total = len(series["loss"])
         ends = sorted({*range(log_every, total + 1, log_every), total})
-        with summaries.Summaries(fold_dir).open(0) as board:
+        with summaries.Summaries(fold_dir, hparams).open(0) as board:
             lo = 0
             for end in ends:
                 board.scalars(end, {**{m: float(np.mean(series[m][lo:end])) for m in STEP_METRICS},
-                                    "learning_rate": float(schedule(end - 1))}, "train/")
+                                    "learning_rate": float(schedule(end - 1))}, "train")
                 lo = end
-            board.scalars(total, {"accuracy": accuracies[k], "loss": losses[k]}, "validation/")
-            board.hparams(hparams, {"hparam/val_accuracy": float(accuracies[k]),
-                                    "hparam/val_loss": float(losses[k])})
+            board.scalars(total, {"accuracy": accuracies[k], "loss": losses[k]}, "validation")
 
 
 def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
@@ -319,7 +329,8 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
       sequential: train the folds one after another instead of as one vmapped program.
       where: names the cell in errors, e.g. "grid cell {'model.dense_width': 32}: ".
       logdir: where the folds' TensorBoard runs go (`fold<k>` each); None: none are written.
-      hparams: the cell's hyperparameters, for those runs.
+      hparams: the cell's hyperparameters (`cell_hparams`), written with the rest of `config`
+        as those runs' hyperparameters.
 
     Returns:
       fold_accuracies (list), mean, std, fold_losses (each fold's mean validation loss),
@@ -394,7 +405,8 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
                                   for h in logged[i if sequential else 0]])
                      for m in STEP_METRICS} for i in range(k)]
         _write_fold_runs(logdir, per_fold, int(config.get("log_every_steps", 0)) or steps,
-                         schedule, acc, loss / sizes, hparams or {})
+                         schedule, acc, loss / sizes,
+                         {**summaries.hparams_of(config), **summaries.hparams_of(hparams or {})})
     return {"fold_accuracies": acc.tolist(), "mean": float(acc.mean()), "std": float(acc.std()),
             "fold_losses": (loss / sizes).tolist(), "train_time_s": train_time}
 
@@ -457,7 +469,7 @@ def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             sequential=sequential_folds(config.tune.get("mode", "auto")),
                             where=f"grid cell {overrides}: ",
                             logdir=os.path.join(workdir, "cells", cell_name(i, overrides)),
-                            hparams=overrides)
+                            hparams=cell_hparams(config.tune.grid, overrides))
         logging.info("  fold accuracies %s mean %.4f std %.4f (%.1fs)",
                      ", ".join(f"{a:.4f}" for a in cv["fold_accuracies"]), cv["mean"], cv["std"],
                      cv["train_time_s"])
