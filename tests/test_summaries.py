@@ -161,8 +161,7 @@ def test_reopening_drops_the_steps_after_the_resume_point(tmp_path):
 
 def test_flush_puts_every_event_on_disk(tmp_path):
     """What a run flushed is in its files before it closes, so a kill right after the
-    checkpoint that follows loses none of it. tensorboardX's SummaryWriter falls short here:
-    its `flush()` does not wait for the events its background thread has not written yet."""
+    checkpoint that follows loses none of it."""
     board = summaries.Summaries(str(tmp_path)).open(0)
     for step in range(1, 201):
         board.scalars(step, {"loss": step / 2}, "train")
