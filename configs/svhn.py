@@ -13,8 +13,8 @@ what the architecture declares. torchvision architectures start from `torchvisio
 and trains from scratch.
 
 Speed on a 2-core CPU (generated 32x32 .mat files, random weights in torchvision's cache, 2
-epochs of 2,000 images, batch 128): VGG-16 about 2.0 s per step, 82 s for the whole command;
-AlexNet (64 px) about 0.47 s per step, 25 s; figures and commands in docs/performance.md.
+epochs of 2,000 images, batch 128): VGG-16 about 2.1 s per step, 86 s for the whole command;
+AlexNet (64 px) about 0.48 s per step, 27 s; figures and commands in docs/performance.md.
 
 Expected results, NOT YET MEASURED: neither SVHN nor ImageNet weights can be downloaded on the
 machines this project is developed on. Aims on the full SVHN test split (26,032 images, without
