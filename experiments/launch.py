@@ -158,10 +158,19 @@ def _check_command(command: list[str]) -> None:
     module = command[0]
     if module.startswith("-"):
         _fail(f"expected an entry point after '--', got {module!r}; {USAGE}")
-    if (not module.startswith(("experiments.", "benchmarks."))
-            or importlib.util.find_spec(module) is None):
+    try:
+        spec = (importlib.util.find_spec(module)
+                if module.startswith(("experiments.", "benchmarks.")) else None)
+    except (ImportError, ValueError):  # a missing package on the way: experiments.nope.sub
+        spec = None
+    if spec is None:
         _fail(f"no entry point {module!r}; expected a module such as experiments.train; "
               f"{USAGE}")
+    with open(spec.origin, encoding="utf-8") as f:
+        runnable = "__main__" in f.read()
+    if not runnable:
+        _fail(f"{module!r} is a module of helpers, not an entry point (it runs nothing); "
+              f"expected one such as experiments.train; {USAGE}")
     if module == "experiments.launch":
         _fail("experiments.launch cannot launch itself")
 
@@ -193,5 +202,13 @@ def main(argv):
     sys.exit(code)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parse, with a bad launcher flag as one `error:` line (status 2)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(f"{e}; {USAGE}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -274,3 +274,19 @@ def test_write_json_refuses_non_finite_numbers_naming_file_and_key(tmp_path):
         "a": [1.0, None], "b": [None, "x"]}
     write_json(str(path), {"ok": [0.5, None]})
     assert _strict(path) == {"ok": [0.5, None]}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--processes=x", "--", "experiments.train"], "--processes"),
+    (["--processes=2", "--", "experiments.nope.sub"], "experiments.nope.sub"),
+    (["--processes=2", "--", "experiments.common"], "not an entry point"),
+    (["--processes=0", "--", "experiments.train"], "--processes=0"),
+])
+def test_launch_bad_flags_and_entry_points(args, needle):
+    """The launcher checks its flags and the entry point before starting anything."""
+    out = subprocess.run([sys.executable, "-m", "experiments.launch", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "FATAL" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], out.stderr[-2000:]
