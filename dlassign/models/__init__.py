@@ -41,7 +41,7 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     Args:
       name: a registered architecture (see `architectures()`).
       num_classes: width of the classification head.
-      **kwargs: the module's other fields (hidden_sizes, activation, dropout, dtype, impl, ...).
+      **kwargs: the module's other fields (hidden_sizes, activation, dropout, dtype, ...).
 
     Raises:
       ConfigError: unknown name, or a keyword the model does not have.

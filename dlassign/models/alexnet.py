@@ -22,15 +22,14 @@ class AlexNet(nn.Module):
     num_classes: int
     dropout: float = 0.5
     dtype: jnp.dtype | None = None
-    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [N, H, W, 3] with H, W >= 63 -> logits float32[N, num_classes]."""
         for i, (f, k, s, p, pool) in enumerate(_CONVS):
-            x = nn.relu(conv(f, k, s, p, impl=self.impl, dtype=self.dtype, name=f"conv{i + 1}")(x))
+            x = nn.relu(conv(f, k, s, p, dtype=self.dtype, name=f"conv{i + 1}")(x))
             if pool:
-                x = max_pool(x, 3, 2, impl=self.impl)
+                x = max_pool(x, 3, 2)
         x = flatten_chw(adaptive_avg_pool(x, (6, 6)))
         for name in ("fc1", "fc2"):
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
