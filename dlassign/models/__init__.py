@@ -12,7 +12,7 @@ import flax.linen as nn
 
 from dlassign.discovery import collect
 from dlassign.errors import ConfigError, one_of
-from dlassign.kernels import placement
+from dlassign.kernels import IMPLS, placement
 from dlassign.models.linear import DeepLinear, LogisticRegression
 from dlassign.models.registry import Architecture, TorchEntry
 
@@ -54,5 +54,5 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return arch.module(num_classes=num_classes, **kwargs)
 
 
-__all__ = ["Architecture", "DeepLinear", "LogisticRegression", "TorchEntry", "architecture",
-           "architectures", "get_model", "placement"]
+__all__ = ["IMPLS", "Architecture", "DeepLinear", "LogisticRegression", "TorchEntry",
+           "architecture", "architectures", "get_model", "placement"]

@@ -12,8 +12,7 @@ import os
 from dlassign.data.preprocess import NORMALIZATIONS
 from dlassign.data.sources import dataset_info, datasets
 from dlassign.errors import ConfigError, one_of
-from dlassign.kernels import IMPLS
-from dlassign.models import architecture, architectures
+from dlassign.models import IMPLS, architecture, architectures
 from dlassign.models.layers import ACTIVATIONS
 from dlassign.training.losses import LOSSES
 from dlassign.training.optim import OPTIMIZERS, SCHEDULES
