@@ -107,6 +107,11 @@ def channels(x: jax.Array) -> int:
     return x.shape[0 if kernels.current().batch_minor else -1]
 
 
+def nhwc(x: jax.Array) -> jax.Array:
+    """A feature map as [N, H, W, C], whatever its layout."""
+    return kernels.batch_minor(x) if kernels.current().batch_minor else x
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """The mean of each channel over the map: a feature map -> [N, C]."""
     x = x.mean(axis=(1, 2))
@@ -176,4 +181,4 @@ def logits(x: jax.Array) -> jax.Array:
 
 __all__ = ["ACTIVATIONS", "activation", "activation_max_pool", "adaptive_avg_pool",
            "batch_norm", "channels", "conv", "flatten_chw", "flatten_dense", "global_avg_pool",
-           "logits", "max_pool"]
+           "logits", "max_pool", "nhwc"]
