@@ -38,6 +38,7 @@ def main():
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from dlassign.kernels import Layout, using
     from dlassign.kernels.batch_minor import batch_minor
     from dlassign.kernels.conv import conv_path
     from dlassign.models.layers import conv, max_pool
@@ -62,7 +63,8 @@ def main():
         x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (b, h, h, cin)), data)
         ms = {}
         for impl, bm in (("xla", False), ("im2col", False), ("cpu", True)):
-            layer = conv(cout, k, s, p, impl=impl, batch_minor=bm)
+            with using(Layout(impl, bm)):
+                layer = conv(cout, k, s, p)
             xi = batch_minor(x) if bm else x
             v = jax.device_put(layer.init(jax.random.PRNGKey(1), xi[..., :1] if bm else xi[:1]),
                                rep)
@@ -79,8 +81,11 @@ def main():
         x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (b, h, h, c)), data)
         ms = {}
         for impl, bm in (("xla", False), ("cpu", False), ("cpu", True)):
-            grad = jax.jit(jax.grad(lambda x, impl=impl: jnp.sum(
-                max_pool(x, w, s, p, impl=impl) ** 2)))
+            def pooled(x, impl=impl):
+                with using(Layout(impl)):
+                    return max_pool(x, w, s, p)
+
+            grad = jax.jit(jax.grad(lambda x, f=pooled: jnp.sum(f(x) ** 2)))
             ms["bm" if bm else impl] = best_ms(grad, batch_minor(x) if bm else x)
         rows.append({"layer": name, "shape": f"{h}x{h}x{c} max {w}/{s}", "xla": ms["xla"],
                      "form": "taps", "fast": ms["cpu"], "ratio": ms["xla"] / ms["cpu"],

@@ -33,15 +33,14 @@ def plain_forms():
 
     from dlassign.models import layers
 
-    def flatten_dense(x, features, order="hwc", *, batch_minor=False, dtype=None, name=None):
-        if batch_minor:
-            x = jnp.transpose(x, (3, 1, 2, 0))  # back to NHWC
+    def flatten_dense(x, features, order="hwc", *, dtype=None, name=None):
+        x = layers.nhwc(x)  # a batch-minor map back to NHWC
         if order == "chw":
             x = jnp.transpose(x, (0, 3, 1, 2))
         return nn.Dense(features, dtype=dtype, name=name)(x.reshape(x.shape[0], -1))
 
-    def activation_max_pool(x, name, window, stride, padding=0, impl="auto"):
-        return layers.max_pool(layers.activation(name)(x), window, stride, padding, impl)
+    def activation_max_pool(x, name, window, stride, padding=0):
+        return layers.max_pool(layers.activation(name)(x), window, stride, padding)
 
     models = ("dlassign.models.cnn", "dlassign.models.lenet")
     return {

@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.curvature.trace_samples = 0  # Hutchinson probes for the trace (0: no trace)
 
     c.dtype = "float32"           # float32 | bfloat16 (compute; parameters stay float32)
-    c.impl = "auto"               # auto | cpu | xla: XLA:CPU fast paths (dlassign.kernels)
+    c.impl = "auto"               # auto | cpu | xla | im2col: CPU fast paths (dlassign.kernels)
     c.mesh = ml_collections.ConfigDict()
     c.mesh.num_devices = 0        # 0: all (on CPU host devices: all for small models, else 1)
     c.mesh.cpu_data_parallel_max_params = 1_000_000  # see runtime.parallel.auto_num_devices

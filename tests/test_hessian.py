@@ -17,7 +17,7 @@ from dlassign.analysis.hessian import (
     ritz,
     slq_density,
 )
-from dlassign.models import get_model
+from dlassign.models import get_model, placement
 from tests.helpers import synthetic_split, tiny_config
 
 
@@ -220,7 +220,8 @@ def test_forward_over_reverse_hvp_through_every_layer(name, shape, kwargs):
     """HVPs run through the CPU fast paths (pooling, im2col, BatchNorm) and agree with
     reverse-over-reverse."""
     with jax.enable_x64(True):
-        model = get_model(name, num_classes=3, impl="cpu", **kwargs)
+        model, _ = placement(get_model(name, num_classes=3, **kwargs), platform="cpu",
+                             input_shape=shape)
         x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
         y = jnp.arange(shape[0]) % 3
         variables = jax.tree.map(lambda a: a.astype(jnp.float64), jax.jit(model.init)(
@@ -241,7 +242,9 @@ def test_model_losses_run_nhwc_for_hessian_vector_products():
     loss runs it NHWC; the values are the same."""
     from dlassign.analysis.hessian import model_batch_loss
 
-    model = get_model("cnn", 10, conv_features=(4, 8), dense_width=16, impl="cpu")
+    model, _ = placement(get_model("cnn", 10, conv_features=(4, 8), dense_width=16),
+                         platform="cpu", input_shape=(2, 28, 28, 1))
+    assert model.layout.batch_minor
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
     variables = model.init(jax.random.PRNGKey(1), x)
     batch = {"image": x, "label": jnp.array([1, 2])}

@@ -7,17 +7,32 @@ import numpy as np
 import pytest
 from jax import lax
 
+from dlassign import kernels
 from dlassign.errors import ConfigError
-from dlassign.models import get_model
+from dlassign.models import get_model, placement
 from dlassign.models.layers import (
-    CHOSEN,
     activation,
     activation_max_pool,
     adaptive_avg_pool,
-    chosen_activations,
     conv,
     max_pool,
 )
+
+
+def layout(impl: str, batch_minor: bool = False):
+    """The layers' layout as a model placed on the CPU with `impl` gets it: 'cpu' (the kernels
+    where they pay), 'im2col' (for every plain convolution) or 'xla' (none)."""
+    return kernels.using(kernels.Layout(impl, batch_minor))
+
+
+def _conv(impl: str, *args, **kwargs):
+    with layout(impl):
+        return conv(*args, **kwargs)
+
+
+def _pool(x, window, stride, padding, impl):
+    with layout(impl):
+        return max_pool(x, window, stride, padding)
 
 
 def n_params(model, shape):
@@ -84,16 +99,16 @@ def _check_equal(f_fast, f_ref, x, atol=1e-12):
 def test_max_pool_fast_path_equals_reduce_window(window, stride, padding, size):
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size + 1, 3), jnp.float64)
-        _check_equal(lambda x: max_pool(x, window, stride, padding, impl="cpu"),
-                     lambda x: max_pool(x, window, stride, padding, impl="xla"), x)
+        _check_equal(lambda x: _pool(x, window, stride, padding, "cpu"),
+                     lambda x: _pool(x, window, stride, padding, "xla"), x)
 
 
 @pytest.mark.parametrize("window,stride,padding", [(2, 2, 0), (3, 2, 1)])
 def test_max_pool_gives_a_tie_to_the_first_maximum(window, stride, padding):
     """torch's and select-and-scatter's rule: the whole gradient to the first tied element."""
     x = jnp.ones((1, 4, 4, 1))
-    fast = jax.grad(lambda x: max_pool(x, window, stride, padding, impl="cpu").sum())(x)
-    ref = jax.grad(lambda x: max_pool(x, window, stride, padding, impl="xla").sum())(x)
+    fast = jax.grad(lambda x: _pool(x, window, stride, padding, "cpu").sum())(x)
+    ref = jax.grad(lambda x: _pool(x, window, stride, padding, "xla").sum())(x)
     np.testing.assert_array_equal(fast, ref)
     assert fast[0, 0, 0, 0] >= 1 and set(np.unique(fast)) <= {0.0, 1.0, 2.0, 4.0}
 
@@ -108,8 +123,8 @@ def test_max_pool_gives_a_tie_to_the_first_maximum(window, stride, padding):
 def test_conv_fast_path_equals_xla(kernel, stride, padding, size, cin, cout):
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, cin), jnp.float64)
-        fast = conv(cout, kernel, stride, padding, impl="im2col")
-        ref = conv(cout, kernel, stride, padding, impl="xla")
+        fast = _conv("im2col", cout, kernel, stride, padding)
+        ref = _conv("xla", cout, kernel, stride, padding)
         v = ref.init(jax.random.PRNGKey(1), x)
         v = jax.tree.map(lambda a: a.astype(jnp.float64), v)
         _check_equal(lambda x: fast.apply(v, x), lambda x: ref.apply(v, x), x, atol=1e-11)
@@ -151,7 +166,7 @@ def test_convolutions_inside_a_loop_keep_the_fast_layout():
     (a multi-step training call) every convolution must already be NHWC x HWIO -> NHWC."""
     import re
 
-    model = conv(64, 3, 1, 1, impl="cpu")  # 64 input channels: left to XLA's convolution
+    model = _conv("cpu", 64, 3, 1, 1)  # 64 input channels: left to XLA's convolution
     x = jnp.ones((4, 8, 8, 64))
     v = model.init(jax.random.PRNGKey(0), x)
 
@@ -171,8 +186,10 @@ def test_whole_models_agree_across_impls():
         for name, shape, kw in (("cnn", (2, 28, 28, 1), {}), ("lenet5", (2, 32, 32, 3), {}),
                                 ("resnet50", (2, 32, 32, 3), {"stage_sizes": (1, 1, 1, 1)})):
             x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
-            fast = get_model(name, 10, impl="im2col", **kw)
-            ref = get_model(name, 10, impl="xla", **kw)
+            fast, _ = placement(get_model(name, 10, **kw), impl="im2col", platform="cpu",
+                                input_shape=shape)
+            ref, _ = placement(get_model(name, 10, **kw), impl="xla", platform="cpu")
+            assert fast.layout.batch_minor and not ref.layout.cpu_kernels
             v = jax.tree.map(lambda a: a.astype(jnp.float64), jax.jit(ref.init)(
                 jax.random.PRNGKey(1), x.astype(jnp.float32)))
             np.testing.assert_allclose(jax.jit(fast.apply)(v, x), jax.jit(ref.apply)(v, x),
@@ -192,7 +209,7 @@ def test_adaptive_avg_pool_matches_torch_bins(size_in, size_out):
 
 
 def test_conv_uses_explicit_symmetric_padding():
-    m = conv(4, 7, 2, 3, impl="xla")
+    m = _conv("xla", 4, 7, 2, 3)
     v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
     assert isinstance(m, nn.Conv) and m.padding == ((3, 3), (3, 3))
     assert m.apply(v, jnp.zeros((1, 32, 32, 3))).shape == (1, 16, 16, 4)
@@ -203,7 +220,7 @@ def test_one_pixel_outputs_take_the_dense_form(size, stride):
     """3x3 kernel, padding 1, 1x1 output from a 1x1 or 2x2 map: one matmul over the real
     pixels, whose contraction is H*W*I (im2col's would be 9*I, mostly padding)."""
     x = jnp.ones((2, size, size, 8))
-    m = conv(16, 3, stride, 1, impl="cpu")
+    m = _conv("cpu", 16, 3, stride, 1)
     v = m.init(jax.random.PRNGKey(0), x)
     jaxpr = str(jax.make_jaxpr(lambda v: m.apply(v, x))(v))
     out = (size + 2 - 3) // stride + 1
@@ -221,7 +238,7 @@ def test_lenet_convolutions_take_output_tiles():
 
     for cin, cout, size, tile in ((3, 6, 32, 4), (6, 16, 14, 2)):
         x = jnp.ones((2, size, size, cin))
-        m = conv(cout, 5, impl="cpu")
+        m = _conv("cpu", cout, 5)
         v = m.init(jax.random.PRNGKey(0), x)
         jaxpr = str(jax.make_jaxpr(m.apply)(v, x))
         assert f"f32[{5 * (tile + 4) * cin},{tile * cout}]" in jaxpr
@@ -294,7 +311,7 @@ def test_batch_minor_conv_module_has_nn_conv_parameters():
     from dlassign.kernels.batch_minor import BatchMinorConv, batch_minor, batch_minor_conv
 
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 3))
-    ref = conv(4, 3, 2, 1, impl="xla")
+    ref = _conv("xla", 4, 3, 2, 1)
     v = ref.init(jax.random.PRNGKey(1), x)
     v = jax.tree.map(lambda a: a + 0.1, v)  # a nonzero bias
     m = BatchMinorConv(4, 3, 2, 1)
@@ -316,10 +333,11 @@ def test_activation_max_pool_is_the_pool_of_the_activation_bitwise(name, impl):
     also where a window's values tie or ReLU merges them (small integers, zeros, negatives)."""
     x = jnp.asarray(np.random.default_rng(0).integers(-2, 3, (2, 7, 7, 3)), jnp.float32)
     w = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 3, 3))
-    ref = lambda x: max_pool(activation(name)(x), 2, 2, 0, impl)
-    fused = lambda x: activation_max_pool(x, name, 2, 2, 0, impl)
-    np.testing.assert_array_equal(fused(x), ref(x))
-    grads = [jax.grad(lambda x, f=f: jnp.sum(w * f(x)))(x) for f in (fused, ref)]
+    ref = lambda x: max_pool(activation(name)(x), 2, 2, 0)
+    fused = lambda x: activation_max_pool(x, name, 2, 2, 0)
+    with layout(impl):
+        np.testing.assert_array_equal(fused(x), ref(x))
+        grads = [jax.grad(lambda x, f=f: jnp.sum(w * f(x)))(x) for f in (fused, ref)]
     np.testing.assert_array_equal(*grads)
     assert (grads[1] != 0).sum() > 10
 
@@ -336,7 +354,8 @@ def test_flatten_dense_on_batch_minor_maps_is_nn_dense_on_the_flattened_map(orde
 
         @nn.compact
         def __call__(self, x):
-            return flatten_dense(x, 6, order, batch_minor=self.bm, name="fc")
+            with layout("cpu", self.bm):
+                return flatten_dense(x, 6, order, name="fc")
 
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 5, 2), jnp.float64)
@@ -365,16 +384,38 @@ def test_flatten_dense_on_batch_minor_maps_is_nn_dense_on_the_flattened_map(orde
 @pytest.mark.parametrize("name,shape,kw", [
     ("lenet5", (2, 32, 32, 3), {}), ("cnn", (2, 28, 28, 1), {}),
     ("resnet18", (2, 32, 32, 3), {"stage_sizes": (1, 1, 1, 1)}),
+    ("alexnet", (2, 63, 63, 3), {}), ("mobilenet_v2", (2, 8, 8, 3), {}),
+    ("mlp", (2, 8, 8, 1), {}),
 ])
-def test_conv_models_run_batch_minor_on_the_cpu_kernels(name, shape, kw):
+def test_placement_runs_batch_minor_where_the_layers_allow_it_on_one_cpu_device(name, shape, kw):
+    """The CNN, LeNet-5 and the ResNets run batch-minor on one CPU device; AlexNet and VGG
+    (adaptive pools), MobileNetV2 (grouped convolutions) and the MLP run NHWC. NHWC on a mesh
+    of several devices, for Hessians, off the CPU and with impl='xla'."""
     x = jnp.ones(shape)
     n, h, w, c = shape
-    for impl, batch_minor in (("cpu", True), ("xla", False), ("cpu", False)):
-        m = get_model(name, 10, impl=impl, batch_minor=batch_minor if impl == "cpu" else None,
-                      **kw)
+    pays = name in ("lenet5", "cnn", "resnet18")
+    for num_devices, options, want in ((0, {}, pays), (1, {}, pays), (2, {}, False),
+                                       (0, {"hessian": True}, False),
+                                       (0, {"impl": "xla"}, False),
+                                       (0, {"platform": "cuda"}, False)):
+        m, devices = placement(get_model(name, 10, **kw), num_devices,
+                               **{"platform": "cpu", **options}, input_shape=shape)
+        assert m.layout.batch_minor == want and devices == (1 if want else num_devices)
         jaxpr = str(jax.make_jaxpr(lambda x, m=m: m.init_with_output(
             jax.random.PRNGKey(0), x))(x))
-        assert (f"f32[{c},{h},{w},{n}]" in jaxpr) == batch_minor
+        assert (f"f32[{c},{h},{w},{n}]" in jaxpr) == want
+
+
+def test_a_placed_model_has_the_models_variables():
+    m = get_model("resnet18", 10, stage_sizes=(1, 1))
+    placed, _ = placement(m, platform="cpu", input_shape=(2, 16, 16, 3))
+    assert placed.layout.batch_minor
+    x = jnp.ones((2, 16, 16, 3))
+    shapes = lambda m: jax.tree.map(jnp.shape, jax.eval_shape(  # noqa: E731
+        lambda: m.init(jax.random.PRNGKey(0), x)))
+    assert shapes(placed) == shapes(m)
+    again, _ = placement(placed, hessian=True)  # a placed model placed again: from scratch
+    assert again.model is m and again.layout == kernels.Layout("cpu", False)
 
 
 def test_two_by_two_outputs_keep_im2col():
@@ -405,9 +446,9 @@ def test_overlapping_pool_breaks_ties_like_select_and_scatter(window, stride, pa
     with jax.enable_x64(True):
         x = jnp.asarray(np.random.default_rng(0).integers(0, 2, (2, size, size, 3)), jnp.float64)
         g = jax.random.normal(jax.random.PRNGKey(1),
-                              max_pool(x, window, stride, padding, impl="xla").shape, jnp.float64)
-        grads = [jax.jit(jax.grad(lambda x, i=impl: jnp.sum(g * max_pool(
-                     x, window, stride, padding, impl=i))))(x)
+                              _pool(x, window, stride, padding, "xla").shape, jnp.float64)
+        grads = [jax.jit(jax.grad(lambda x, i=impl: jnp.sum(g * _pool(
+                     x, window, stride, padding, i))))(x)
                  for impl in ("cpu", "xla")]
         np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=1e-12)
 
@@ -433,48 +474,6 @@ def test_only_models_and_kernels_import_the_cpu_kernels():
     assert not offenders, offenders
     assert pattern.search("from dlassign.kernels.conv import conv_path")  # the check can fail
     assert pattern.search("from dlassign import kernels")
-
-
-def test_an_activation_chosen_by_a_traced_index_is_each_candidate_exactly():
-    names = ("relu", "tanh", "sigmoid", "gelu")
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(64,)) * 4, jnp.float32)
-    x = x.at[:3].set(jnp.asarray([0.0, -0.0, 1e-30]))
-
-    @jax.jit
-    def chosen(x, index):
-        with chosen_activations({"activation": (index, names)}):
-            f = activation(CHOSEN + "activation")
-            return f(x), jax.grad(lambda x: jnp.sum(f(x) * jnp.arange(x.size)))(x)
-
-    for i, name in enumerate(names):
-        f = activation(name)
-        want = jax.jit(lambda x, f=f: (f(x), jax.grad(lambda x: jnp.sum(f(x) * jnp.arange(
-            x.size)))(x)))(x)
-        got = chosen(x, np.int32(i))
-        for a, b in zip(got, want):
-            assert np.array_equal(np.asarray(a), np.asarray(b)), name  # values and gradients
-
-
-def test_a_chosen_activation_outside_its_context_is_a_clear_error():
-    with pytest.raises(ValueError, match="outside chosen_activations"):
-        activation(CHOSEN + "activation")(jnp.ones(3))
-
-
-def test_active_units_keep_the_first_units_exactly_and_zero_the_rest():
-    from dlassign.models.layers import active_units, active_widths
-
-    x = jnp.arange(1.0, 13.0).reshape(2, 6)
-    assert active_units(x, "dense_width") is x  # outside active_widths: untouched
-    f = lambda v, w: jnp.sum(jnp.sin(active_units(v, "dense_width")) * 3.0)  # noqa: E731
-    with active_widths({"dense_width": jnp.int32(4), "hidden_sizes": jnp.asarray([2, 5])}):
-        y = active_units(x, "dense_width")
-        np.testing.assert_array_equal(y[:, :4], x[:, :4])
-        np.testing.assert_array_equal(y[:, 4:], 0.0)
-        np.testing.assert_array_equal(active_units(x, "hidden_sizes", 0)[:, 2:], 0.0)
-        np.testing.assert_array_equal(active_units(x, "hidden_sizes", 1)[:, :5], x[:, :5])
-        g = jax.grad(f)(x, None)
-    np.testing.assert_array_equal(g[:, :4], 3.0 * jnp.cos(x[:, :4]))
-    np.testing.assert_array_equal(g[:, 4:], 0.0)
 
 
 @pytest.mark.parametrize("size,out", [(1, 7), (2, 7), (3, 6), (7, 7), (9, 7)])

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dlassign.errors import PortingError  # noqa: E402
-from dlassign.models import architecture, architectures, get_model  # noqa: E402
+from dlassign.models import architecture, architectures, get_model, placement  # noqa: E402
 from dlassign.porting import flax_to_torch, read_state_dict, torch_to_flax, write_state_dict  # noqa: E402
 from dlassign.porting.torch_models import build  # noqa: E402
 
@@ -57,7 +57,9 @@ def test_parity_and_round_trip(arch):
     size = input_side(arch)
     model = randomised(arch)
     x = np.random.default_rng(1).normal(size=(2, 3, size, size))
-    flax_model = get_model(arch, num_classes=10)
+    # placed as the trainer places it on the CPU: the kernels (and batch-minor where it pays)
+    flax_model, _ = placement(get_model(arch, num_classes=10), platform="cpu",
+                              input_shape=(2, size, size, 3))
     apply = jax.jit(flax_model.apply)  # one compilation, where eager mode compiles every op
 
     # float64: the same function to round-off.
@@ -109,8 +111,9 @@ def test_train_mode_batch_norm_parity(arch):
     variables = torch_to_flax(before, arch)
     with jax.enable_x64(True):
         kwargs = {"dropout": 0.0} if arch.startswith("vgg") else {}
-        apply = jax.jit(functools.partial(get_model(arch, num_classes=10, **kwargs).apply,
-                                          train=True, mutable=["batch_stats"]))
+        placed, _ = placement(get_model(arch, num_classes=10, **kwargs), platform="cpu",
+                              input_shape=x.transpose(0, 2, 3, 1).shape)
+        apply = jax.jit(functools.partial(placed.apply, train=True, mutable=["batch_stats"]))
         out, updates = apply(jax.tree.map(jnp.asarray, variables),
                              jnp.asarray(x.transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-9 * np.abs(ref).max())

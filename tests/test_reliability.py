@@ -196,10 +196,14 @@ def test_batch_minor_cnn_on_one_device_agrees_with_nhwc_on_eight(tmp_path):
         configs[n] = tiny_config({"mesh.num_devices": n, "num_epochs": 1})
         configs[n].model = dict(model)
     runs = {n: setup(c, data) for n, c in configs.items()}
-    assert runs[0].mesh.devices.size == 1 and runs[0].model.batch_minor is None
-    assert runs[8].mesh.devices.size == 8 and runs[8].model.batch_minor is False
+    from dlassign.kernels import Placed
+
+    assert runs[0].mesh.devices.size == 1 and runs[0].model.layout.batch_minor
+    assert runs[8].mesh.devices.size == 8 and not runs[8].model.layout.batch_minor
     for batch_minor in (True, False):  # batch-minor would all-gather the sharded patches
-        run = dataclasses.replace(runs[8], model=runs[8].model.clone(batch_minor=batch_minor))
+        placed = runs[8].model
+        model = Placed(placed.model, dataclasses.replace(placed.layout, batch_minor=batch_minor))
+        run = dataclasses.replace(runs[8], model=model)
         state = make_state(run)
         step, _ = compile_steps(run, state)
         batch = jax.device_put({"image": data.train.images[:32], "label": data.train.labels[:32]},

@@ -293,7 +293,7 @@ def test_vmapped_folds_match_sequential_folds():
 
 
 @pytest.mark.parametrize("vmapped", [False, True])
-def test_activation_cells_share_one_initializer_with_each_cells_own_state(vmapped):
+def test_a_cells_initial_state_is_its_own_state_bitwise(vmapped):
     from dlassign.training import tune as tune_module
     from dlassign.training.train_state import create_train_state, init_compiler_options
     from dlassign.training.trainer import make_tx
@@ -301,7 +301,6 @@ def test_activation_cells_share_one_initializer_with_each_cells_own_state(vmappe
     data = synthetic_dataset(n_train=240)
     rng = jax.random.PRNGKey(3)
     rngs = jax.numpy.stack([rng, jax.random.fold_in(rng, 1)]) if vmapped else rng
-    before = len(tune_module._INITIALIZERS)
     for activation in ("relu", "tanh", "sigmoid"):
         run = setup(tiny_config({"model.activation": activation}), data)
         tx = make_tx(run)
@@ -314,7 +313,6 @@ def test_activation_cells_share_one_initializer_with_each_cells_own_state(vmappe
         assert jax.tree.structure(state) == jax.tree.structure(direct)
         for a, b in zip(leaves(state), leaves(direct)):
             assert a.dtype == b.dtype and np.array_equal(a, b)  # bitwise
-    assert len(tune_module._INITIALIZERS) - before <= 1  # one program for the three cells
 
 
 def _in_activation_grid(config):
@@ -324,65 +322,14 @@ def _in_activation_grid(config):
     return config
 
 
-def test_activation_cells_lower_to_one_program():
-    from dlassign.training import tune as tune_module
-    from dlassign.training.steps import make_train_step
-    from dlassign.training.trainer import make_tx
-
-    data = synthetic_dataset(n_train=240)
-    batch = {"image": data.train.images[:32], "label": data.train.labels[:32]}
-    texts, programs = set(), set()
-    for activation in ("relu", "tanh", "sigmoid"):
-        config = _in_activation_grid(tiny_config({"model.activation": activation}))
-        run = setup(config, data)
-        model, choices = tune_module._chosen_by_index(config, run.model)
-        assert choices["activation"][0] == ["relu", "tanh", "sigmoid"].index(activation)
-        state = tune_module._initializer(run, make_tx(run), False, model)(jax.random.PRNGKey(0))
-        step = jax.jit(tune_module._choosing(make_train_step(run.step_config), choices))
-        index = {f: i for f, (i, _) in choices.items()}
-        texts.add(step.lower(state, batch, index=index, widths={}).as_text())
-        train, evaluate = tune_module._programs(run, model, choices, {}, sequential=True)
-        assert train.keywords == evaluate.keywords == {"index": index, "widths": {}}
-        programs.add((id(train.func), id(evaluate.func), id(tune_module._optimizer(run))))
-    assert len(texts) == 1  # one program (and cache entry) for the three cells
-    assert len(programs) == 1  # and in this process one jitted function, traced once
-
-
-def _compile_events(fn) -> list[tuple[str, str | None]]:
-    """(event name, function name) of every JAX duration event while `fn` runs."""
-    events = []
-    listener = lambda name, secs, **kw: events.append((name, kw.get("fun_name")))  # noqa: E731
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return events
-
-
 @pytest.mark.parametrize("sequential", [True, False])
-def test_a_grids_second_activation_traces_and_compiles_nothing_new(sequential):
-    data = synthetic_dataset(n_train=240)
-    folds = stratified_kfold(data.train.labels, 3, seed=0)
-    cells = [_in_activation_grid(tiny_config({"num_epochs": 1, "model.activation": a,
-                                              "model.hidden_sizes": (24,)}))
-             for a in ("relu", "sigmoid")]
-    cross_validate(cells[0], data, folds, sequential=sequential)
-    events = _compile_events(lambda: cross_validate(cells[1], data, folds, sequential=sequential))
-    # (setup still traces the model's init for its shapes and lowers a forward for its FLOPs)
-    assert not [e for e in events if e[0] == "/jax/core/compile/backend_compile_duration"]
-    assert not [e for e in events if e[1] == "call"]  # the cell's train and eval programs
-
-
-@pytest.mark.parametrize("sequential", [True, False])
-def test_a_cell_whose_activation_is_chosen_by_index_scores_as_that_activation_alone(sequential):
+def test_a_cell_of_an_activation_grid_scores_as_its_config_alone(sequential):
     data = synthetic_dataset(n_train=240)
     folds = stratified_kfold(data.train.labels, 3, seed=0)
     for activation in ("tanh", "sigmoid"):
         alone = tiny_config({"num_epochs": 2, "model.activation": activation})
         a = cross_validate(alone, data, folds, sequential=sequential)
         b = cross_validate(_in_activation_grid(alone), data, folds, sequential=sequential)
-        # bitwise: the select hands on the chosen activation's values and gradients exactly
         assert a["fold_losses"] == b["fold_losses"]
         assert a["fold_accuracies"] == b["fold_accuracies"]
 
@@ -492,55 +439,3 @@ def test_host_allocator_keeps_freed_pages(monkeypatch):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     touch()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < (size >> 12) // 10
-
-
-def _in_width_grid(config, widths=((16,), (24,))):
-    """`config` as a cell of a grid over an MLP's hidden sizes."""
-    config = config.copy_and_resolve_references()
-    config.tune = dict(num_folds=3, grid={"model": {"hidden_sizes": [list(w) for w in widths]}})
-    return config
-
-
-def test_a_narrow_cell_starts_as_its_own_model_inside_the_widest():
-    from dlassign.training import tune as tune_module
-    from dlassign.training.trainer import make_tx
-
-    data = synthetic_dataset(n_train=240)
-    config = _in_width_grid(tiny_config({"model.hidden_sizes": (16,)}))
-    run = setup(config, data)
-    wide, widths = tune_module._padded_widths(config, run.model)
-    assert wide.hidden_sizes == (24,) and widths["hidden_sizes"].tolist() == [16]
-    tx = make_tx(run)
-    padded = tune_module._initializer(run, tx, False, wide, widths)(jax.random.PRNGKey(0))
-    own = tune_module._initializer(run, tx, False)(jax.random.PRNGKey(0))
-    for a, b in zip(leaves(padded.params), leaves(own.params)):
-        real = tuple(slice(0, n) for n in b.shape)
-        assert np.array_equal(a[real], b)  # bitwise the narrow model's initial values
-        rest = np.ones(a.shape, bool)
-        rest[real] = False
-        assert not np.any(a[rest])  # the extra units' parameters start at zero
-    assert jax.tree.structure(padded.opt_state) == jax.tree.structure(tx.init(padded.params))
-
-
-def test_a_narrow_cell_trains_like_its_own_model_in_the_widest_program():
-    data = synthetic_dataset(n_train=240)
-    folds = stratified_kfold(data.train.labels, 3, seed=0)
-    cell = tiny_config({"num_epochs": 2, "model.hidden_sizes": (16,),
-                        "model.activation": "sigmoid"})  # sigmoid(0) != 0: the mask matters
-    padded = cross_validate(_in_width_grid(cell), data, folds, sequential=True)
-    alone = cross_validate(_in_width_grid(cell, widths=((16,),)), data, folds, sequential=True)
-    assert padded["fold_accuracies"] == alone["fold_accuracies"]
-    np.testing.assert_allclose(padded["fold_losses"], alone["fold_losses"], rtol=1e-5)
-
-
-def test_a_grids_second_width_compiles_no_new_step():
-    data = synthetic_dataset(n_train=240)
-    folds = stratified_kfold(data.train.labels, 3, seed=0)
-    cells = [_in_width_grid(tiny_config({"num_epochs": 1, "model.hidden_sizes": w}),
-                            widths=((12,), (20,)))
-             for w in ((12,), (20,))]
-    cross_validate(cells[0], data, folds, sequential=True)
-    events = _compile_events(lambda: cross_validate(cells[1], data, folds, sequential=True))
-    # the cell's own initialiser compiles (its draws have its shapes); its train and eval
-    # programs are the first cell's
-    assert not [e for e in events if e[1] == "call"]

@@ -12,7 +12,7 @@ import flax.linen as nn
 
 from dlassign.discovery import collect
 from dlassign.errors import ConfigError, one_of
-from dlassign.kernels import placement
+from dlassign.kernels import IMPLS, placement
 from dlassign.models.linear import DeepLinear, LogisticRegression
 from dlassign.models.registry import Architecture, TorchEntry
 
@@ -41,7 +41,7 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     Args:
       name: a registered architecture (see `architectures()`).
       num_classes: width of the classification head.
-      **kwargs: the module's other fields (hidden_sizes, activation, dropout, dtype, impl, ...).
+      **kwargs: the module's other fields (hidden_sizes, activation, dropout, dtype, ...).
 
     Raises:
       ConfigError: unknown name, or a keyword the model does not have.
@@ -54,5 +54,5 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return arch.module(num_classes=num_classes, **kwargs)
 
 
-__all__ = ["Architecture", "DeepLinear", "LogisticRegression", "TorchEntry", "architecture",
-           "architectures", "get_model", "placement"]
+__all__ = ["IMPLS", "Architecture", "DeepLinear", "LogisticRegression", "TorchEntry",
+           "architecture", "architectures", "get_model", "placement"]

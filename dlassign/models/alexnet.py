@@ -29,15 +29,14 @@ class AlexNet(nn.Module):
     num_classes: int
     dropout: float = 0.5
     dtype: jnp.dtype | None = None
-    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [N, H, W, 3] with H, W >= 63 -> logits float32[N, num_classes]."""
         for i, (f, k, s, p, pool) in enumerate(_CONVS):
-            x = nn.relu(conv(f, k, s, p, impl=self.impl, dtype=self.dtype, name=f"conv{i + 1}")(x))
+            x = nn.relu(conv(f, k, s, p, dtype=self.dtype, name=f"conv{i + 1}")(x))
             if pool:
-                x = max_pool(x, 3, 2, impl=self.impl)
+                x = max_pool(x, 3, 2)
         # fc1 takes the adaptive 6x6 average pool, flattened; with dropout in between (while
         # training), each pooled copy of a pixel has its own mask and the pool stays apart
         if train and self.dropout > 0:

@@ -11,12 +11,9 @@ import jax.numpy as jnp
 from dlassign.models.layers import (
     activation,
     activation_max_pool,
-    active_units,
-    batch_minor,
     conv,
     flatten_dense,
     logits,
-    use_batch_minor,
 )
 from dlassign.models.registry import Architecture
 
@@ -35,9 +32,6 @@ class CNN(nn.Module):
       padding: 'valid' (Keras's default, 28 -> 26 -> 13 -> 11 -> 5) or 'same'.
       dropout: rate before the output layer.
       dtype: compute dtype.
-      impl: 'auto', 'cpu' or 'xla' kernels (see `layers`).
-      batch_minor: convolutions and pools on [C, H, W, N] arrays (None: with the CPU kernels;
-        see `dlassign.kernels`); the parameters are the same either way.
     """
 
     num_classes: int
@@ -48,23 +42,16 @@ class CNN(nn.Module):
     padding: str = "valid"
     dropout: float = 0.0
     dtype: jnp.dtype | None = None
-    impl: str = "auto"
-    batch_minor: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [N, H, W, C] -> logits float32[N, num_classes]."""
         pad = {"valid": 0, "same": 1}[self.padding]
-        bm = use_batch_minor(self.batch_minor, self.impl)
-        if bm:
-            x = batch_minor(x)
         for i, f in enumerate(self.conv_features):
-            x = conv(f, 3, padding=pad, impl=self.impl, dtype=self.dtype, batch_minor=bm,
-                     name=f"conv{i}")(x)
-            x = activation_max_pool(x, self.conv_activation, 2, 2, impl=self.impl)
-        x = activation(self.activation)(flatten_dense(x, self.dense_width, "hwc", batch_minor=bm,
+            x = conv(f, 3, padding=pad, dtype=self.dtype, name=f"conv{i}")(x)
+            x = activation_max_pool(x, self.conv_activation, 2, 2)
+        x = activation(self.activation)(flatten_dense(x, self.dense_width, "hwc",
                                                       dtype=self.dtype, name="dense"))
-        x = active_units(x, "dense_width")
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
@@ -76,5 +63,4 @@ def _smallest_input(fields) -> int:
     return 4 if fields.get("padding", "valid") == "same" else 10
 
 
-ARCHITECTURES = (Architecture("cnn", CNN, min_image_size=_smallest_input,
-                              width_fields=("dense_width",)),)
+ARCHITECTURES = (Architecture("cnn", CNN, min_image_size=_smallest_input),)

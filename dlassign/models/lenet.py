@@ -6,40 +6,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import (
-    activation_max_pool,
-    batch_minor,
-    conv,
-    flatten_dense,
-    logits,
-    use_batch_minor,
-)
+from dlassign.models.layers import activation_max_pool, conv, flatten_dense, logits
 from dlassign.models.registry import Architecture, TorchEntry
 
 
 class LeNet5(nn.Module):
     """conv 6 5x5, pool, conv 16 5x5, pool, dense 120, 84, num_classes (32x32 input: 16*5*5=400).
 
-    torch names: conv1, conv2, fc1, fc2, fc3 (`torch_table`). With `batch_minor` the
-    convolutions and pools run on [C, H, W, N] arrays (None: with the CPU kernels, see
-    `dlassign.kernels`); the parameters are the same either way.
+    torch names: conv1, conv2, fc1, fc2, fc3 (`torch_table`).
     """
 
     num_classes: int
     dtype: jnp.dtype | None = None
-    impl: str = "auto"
-    batch_minor: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [N, 32, 32, C] -> logits float32[N, num_classes]."""
-        bm = use_batch_minor(self.batch_minor, self.impl)
-        if bm:
-            x = batch_minor(x)
         for name, features in (("conv1", 6), ("conv2", 16)):
-            x = conv(features, 5, impl=self.impl, dtype=self.dtype, batch_minor=bm, name=name)(x)
-            x = activation_max_pool(x, "relu", 2, 2, impl=self.impl)
-        x = nn.relu(flatten_dense(x, 120, "chw", batch_minor=bm, dtype=self.dtype, name="fc1"))
+            x = conv(features, 5, dtype=self.dtype, name=name)(x)
+            x = activation_max_pool(x, "relu", 2, 2)
+        x = nn.relu(flatten_dense(x, 120, "chw", dtype=self.dtype, name="fc1"))
         x = nn.relu(nn.Dense(84, dtype=self.dtype, name="fc2")(x))
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc3")(x))
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import activation, active_units, logits
+from dlassign.models.layers import activation, logits
 from dlassign.models.registry import Architecture
 
 
@@ -28,7 +28,6 @@ class MLP(nn.Module):
     activation: str = "relu"
     dropout: float = 0.0
     dtype: jnp.dtype | None = None
-    impl: str = "auto"  # accepted for a uniform interface; dense layers have no CPU rewrite.
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -36,11 +35,10 @@ class MLP(nn.Module):
         act = activation(self.activation)
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.hidden_sizes):
-            x = active_units(act(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(x)),
-                             "hidden_sizes", i)
+            x = act(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(x))
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
 
 
-ARCHITECTURES = (Architecture("mlp", MLP, width_fields=("hidden_sizes",)),)
+ARCHITECTURES = (Architecture("mlp", MLP),)

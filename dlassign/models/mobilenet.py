@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import batch_norm, conv, logits
+from dlassign.models.layers import batch_norm, channels, conv, global_avg_pool, logits
 from dlassign.models.registry import Architecture, TorchEntry
 
 # torchvision's inverted-residual setting [t, c, n, s]: expansion ratio, output channels,
@@ -70,16 +70,15 @@ class InvertedResidual(nn.Module):
     stride: int
     expand_ratio: int
     dtype: jnp.dtype | None = None
-    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """x: [N, H, W, C_in] -> [N, ceil(H / stride), ceil(W / stride), out_channels]."""
-        in_channels = x.shape[-1]
+        in_channels = channels(x)
         # torchvision rounds (not floors) the hidden width; at ratio 1 or 6 that is exact.
         hidden = int(round(in_channels * self.expand_ratio))
-        c = lambda f, k, s, p, groups, name: conv(f, k, s, p, impl=self.impl, use_bias=False,
-                                                  groups=groups, dtype=self.dtype, name=name)
+        c = lambda f, k, s, p, groups, name: conv(f, k, s, p, use_bias=False, groups=groups,
+                                                  dtype=self.dtype, name=name)
         bn = lambda name: batch_norm(train, self.dtype, name=name)
         y = x
         if self.expand_ratio != 1:
@@ -103,27 +102,25 @@ class MobileNetV2(nn.Module):
       num_classes: width of the head.
       dropout: drop rate before the head (torchvision's 0.2); active only with train=True.
       dtype: compute dtype (None: Flax's promotion of parameters and input).
-      impl: convolution implementation, see `dlassign.kernels` (grouped convs always use XLA).
     """
 
     num_classes: int
     dropout: float = 0.2
     dtype: jnp.dtype | None = None
-    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [N, H, W, 3], any H, W >= 1 -> logits float32[N, num_classes] (float64 stays)."""
-        x = conv(make_divisible(STEM_CHANNELS), 3, 2, 1, impl=self.impl, use_bias=False,
-                 dtype=self.dtype, name="stem_conv")(x)
+        x = conv(make_divisible(STEM_CHANNELS), 3, 2, 1, use_bias=False, dtype=self.dtype,
+                 name="stem_conv")(x)
         x = nn.relu6(batch_norm(train, self.dtype, name="stem_bn")(x))
         for i, (_, out_channels, stride, t) in enumerate(block_layout()):
-            x = InvertedResidual(out_channels, stride, t, self.dtype, self.impl,
+            x = InvertedResidual(out_channels, stride, t, self.dtype,
                                  name=f"block{i + 1}")(x, train)
-        x = conv(make_divisible(LAST_CHANNELS), 1, 1, 0, impl=self.impl, use_bias=False,
-                 dtype=self.dtype, name="last_conv")(x)
+        x = conv(make_divisible(LAST_CHANNELS), 1, 1, 0, use_bias=False, dtype=self.dtype,
+                 name="last_conv")(x)
         x = nn.relu6(batch_norm(train, self.dtype, name="last_bn")(x))
-        x = x.mean(axis=(1, 2))  # adaptive_avg_pool2d to 1x1 + flatten
+        x = global_avg_pool(x)  # adaptive_avg_pool2d to 1x1 + flatten
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
 

@@ -52,8 +52,6 @@ class Architecture:
       torch_module: builds the torch twin (num_classes) where torchvision has none.
       why: what suits (or does not suit) the architecture to small digit crops such as SVHN's,
         quoted by `analysis.compare` when it wins a comparison.
-      width_fields: fields that set a layer's number of units and whose units the module
-        passes through `layers.active_units`, so a grid over them can share one program.
     """
 
     name: str
@@ -65,7 +63,6 @@ class Architecture:
     torchvision: str | None = None
     torch_module: Callable[[int], Any] | None = None
     why: str = ""
-    width_fields: tuple[str, ...] = ()
 
     @property
     def module_class(self) -> type[nn.Module]:

@@ -9,14 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlassign.models.layers import (
-    batch_minor,
-    batch_norm,
-    conv,
-    logits,
-    max_pool,
-    use_batch_minor,
-)
+from dlassign.models.layers import batch_norm, channels, conv, global_avg_pool, logits, max_pool
 from dlassign.models.registry import Architecture, TorchEntry
 
 # blocks per stage, and whether the blocks are bottlenecks (expansion 4).
@@ -36,15 +29,12 @@ class Block(nn.Module):
     stride: int
     bottleneck: bool
     dtype: jnp.dtype | None = None
-    impl: str = "auto"
-    batch_minor: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        c = lambda f, k, s, p, name: conv(f, k, s, p, impl=self.impl, use_bias=False,
-                                          dtype=self.dtype, batch_minor=self.batch_minor,
+        c = lambda f, k, s, p, name: conv(f, k, s, p, use_bias=False, dtype=self.dtype,
                                           name=name)
-        bn = lambda name: batch_norm(train, self.dtype, name=name, batch_minor=self.batch_minor)
+        bn = lambda name: batch_norm(train, self.dtype, name=name)
         if self.bottleneck:
             out_planes = self.planes * 4
             y = nn.relu(bn("bn1")(c(self.planes, 1, 1, 0, "conv1")(x)))
@@ -54,44 +44,32 @@ class Block(nn.Module):
             out_planes = self.planes
             y = nn.relu(bn("bn1")(c(self.planes, 3, self.stride, 1, "conv1")(x)))
             y = bn("bn2")(c(self.planes, 3, 1, 1, "conv2")(y))
-        if self.stride != 1 or x.shape[0 if self.batch_minor else -1] != out_planes:
+        if self.stride != 1 or channels(x) != out_planes:
             x = bn("downsample_bn")(c(out_planes, 1, self.stride, 0, "downsample_conv")(x))
         return nn.relu(x + y)
 
 
 class ResNet(nn.Module):
-    """conv1 7x7/2, bn1, max pool 3x3/2, stages layer1..layer4 (blocks layerS_B), mean, fc.
-
-    With `batch_minor` the layers before the mean run on [C, H, W, N] arrays (None: with the
-    CPU kernels, see `dlassign.kernels`); the parameters are the same either way.
-    """
+    """conv1 7x7/2, bn1, max pool 3x3/2, stages layer1..layer4 (blocks layerS_B), mean, fc."""
 
     num_classes: int
     depth: int = 18
     stage_sizes: Sequence[int] | None = None  # overrides depth's layout, for small test models
     dtype: jnp.dtype | None = None
-    impl: str = "auto"
-    batch_minor: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [N, H, W, 3] -> logits float32[N, num_classes]."""
         stages, bottleneck = RESNET_LAYOUTS[self.depth]
         stages = self.stage_sizes or stages
-        bm = use_batch_minor(self.batch_minor, self.impl)
-        if bm:
-            x = batch_minor(x)
-        x = conv(64, 7, 2, 3, impl=self.impl, use_bias=False, dtype=self.dtype, batch_minor=bm,
-                 name="conv1")(x)
-        x = nn.relu(batch_norm(train, self.dtype, name="bn1", batch_minor=bm)(x))
-        x = max_pool(x, 3, 2, 1, impl=self.impl)
+        x = conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
+        x = max_pool(x, 3, 2, 1)
         for s, blocks in enumerate(stages):
             for b in range(blocks):
                 x = Block(64 * 2**s, 2 if (s > 0 and b == 0) else 1, bottleneck, self.dtype,
-                          self.impl, bm, name=f"layer{s + 1}_{b}")(x, train)
-        x = x.mean(axis=(1, 2))
-        if bm:
-            x = x.T
+                          name=f"layer{s + 1}_{b}")(x, train)
+        x = global_avg_pool(x)
         return logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x))
 
 

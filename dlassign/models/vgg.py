@@ -25,7 +25,6 @@ class VGG(nn.Module):
     batch_norm: bool = False
     dropout: float = 0.5
     dtype: jnp.dtype | None = None
-    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -33,9 +32,9 @@ class VGG(nn.Module):
         i = 0
         for layer in self.layers:
             if layer == "M":
-                x = max_pool(x, 2, 2, impl=self.impl)
+                x = max_pool(x, 2, 2)
                 continue
-            x = conv(layer, 3, 1, 1, impl=self.impl, dtype=self.dtype, name=f"conv{i}")(x)
+            x = conv(layer, 3, 1, 1, dtype=self.dtype, name=f"conv{i}")(x)
             if self.batch_norm:
                 x = batch_norm(train, self.dtype, name=f"bn{i}")(x)
             x = nn.relu(x)

@@ -12,8 +12,8 @@ import os
 from dlassign.data.preprocess import NORMALIZATIONS
 from dlassign.data.sources import dataset_info, datasets
 from dlassign.errors import ConfigError, one_of
-from dlassign.models import architecture, architectures
-from dlassign.models.layers import ACTIVATIONS, IMPLS
+from dlassign.models import IMPLS, architecture, architectures
+from dlassign.models.layers import ACTIVATIONS
 from dlassign.training.losses import LOSSES
 from dlassign.training.optim import OPTIMIZERS, SCHEDULES
 
@@ -89,7 +89,7 @@ def validate_model(model_cfg) -> None:
             continue
         if key not in fields:
             raise ConfigError(f"model.{key} is not a field of model {model_cfg.name!r}; its "
-                              f"fields are {', '.join(sorted(fields - {'dtype', 'impl'}))}")
+                              f"fields are {', '.join(sorted(fields - {'dtype'}))}")
         if key in ("activation", "conv_activation"):
             _choice(f"model.{key}", value, ACTIVATIONS)
         elif key == "dropout":

@@ -71,8 +71,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     kwargs = {k: v for k, v in config.model.items() if k != "name"}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return get_model(config.model.name, num_classes=num_classes,
-                     dtype=DTYPES[config.get("dtype", "float32")],
-                     impl=config.get("impl", "auto"), **kwargs)
+                     dtype=DTYPES[config.get("dtype", "float32")], **kwargs)
 
 
 @dataclasses.dataclass
@@ -100,8 +99,12 @@ def setup(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
         dataset = hold_out_validation(dataset, config.data.get("validation_fraction", 0.0),
                                       config.seed)
     mesh_cfg = config.get("mesh", {})
+    # placed for the platform of the devices the mesh is made of
     model, num_devices = placement(build_model(config, dataset.num_classes),
-                                   parallel.requested_devices(mesh_cfg.get("num_devices", 0)))
+                                   parallel.requested_devices(mesh_cfg.get("num_devices", 0)),
+                                   platform=jax.devices()[0].platform,
+                                   impl=config.get("impl", "auto"),
+                                   input_shape=(config.batch_size, *dataset.image_shape))
     if num_devices == 0:
         abstract = jax.eval_shape(lambda: model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, *dataset.image_shape)), train=False))

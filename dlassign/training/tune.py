@@ -20,7 +20,6 @@ fold's validation score, and the cell's config as hyperparameters for TensorBoar
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import json
 import os
@@ -38,8 +37,6 @@ from absl import logging
 from dlassign.data import Dataset, Split, prepare, stratified_kfold
 from dlassign.data.batching import epoch_permutation
 from dlassign.errors import DlassignError, one_of
-from dlassign.models import architecture
-from dlassign.models.layers import CHOSEN, active_widths, chosen_activations
 from dlassign.runtime import parallel
 from dlassign.runtime.files import write_json, write_text
 from dlassign.runtime.workdir import WorkdirLock, check_workdir
@@ -128,166 +125,32 @@ def cell_name(index: int, overrides: dict) -> str:
 
 STEP_METRICS = ("loss", "accuracy", "grad_norm")
 
-# Model fields that only choose a parameter-free function (`layers.activation`): cells that
-# differ in them start from the same parameters, so they share one compiled initialiser (built
-# with this value; the initialiser's forward pass is dropped by XLA anyway).
-INIT_FREE_FIELDS = ("activation", "conv_activation")
-_INIT_CANONICAL = "linear"
-_INITIALIZERS: dict = {}
+def _programs(run, sequential: bool):
+    """The cell's jitted train and eval steps: one fold's steps, or all folds' vmapped."""
+    train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
+    if sequential:
+        train, evaluate = stacked_or_single(train_step), eval_step
+    else:
+        train = stacked_or_single(jax.vmap(train_step), label_ndim=2)  # [K, B] labels
+        evaluate = jax.vmap(eval_step)
+    return jax.jit(train, donate_argnums=0), jax.jit(evaluate)
 
 
-def _chosen_by_index(config: ml_collections.ConfigDict, model) -> tuple[object, dict]:
-    """The cell's model with every activation field its grid varies chosen by an index
-    (`layers.CHOSEN`), and those choices, {field: (int32 index, the grid's candidates)}.
+def _initializer(run, tx, vmapped: bool):
+    """A jitted `rng -> TrainState` of the cell's initial state (rng [K, 2] when vmapped),
+    replicated over the run's mesh."""
+    def arrays(rng):
+        s = create_train_state(run.model, tx, rng, run.input_shape)
+        return s.step, s.params, s.batch_stats, s.opt_state, s.rng
 
-    The index is an argument of the cell's programs, not a constant in them, so the cells that
-    differ only in activations trace to the same programs: the first traces and compiles them,
-    the rest reuse them (`_programs`). A select between the candidates gives the chosen one's
-    values and gradients exactly."""
-    grid = flatten_grid(config.get("tune", {}).get("grid", {}))
-    varied = {path[len("model."):]: tuple(values) for path, values in grid
-              if path in {f"model.{f}" for f in INIT_FREE_FIELDS} and len(values) > 1}
-    varied = {f: names for f, names in varied.items() if hasattr(model, f)}
-    if not varied:
-        return model, {}
-    choices = {f: (np.int32(names.index(getattr(model, f))), names)
-               for f, names in varied.items()}
-    return model.clone(**{f: CHOSEN + f for f in varied}), choices
-
-
-def _padded_widths(config: ml_collections.ConfigDict, model) -> tuple[object, dict]:
-    """The cell's model at the grid's widest value of every width field it varies
-    (`Architecture.width_fields`), and the cell's own widths, {field: int32 scalar, or
-    int32[L] for a per-layer field}: an argument of the cell's programs, so the cells of
-    different widths share them (`layers.active_units` holds the extra units at zero).
-
-    Not with dropout, whose random mask over the wider layer would differ from the cell's."""
-    fields = architecture(config.model.name).width_fields
-    if not fields or getattr(model, "dropout", 0.0):
-        return model, {}
-    grid = dict(flatten_grid(config.get("tune", {}).get("grid", {})))
-    widest, widths = {}, {}
-    for f in fields:
-        values = grid.get(f"model.{f}", ())
-        own = getattr(model, f)
-        if isinstance(own, (tuple, list)):  # one width per layer: pad within the same depth
-            same_depth = [tuple(v) for v in values if len(v) == len(own)]
-            if len(set(same_depth)) > 1:
-                widest[f] = tuple(max(column) for column in zip(*same_depth))
-                widths[f] = np.asarray(own, np.int32)
-        elif len(set(values)) > 1:
-            widest[f], widths[f] = max(values), np.int32(own)
-    return (model.clone(**widest), widths) if widest else (model, {})
-
-
-def _choosing(fn, choices: dict):
-    """`fn` with the cell's activation choices and widths in effect while it is traced; the
-    indices and widths are passed as arguments (`index=`, `widths=`), so they are traced
-    values, not constants."""
-    names = {f: n for f, (_, n) in choices.items()}
-
-    def call(*args, index, widths):
-        with chosen_activations({f: (index[f], n) for f, n in names.items()}), \
-                active_widths(widths):
-            return fn(*args)
-
-    return call
-
-
-_PROGRAMS: dict = {}
-_OPTIMIZERS: dict = {}
-_MODELS: dict = {}
-
-
-def _programs(run, model, choices: dict, widths: dict, sequential: bool):
-    """The cell's jitted train and eval steps, called with its activation indices and widths.
-
-    Kept per model (activations chosen by index, widths padded), step config and fold mode,
-    with the optimizer kept per its config and length (`_optimizer`), so the cells reuse the
-    first one's programs in this process: no second trace, no compilation, whether or not the
-    compilation cache is on."""
-    names = tuple(sorted((f, n) for f, (_, n) in choices.items()))
-    key = (model, run.step_config, names, tuple(sorted(widths)), sequential)
-    if key not in _PROGRAMS:
-        train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
-        if sequential:
-            train, evaluate = stacked_or_single(train_step), eval_step
-        else:
-            train = stacked_or_single(jax.vmap(train_step), label_ndim=2)  # [K, B] labels
-            evaluate = jax.vmap(eval_step)
-        _PROGRAMS[key] = (jax.jit(_choosing(train, choices), donate_argnums=0),
-                          jax.jit(_choosing(evaluate, choices)))
-    train, evaluate = _PROGRAMS[key]
-    index = {f: i for f, (i, _) in choices.items()}
-    return (functools.partial(train, index=index, widths=widths),
-            functools.partial(evaluate, index=index, widths=widths))
-
-
-def _optimizer_key(run) -> tuple:
-    """What `make_tx(run)` is made of: the optimizer config, the run's length and the model's
-    head (for backbone_lr_scale and frozen layers)."""
-    return (json.dumps(run.config.optimizer.to_dict(), sort_keys=True, default=str),
-            run.total_steps, run.steps_per_epoch, run.config.model.name)
-
-
-def _optimizer(run):
-    """`make_tx(run)`, one object per `_optimizer_key`: a train state's optimizer is part of
-    what its programs are cached under."""
-    key = _optimizer_key(run)
-    if key not in _OPTIMIZERS:
-        _OPTIMIZERS[key] = make_tx(run)
-    return _OPTIMIZERS[key]
-
-
-def _init_canonical(model):
-    """`model` with its `INIT_FREE_FIELDS` at one value: the models that initialise alike."""
-    return model.clone(**{f: _INIT_CANONICAL for f in INIT_FREE_FIELDS if hasattr(model, f)})
-
-
-def _zero_padded(tree, like):
-    """Every leaf of `tree` padded with zeros at the end of each axis to its shape in `like`."""
-    return jax.tree.map(lambda a, t: jnp.pad(a, [(0, n - m) for m, n in zip(a.shape, t.shape)]),
-                        tree, like)
-
-
-def _initializer(run, tx, vmapped: bool, model=None, widths: dict | None = None):
-    """A jitted `rng -> (step, params, batch_stats, opt_state, rng)` of the cell's initial
-    state, one per model (up to `INIT_FREE_FIELDS`), input shape, optimizer and mesh, so that
-    the cells of an activation grid compile it once (the in-process jit cache keys on the
-    function; a fresh closure per cell compiled it again for every cell). The state applies
-    `model` (default: the run's).
-
-    With `widths` (`_padded_widths`), `model` is the grid's widest: the cell's own model is
-    initialised and its parameters zero-padded to the wide shapes, with the optimizer state
-    of the padded parameters, so the real units start exactly as in an unpadded run."""
-    canonical = _init_canonical(run.model)
-    widest = _init_canonical(model) if widths else None  # the padded shapes' model
-    replicated = parallel.replicated(run.mesh)
-    # make_tx's inputs determine the optimizer, hence its state
-    key = (canonical, run.input_shape, *_optimizer_key(run), replicated, vmapped,
-           str(init_compiler_options()), widest)
-    if key not in _INITIALIZERS:
-        wide = None if widest is None else jax.eval_shape(
-            lambda rng: create_train_state(widest, tx, rng, run.input_shape),
-            jax.random.PRNGKey(0))
-
-        def arrays(rng):
-            s = create_train_state(canonical, tx, rng, run.input_shape)
-            if wide is None:
-                return s.step, s.params, s.batch_stats, s.opt_state, s.rng
-            params = _zero_padded(s.params, wide.params)
-            return s.step, params, s.batch_stats, tx.init(params), s.rng
-
-        _INITIALIZERS[key] = jax.jit(jax.vmap(arrays) if vmapped else arrays,
-                                     out_shardings=replicated,
-                                     compiler_options=init_compiler_options())
-    init = _INITIALIZERS[key]
+    init = jax.jit(jax.vmap(arrays) if vmapped else arrays,
+                   out_shardings=parallel.replicated(run.mesh),
+                   compiler_options=init_compiler_options())
 
     def state(rng) -> TrainState:
         step, params, batch_stats, opt_state, state_rng = init(rng)
         return TrainState(step=step, params=params, batch_stats=batch_stats,
-                          opt_state=opt_state, rng=state_rng,
-                          apply_fn=(model or run.model).apply, tx=tx)
+                          opt_state=opt_state, rng=state_rng, apply_fn=run.model.apply, tx=tx)
 
     return state
 
@@ -342,15 +205,10 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     run = setup(config, dataset)
     k = len(folds)
     train_ix, val_ix = [f[0] for f in folds], [f[1] for f in folds]
-    tx = _optimizer(run)
+    tx = make_tx(run)
     rngs = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), i) for i in range(k)])
-    model, choices = _chosen_by_index(config, run.model)
-    model, widths = _padded_widths(config, model)
-    # one instance per equal model: a state's apply_fn, a bound method, is compared (for the
-    # programs' trace cache) by the instance it is bound to
-    model = _MODELS.setdefault(model, model)
-    step, evaluate = _programs(run, model, choices, widths, sequential)
-    init = _initializer(run, tx, vmapped=not sequential, model=model, widths=widths)
+    step, evaluate = _programs(run, sequential)
+    init = _initializer(run, tx, vmapped=not sequential)
 
     per_call = int(config.get("steps_per_call", 0)) or loop.AUTO_MOST_STEPS
     steps = _fold_steps_per_epoch(train_ix, config.batch_size)
