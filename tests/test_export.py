@@ -141,7 +141,7 @@ def test_analysis_programs_export_for_the_accelerators(platform, cpu_kernels):
     batch_loss = model_batch_loss(model, variables, "cross_entropy")
     texts = [
         _export(operators._batch_hvp, batch_loss, params, vec, batch, scalar, platform=platform),
-        _export(spectrum._rayleigh_step, basis, vec, vec, platform=platform),  # power iteration
+        _export(spectrum._power_step, basis, vec, vec, platform=platform),  # power iteration
         _export(spectrum._orthogonalise, basis, vec, platform=platform),  # Lanczos
         _export(landscape._chunk_sums, batch_loss, params, basis,
                 jax.ShapeDtypeStruct((8, 3), jnp.float32), batch, platform=platform),
