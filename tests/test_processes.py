@@ -105,6 +105,20 @@ def test_a_killed_worker_of_the_main_job_is_one_line_naming_its_study(tmp_path):
     assert "Rerun the same command" in errors[0]
 
 
+def _kill_and_expect_nothing_left(parent, run: list[int]) -> None:
+    """SIGKILL `parent`; none of the processes `run` may be alive 10 s later."""
+    parent.kill()
+    parent.wait()
+    left = still_running(run, 10)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_text() for p in left]
+
+
+def _kill_all(parent, run: list[int]) -> None:
+    parent.kill()
+    for pid in still_running(run, 0):
+        os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_killing_the_main_jobs_parent_leaves_no_process(tmp_path):
     job = Watched(MAIN + [f"--workdir={tmp_path}"])
@@ -114,14 +128,9 @@ def test_killing_the_main_jobs_parent_leaves_no_process(tmp_path):
         job.wait_for(r"transfer_resnet18: started in process")
         run = descendants(job.proc.pid)
         assert len(run) >= 3, run  # two workers and the resource tracker
-        job.proc.kill()
-        job.proc.wait()
-        left = still_running(run, 10)
-        assert not left, [Path(f"/proc/{p}/cmdline").read_text() for p in left]
+        _kill_and_expect_nothing_left(job.proc, run)
     finally:
-        job.proc.kill()
-        for pid in still_running(run, 0):
-            os.kill(pid, signal.SIGKILL)
+        _kill_all(job.proc, run)
 
 
 @pytest.mark.slow
@@ -135,14 +144,9 @@ def test_killing_the_launcher_leaves_no_process(tmp_path):
             time.sleep(0.2)
         run = descendants(launcher.proc.pid)
         assert len(run) >= 2, run
-        launcher.proc.kill()
-        launcher.proc.wait()
-        left = still_running(run, 10)
-        assert not left, [Path(f"/proc/{p}/cmdline").read_text() for p in left]
+        _kill_and_expect_nothing_left(launcher.proc, run)
     finally:
-        launcher.proc.kill()
-        for pid in still_running(run, 0):
-            os.kill(pid, signal.SIGKILL)
+        _kill_all(launcher.proc, run)
 
 
 @pytest.mark.slow
