@@ -146,7 +146,9 @@ def _checked_cache_class():
 
 def _use_checked_cache() -> None:
     """Makes JAX build its persistent cache as a `CheckedCache`. JAX has no public hook for
-    this: its module-level `get_file_cache`, which builds the cache on first use, is replaced."""
+    this: its module-level `get_file_cache`, which builds the cache on first use, is replaced.
+    JAX's own cache falls short in
+    `tests/test_compilation_cache.py::test_a_bad_cache_entry_is_named_removed_and_written_again`."""
     from jax._src import compilation_cache as jax_cache
 
     cls = _checked_cache_class()

@@ -137,11 +137,6 @@ class Pacer:
                 "segments": [list(seg) for seg in self.segments],
                 "one_step_s": self.one_step_s, "trial_step_s": self.trial_step_s}
 
-    @property
-    def steps_per_call(self) -> int:
-        """The steps per call now being planned."""
-        return self.segments[-1][1]
-
     def _switch(self, k: int) -> None:
         """Calls planned from now on run k steps each."""
         if self.segments[-1][0] == self.planned:
@@ -248,15 +243,11 @@ def place_ahead(calls: Iterable[tuple], size: int = PREFETCH) -> Iterator[tuple]
         yield queue.popleft()
 
 
-def prefetch(batches: Iterable[dict], sharding: NamedSharding, size: int = 2) -> Iterator[dict]:
+def prefetch(batches: Iterable[dict], sharding: NamedSharding, size: int = PREFETCH
+             ) -> Iterator[dict]:
     """Puts batches on the devices `size` steps ahead, overlapping the copy with compute."""
-    queue = collections.deque()
-    for batch in batches:
-        queue.append(parallel.global_batch(batch, sharding))
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
+    for (batch,) in place_ahead(((b, sharding) for b in batches), size):
+        yield batch
 
 
 def leaf_names(params) -> list[str]:
@@ -365,7 +356,7 @@ def run_steps(step: Callable, state, calls: Iterable[tuple], guard: Guard,
     placed = place_ahead(calls)
     with preemption.deferred():
         try:
-            i, last = 0, None
+            last = None
             for i, (first, n, k, tag, batch) in enumerate(placed):
                 if synced is None:
                     synced = first - 1

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import threading
 import time
 
 import flax.traverse_util as traverse_util
@@ -201,8 +202,6 @@ class CompileAhead:
     `check_memory`."""
 
     def __init__(self, run: Run, abstract_state):
-        import threading
-
         self.train_step, self.eval_step = compile_steps(run, abstract_state)
         self.memory = None
         self.train_seconds = 0.0  # what compiling the first calls' train step took
@@ -237,8 +236,6 @@ class CompileAhead:
         """Compiles the train step for `slots` steps per call: on a started background thread
         (returned), or, in a run of several processes, before returning (so that every process
         plans the same calls; the returned thread has finished)."""
-        import threading
-
         thread = threading.Thread(target=_quietly(lambda: self._compile_train(slots)),
                                   name=f"compile-train-{slots}")
         thread.start()
