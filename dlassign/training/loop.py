@@ -76,9 +76,8 @@ TRIAL_CALLS = 2  # one-step calls of the several-step program timed before keepi
 # A step inside the several-step program may take this much longer than alone and still be
 # kept (noise); XLA:CPU programs whose layouts suffer inside a loop take several times longer.
 TRIAL_TOLERANCE = 1.25
-# A call costs about 1.4 ms more than its steps on a 2-core CPU (LeNet-5 at batch 32: 3.7 ms
-# per step one per call, 2.3 ms eight per call); past this step time that is under 3% and within
-# the noise, so longer steps run one per call without trying more.
+# Past this step time a call's own overhead (about a millisecond on a CPU, docs/performance.md)
+# is within the noise, so longer steps run one per call without trying more.
 SEVERAL_BELOW_S = 0.05
 # Compiling several steps takes about what compiling one step took, on the cores the steps
 # share: they are tried only where the steps left take this many times that compile time.
