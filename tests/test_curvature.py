@@ -130,6 +130,19 @@ def test_power_iteration_warm_start():
     np.testing.assert_allclose(zero.values, [10.0, 6.0], rtol=1e-4)
 
 
+def test_power_iteration_with_fewer_products_than_pairs():
+    """A budget below k (one product, two pairs) spans fewer Krylov directions than pairs asked
+    for: each pair still comes back, with its residual and marked unconverged."""
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(20, 20)))
+    h = jnp.asarray((q * np.linspace(-2.0, 9.0, 20)) @ q.T, jnp.float32)
+    pairs = power_iteration(lambda v: h @ v, 20, 3, jax.random.PRNGKey(0), max_iters=1,
+                            tol=1e-6)
+    assert pairs.values.shape == (3,) and pairs.vectors.shape == (3, 20)
+    assert np.all(np.isfinite(pairs.residuals)) and not pairs.all_converged
+    np.testing.assert_allclose(pairs.vectors @ pairs.vectors.T, np.eye(3), atol=1e-5)
+
+
 @pytest.mark.parametrize("field,value,words", [
     ("every_steps", -1, "curvature.every_steps=-1 is invalid; expected an integer >= 0"),
     ("every_steps", 2.5, "curvature.every_steps=2.5 is invalid"),

@@ -220,6 +220,9 @@ class Curvature:
         """
         if not isinstance(top_k, int) or not 1 <= top_k <= self.dim:
             raise ValueError(f"top_k={top_k!r} is invalid; expected an integer in 1..{self.dim}")
+        if max_order is not None and not (isinstance(max_order, int) and max_order >= top_k):
+            raise ValueError(f"max_order={max_order!r} is invalid; expected an integer >= "
+                             f"top_k={top_k} (k Lanczos steps span at most k directions)")
         pairs = lanczos_eigenpairs(self.matvec, self.dim, top_k, self._key(0), tol, max_order,
                                    which, self.dtype)
         vectors = [self.unravel(jnp.asarray(v)) for v in pairs.vectors]

@@ -323,12 +323,16 @@ def power_iteration(matvec: MatVec, dim: int, k: int, rng: jax.Array, max_iters:
                                           max_iters if cold_iters is None else cold_iters,
                                           "magnitude", dtype)
                 products += cold.products
-            if cold.converged[i]:  # measured on H itself: nothing to refine or check
+            # a short run (max_iters below k) spans fewer than k directions
+            have = i < len(cold.values)
+            if have and cold.converged[i]:  # measured on H itself: nothing to refine or check
                 found.append(jnp.asarray(cold.vectors[i], dtype))
                 values.append(float(cold.values[i]))
                 residuals.append(float(cold.residuals[i]))
                 continue
-            v, norm = _unit(basis, jnp.asarray(cold.vectors[i], dtype))
+            norm = 0.0
+            if have:
+                v, norm = _unit(basis, jnp.asarray(cold.vectors[i], dtype))
             if not float(norm) > 0:  # the Krylov space missed this direction
                 v, _ = _unit(basis, jax.random.normal(jax.random.fold_in(rng, i), (dim,), dtype))
         value = residual = None
