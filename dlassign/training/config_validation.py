@@ -188,7 +188,7 @@ CURVATURE_FIELDS = ("every_steps", "num_examples", "power_iters", "cold_iters", 
 
 
 def validate_curvature(curvature) -> None:
-    """The `curvature` block: curvature during training (dlassign.analysis.hessian.tracking)."""
+    """The `curvature` block: curvature during training (hessian.tracking.CurvatureHook)."""
     for key in curvature.keys():
         if key not in CURVATURE_FIELDS:
             raise ConfigError(f"curvature.{key} is not a field of curvature; its fields are "
