@@ -209,6 +209,10 @@ def validate_curvature(curvature) -> None:
 def validate_tune_config(config) -> None:
     """A tuning config: a training config plus `tune.num_folds` and a non-empty `tune.grid`."""
     validate_train_config(config)
+    every = config.get("curvature", {}).get("every_steps", 0)
+    if every:  # the grid's runs take no hooks
+        raise ConfigError(f"curvature.every_steps={every} is invalid in a grid search; expected 0 "
+                          "(train the chosen cell with experiments.train to track its curvature)")
     _required(config, "tune.grid", "tune.num_folds")
     _number("tune.num_folds", config.tune.num_folds, low=2, integer=True)
     _choice("tune.mode", config.tune.get("mode", "auto"), ("auto", "vmap", "sequential"))
