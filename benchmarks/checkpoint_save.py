@@ -31,13 +31,13 @@ def main():
     from configs import digits32
     from dlassign.data import prepare
     from dlassign.runtime.checkpoint import Checkpointer
-    from dlassign.training import trainer
+    from dlassign.training import setup
 
     rows = []
     for name in args.models.split(","):
         config = digits32.get_config(name)
-        run = trainer.setup(config, prepare(config.data, config.seed))
-        tree = trainer.state_tree(trainer.make_state(run))
+        run = setup.setup(config, prepare(config.data, config.seed))
+        tree = setup.state_tree(setup.make_state(run))
         megabytes = sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20
         seconds = []
         with tempfile.TemporaryDirectory() as directory:

@@ -30,7 +30,7 @@ def main():
     from dlassign.runtime import parallel
     from dlassign.training.evaluation import evaluate
     from dlassign.training.loop import prefetch
-    from dlassign.training.trainer import compile_steps, make_state, setup
+    from dlassign.training.setup import compile_steps, make_state, setup
 
     config = mnist_ported.get_config(args.arch)
     config.data.data_dir = args.data_dir

@@ -65,7 +65,7 @@ def xla_buffers(name: str, batch: int, per_call: int) -> float:
     code = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
             "from benchmarks.common import start_jax\njax = start_jax(0)\n"
             "from benchmarks.throughput import ours\n"
-            "import dlassign.training.trainer as t\n"
+            "import dlassign.training.setup as t\n"
             "orig = t.compile_steps\nbox = {}\n"
             "def spy(run, state):\n"
             "    step, ev = orig(run, state)\n    box['step'] = step\n    box['state'] = state\n"

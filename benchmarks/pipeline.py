@@ -27,7 +27,7 @@ def main():
     from dlassign.data import Dataset, Normalizer, Split, train_batches
     from dlassign.runtime import parallel
     from dlassign.training.loop import call_plan, prefetch, stacked_batches
-    from dlassign.training.trainer import compile_steps, make_state, setup
+    from dlassign.training.setup import compile_steps, make_state, setup
 
     config = importlib.import_module(f"configs.mnist_{args.model}").get_config()
     config.batch_size = args.batch_size

@@ -47,7 +47,7 @@ def worker(args) -> None:
     from configs import base
     from dlassign.data import Dataset, Normalizer, Split
     from dlassign.runtime import parallel
-    from dlassign.training.trainer import compile_steps, make_state, setup
+    from dlassign.training.setup import compile_steps, make_state, setup
 
     config = base.get_config()
     config.model = ml_collections.ConfigDict(MODELS[args.model])

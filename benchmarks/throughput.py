@@ -55,7 +55,7 @@ def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: i
     from configs import base
     from dlassign.data import Dataset, Normalizer, Split
     from dlassign.runtime import parallel
-    from dlassign.training.trainer import compile_steps, make_state, setup
+    from dlassign.training.setup import compile_steps, make_state, setup
 
     _, model_cfg = model_spec(name)
     shape = input_shape(name, image_size)

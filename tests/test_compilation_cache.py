@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from dlassign.runtime.compilation_cache import ENV, cache_dir, prune
+from dlassign.training.setup import make_state, make_tx, setup, state_tree
 from dlassign.training.train_state import create_train_state, init_compiler_options
-from dlassign.training.trainer import make_state, make_tx, setup, state_tree
 from tests.helpers import synthetic_dataset, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

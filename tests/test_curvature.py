@@ -20,6 +20,7 @@ from dlassign.analysis.hessian import (
     model_batch_loss,
     power_iteration,
     ritz,
+    tracking,
 )
 from dlassign.data import eval_batches, stratified_subset
 from dlassign.errors import ConfigError
@@ -59,7 +60,7 @@ def test_logged_eigenvalue_matches_cold_lanczos_at_the_right_steps_and_in_tensor
     config = tiny_config({"num_epochs": 1, "checkpoint_every_steps": 10,
                           "curvature.every_steps": 10, "curvature.num_examples": 200,
                           "curvature.trace_samples": 4})
-    results = train_and_evaluate(config, str(tmp_path))
+    results = train_and_evaluate(config, str(tmp_path), hooks=tracking.hooks(config))
     total = results["steps"]
     assert total == 42
     entries = results["curvature"]
@@ -91,15 +92,27 @@ def test_logged_eigenvalue_matches_cold_lanczos_at_the_right_steps_and_in_tensor
 def test_off_by_default_and_the_trainer_does_not_change(tmp_path):
     """every_steps=0 measures nothing; with curvature on, the trained parameters are the same
     (the measurement steps become sync points, nothing else)."""
-    off = train_and_evaluate(tiny_config({"num_epochs": 1}), str(tmp_path / "off"))
-    on = train_and_evaluate(tiny_config({"num_epochs": 1, "curvature.every_steps": 7}),
-                            str(tmp_path / "on"))
-    assert off["curvature"] == [] and [e["step"] for e in on["curvature"]] == [7, 14, 21, 28,
-                                                                                 35, 42]
+    off_config = tiny_config({"num_epochs": 1})
+    on_config = tiny_config({"num_epochs": 1, "curvature.every_steps": 7})
+    assert tracking.hooks(off_config) == []
+    off = train_and_evaluate(off_config, str(tmp_path / "off"), hooks=tracking.hooks(off_config))
+    on = train_and_evaluate(on_config, str(tmp_path / "on"), hooks=tracking.hooks(on_config))
+    assert "curvature" not in off and [e["step"] for e in on["curvature"]] == [7, 14, 21, 28,
+                                                                                35, 42]
     assert on["test"]["accuracy"] == off["test"]["accuracy"]
     assert on["test"]["loss"] == pytest.approx(off["test"]["loss"], rel=1e-5)
     scalars, _ = read_events(tmp_path / "off" / "train")
     assert not any(t.startswith("curvature/") for t in scalars)
+
+
+def test_curvature_asked_for_without_its_hook_is_one_line(tmp_path):
+    """The trainer runs the hooks its caller passes: a config that asks for curvature, passed
+    without the hook, fails before training, naming the field and the way to pass it."""
+    config = tiny_config({"num_epochs": 1, "curvature.every_steps": 7})
+    with pytest.raises(ConfigError, match=r"^curvature.every_steps=7 asks for curvature during "
+                                          r"training, a hook the caller passes"):
+        train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_power_iteration_warm_start():

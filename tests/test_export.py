@@ -16,9 +16,9 @@ import pytest
 from jax import export
 
 from dlassign.models import architectures, get_model, placement
+from dlassign.training.setup import DTYPES, INPUT_DTYPES
 from dlassign.training.steps import StepConfig, make_eval_step, make_train_step
 from dlassign.training.train_state import create_train_state
-from dlassign.training.trainer import DTYPES, INPUT_DTYPES
 from tests.helpers import synthetic_dataset
 
 ACCELERATORS = ("cuda", "tpu")

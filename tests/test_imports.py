@@ -41,3 +41,23 @@ def test_training_on_the_embedded_digits_never_imports_tensorflow_or_torch(tmp_p
     assert (tmp_path / "results.json").exists()
     assert loaded.isdisjoint(NEVER_FOR_DIGITS), loaded & set(NEVER_FOR_DIGITS)
     assert "orbax" in loaded  # it wrote its checkpoints: the probe sees what the run used
+
+
+def test_training_imports_nothing_from_analysis():
+    """Training sits below analysis: analysis builds on training (curvature tracking is a hook
+    its caller passes to the trainer), never the other way round. No module of
+    dlassign/training names dlassign.analysis, and importing them all loads none of it."""
+    import ast
+
+    for path in sorted((ROOT / "dlassign" / "training").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("dlassign.analysis") for n in names), (path.name, names)
+    modules = [f"dlassign.training.{p.stem}" for p in (ROOT / "dlassign" / "training").glob("*.py")]
+    out = subprocess.run([sys.executable, "-c", "import importlib, sys\n"
+                          f"for m in {modules!r}: importlib.import_module(m)\n"
+                          "print(sorted(m for m in sys.modules if m.startswith('dlassign.')))"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dlassign.analysis" not in out.stdout, out.stdout

@@ -106,7 +106,7 @@ def test_it_ports_both_ways_with_parity():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_it_exports_for_the_accelerators(dtype, cpu_kernels):  # noqa: F811
-    from dlassign.training.trainer import DTYPES
+    from dlassign.training.setup import DTYPES
 
     model = get_model("tinynet", 10, dtype=DTYPES[dtype])
     for platform in ACCELERATORS:

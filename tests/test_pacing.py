@@ -182,13 +182,13 @@ def test_sigterm_during_slow_calls_stops_within_the_call_bound(tmp_path, steps_p
 
 def test_a_fixed_steps_per_call_that_would_not_fit_in_memory_is_refused(monkeypatch):
     from dlassign.errors import ConfigError
-    from dlassign.training import trainer
+    from dlassign.training import preflight, setup
 
-    run = trainer.setup(tiny_config({"steps_per_call": 16}), synthetic_dataset())
+    run = setup.setup(tiny_config({"steps_per_call": 16}), synthetic_dataset())
     # 64 KiB: half of it is less than 16 batches of 2 KiB for each of three calls
-    monkeypatch.setattr(trainer, "available_memory", lambda: 2**16)
+    monkeypatch.setattr(preflight, "available_memory", lambda: 2**16)
     with pytest.raises(ConfigError, match=r"steps_per_call=16 stacks batches of .* lower "
                                           r"steps_per_call, or 0"):
-        trainer.check_memory(run, None)
-    monkeypatch.setattr(trainer, "available_memory", lambda: 2**30)
-    trainer.check_memory(run, None)
+        preflight.check_memory(run, None)
+    monkeypatch.setattr(preflight, "available_memory", lambda: 2**30)
+    preflight.check_memory(run, None)

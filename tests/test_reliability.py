@@ -14,7 +14,8 @@ import pytest
 from dlassign.errors import CheckpointError
 from dlassign.runtime.checkpoint import Checkpointer
 from dlassign.runtime.workdir import WorkdirLock
-from dlassign.training.trainer import abstract_tree, make_state, setup, train_and_evaluate
+from dlassign.training.setup import abstract_tree, make_state, setup
+from dlassign.training.trainer import train_and_evaluate
 from tests.helpers import checkpoint_steps, restore_checkpoint, synthetic_dataset, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +188,7 @@ def test_batch_minor_cnn_on_one_device_agrees_with_nhwc_on_eight(tmp_path):
     import jax
 
     from dlassign.runtime import parallel
-    from dlassign.training.trainer import compile_steps
+    from dlassign.training.setup import compile_steps
 
     data = synthetic_dataset(size=12)
     model = {"name": "cnn", "conv_features": (4, 8), "dense_width": 16, "padding": "same"}
@@ -365,9 +366,9 @@ def test_resuming_with_another_training_config_is_refused_unless_asked(tmp_path)
 
 def test_evaluation_that_cannot_fit_in_memory_fails_before_training(tmp_path, monkeypatch):
     from dlassign.errors import ConfigError
-    from dlassign.training import trainer
+    from dlassign.training import preflight
 
-    monkeypatch.setattr(trainer, "available_memory", lambda: 10_000)  # 10 kB left
+    monkeypatch.setattr(preflight, "available_memory", lambda: 10_000)  # 10 kB left
     with pytest.raises(ConfigError, match=r"eval_batch_size=64 needs about .* GiB to evaluate"):
         train_and_evaluate(tiny_config(), str(tmp_path), synthetic_dataset())
     assert checkpoint_steps(tmp_path / "checkpoints") == []  # nothing trained

@@ -94,7 +94,8 @@ def test_ported_checkpoint_starts_training_and_evaluates(svhn_dir, tmp_path):
     assert evaluated["step"] == 0 and evaluated["test"]["num_examples"] == 40
     config.init_checkpoint = str(tmp_path / "ported")
     config.num_epochs = 1
-    from dlassign.training.trainer import initial_variables, setup
+    from dlassign.training.initial import initial_variables
+    from dlassign.training.setup import setup
 
     variables = initial_variables(setup(config))
     np.testing.assert_array_equal(np.asarray(variables["params"]["conv1"]["kernel"]),
@@ -108,7 +109,8 @@ def test_ported_checkpoint_of_another_architecture_is_refused(svhn_dir, tmp_path
     from dlassign.errors import CheckpointError
     from dlassign.porting.port import port
     from dlassign.porting.torch_models import build
-    from dlassign.training.trainer import initial_variables, setup
+    from dlassign.training.initial import initial_variables
+    from dlassign.training.setup import setup
 
     torch.manual_seed(0)
     state_dict = {k: v.numpy() for k, v in build("lenet5", 10).state_dict().items()}
@@ -144,7 +146,7 @@ def test_frozen_layers_and_backbone_learning_rate(tmp_path):
 
     data = synthetic_dataset()
     config = tiny_config({"optimizer.frozen": ("dense0",)})
-    from dlassign.training.trainer import make_state, setup
+    from dlassign.training.setup import make_state, setup
 
     initial = make_state(setup(config, data)).params
     train_and_evaluate(config, str(tmp_path / "frozen"), data)

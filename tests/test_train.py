@@ -11,13 +11,8 @@ from dlassign.data import stratified_kfold
 from dlassign.errors import NumericalError
 from dlassign.runtime.checkpoint import Checkpointer
 from dlassign.training.evaluation import evaluate_checkpoint
-from dlassign.training.trainer import (
-    abstract_tree,
-    make_state,
-    setup,
-    state_tree,
-    train_and_evaluate,
-)
+from dlassign.training.setup import abstract_tree, make_state, setup, state_tree
+from dlassign.training.trainer import train_and_evaluate
 from dlassign.training.tune import cross_validate, tune
 from tests.helpers import (
     checkpoint_steps,
@@ -45,7 +40,7 @@ def test_mlp_learns_synthetic_task(tmp_path):
 
 def test_tiny_steps_run_on_one_cpu_device():
     """A step far below mesh.cpu_data_parallel_min_step_flops is not worth an all-reduce."""
-    from dlassign.training.trainer import setup
+    from dlassign.training.setup import setup
 
     data = synthetic_dataset()
     assert setup(tiny_config(), data).mesh.devices.size == 1
@@ -66,7 +61,7 @@ def test_cnn_learns_synthetic_task(tmp_path):
 
 def test_step_reports_the_gradient_norm_and_its_finiteness():
     """With SGD at learning rate 1, the first step moves the parameters by minus the gradient."""
-    from dlassign.training.trainer import compile_steps
+    from dlassign.training.setup import compile_steps
 
     data = synthetic_dataset()
     run = setup(tiny_config({"optimizer.name": "sgd", "optimizer.learning_rate": 1.0}), data)
@@ -111,7 +106,7 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, 
     train_and_evaluate(config(), str(full), data)
 
     # Interrupt the second run after 10 steps (KeyboardInterrupt checkpoints the last state).
-    import dlassign.training.trainer as train_module
+    import dlassign.training.compile_ahead as train_module
 
     real_compile = train_module.compile_steps
 
@@ -161,7 +156,7 @@ def test_call_plan_keeps_boundaries_and_resumes_on_the_same_calls():
 
 def test_a_short_call_runs_only_its_steps():
     """A call with fewer steps than slots leaves the state as that many single steps do."""
-    from dlassign.training.trainer import compile_steps
+    from dlassign.training.setup import compile_steps
 
     data = synthetic_dataset()
     run = setup(tiny_config({"optimizer.name": "adam"}), data)
@@ -223,7 +218,7 @@ def test_steps_per_call_trains_like_single_steps(tmp_path):
 def test_non_finite_step_leaves_the_whole_state_unchanged(min_flops):
     """Adam's moments and count, BatchNorm's statistics and the parameters stay as they were;
     only the step counter moves. A finite step after it updates everything again."""
-    from dlassign.training.trainer import compile_steps
+    from dlassign.training.setup import compile_steps
 
     data = synthetic_dataset()
     config = tiny_config({"optimizer.name": "adam",
@@ -295,8 +290,8 @@ def test_vmapped_folds_match_sequential_folds():
 @pytest.mark.parametrize("vmapped", [False, True])
 def test_a_cells_initial_state_is_its_own_state_bitwise(vmapped):
     from dlassign.training import tune as tune_module
+    from dlassign.training.setup import make_tx
     from dlassign.training.train_state import create_train_state, init_compiler_options
-    from dlassign.training.trainer import make_tx
 
     data = synthetic_dataset(n_train=240)
     rng = jax.random.PRNGKey(3)
@@ -306,7 +301,7 @@ def test_a_cells_initial_state_is_its_own_state_bitwise(vmapped):
         tx = make_tx(run)
         state = tune_module._initializer(run, tx, vmapped)(rngs)
         make = lambda r: create_train_state(run.model, tx, r, run.input_shape)  # noqa: B023
-        # each cell's own state as trainer.make_state compiles it
+        # each cell's own state as setup.make_state compiles it
         direct = jax.jit(jax.vmap(make) if vmapped else make,
                          compiler_options=init_compiler_options())(rngs)
         assert state.apply_fn == run.model.apply and state.tx is tx
@@ -397,7 +392,7 @@ def test_tune_writes_table_heatmap_and_best_test_metrics(tmp_path):
 def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     import jax.numpy as jnp
 
-    from dlassign.training.trainer import build_model
+    from dlassign.training.setup import build_model
 
     config = tiny_config({"dtype": "bfloat16", "num_epochs": 4})
     results = train_and_evaluate(config, str(tmp_path), synthetic_dataset())

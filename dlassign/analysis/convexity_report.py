@@ -101,6 +101,37 @@ def figures(results: dict, workdir: str) -> dict[str, str]:
     return out
 
 
+def line_verdict(negative: dict[str, int]) -> str:
+    """Each loss along a line through the origin: convex where none of its second differences
+    is negative (`negative`: their count per loss)."""
+    return "Along a line through the origin, " + " and ".join(
+        f"{LABEL[n]} is {'convex' if negative[n] == 0 else 'not convex'} ({negative[n]} "
+        "negative second differences)" for n in LOSS_NAMES) + "."
+
+
+def eigenvalue_verdict(r: dict, name: str) -> str:
+    """What one loss's smallest Hessian eigenvalue says: real negative curvature, or round-off
+    on a singular matrix (the closed form's smallest eigenvalue beside it)."""
+    if not r["convex"]:
+        return (f"{name}'s smallest eigenvalue, {_g(r['min_eigenvalue'])}, is real negative "
+                f"curvature ({r['num_negative']} of {r['num_points']} points).")
+    closed = r.get("min_closed_form_eigenvalue")
+    return (f"{name}'s smallest eigenvalue, {_g(r['min_eigenvalue'])}, is within round-off of 0 "
+            "(the Hessian is singular wherever a feature is constant, as the pixels that are 0 "
+            "in every image are)"
+            + (f"; its closed form has smallest eigenvalue {_g(closed)}." if closed is not None
+               else "."))
+
+
+def saturated_verdict(training: dict) -> str:
+    """Which loss's gradient is small at the saturated start, from the measured norms."""
+    ce, mse = (training[n]["saturated"]["initial_grad_norm"] for n in LOSS_NAMES)
+    if mse < 1e-3 * ce:
+        return f"there MSE's gradient norm is {_g(mse)} against cross-entropy's {_g(ce)}."
+    return (f"yet MSE's gradient norm there, {_g(mse)}, is not small against cross-entropy's "
+            f"{_g(ce)}.")
+
+
 def section(results: dict, files: dict[str, str], prefix: str = "") -> str:
     """The markdown section: formal arguments beside the measured evidence."""
     a = results["answers"]
@@ -151,20 +182,15 @@ def section(results: dict, files: dict[str, str], prefix: str = "") -> str:
         f"-{_g(ce['eig_tolerance'])} times the larger of its largest |eigenvalue| and the "
         f"curvature scale {_g(ce['curvature_scale'])} (the CE Hessian's largest eigenvalue at "
         "p = 1/2): autodiff forms p(1 - p) with an absolute round-off of about 1e-16, so at "
-        "saturated points a true 0 can come out as -1e-18. Cross-entropy's smallest "
-        f"eigenvalue, {_g(ce['min_eigenvalue'])}, is round-off on a singular matrix (singular "
-        "wherever a feature is constant, as the pixels that are 0 in every image are); "
-        "the closed form X~^T S X~ / n, built with p(1-p) = sigmoid(z) sigmoid(-z), has smallest "
-        f"eigenvalue {_g(ce['min_closed_form_eigenvalue'])}. MSE's "
-        f"{_g(mse['min_eigenvalue'])} is real curvature. The per-example MSE curvature "
+        "saturated points a true 0 can come out as -1e-18. "
+        f"{eigenvalue_verdict(ce, 'Cross-entropy')} {eigenvalue_verdict(mse, 'MSE')} "
+        "The per-example MSE curvature "
         f"turns negative below z = {s['negative_for_z_below']:.2f} on a 0.01 grid (closed form: "
         f"z = log(1/2) = {s['threshold_z']:.3f}, p = 1/3); autodiff and closed form agree to "
         f"{_g(s['max_abs_error'])}.\n")
     lines.append(f"![eigenvalues]({prefix}{files['eigenvalues']})\n")
     neg = d["slices"]["negative_second_differences"]
-    lines.append(f"Along a line through the origin, cross-entropy is convex ({neg['cross_entropy']}"
-                 f" negative second differences) and MSE is not ({neg['mse']}): it flattens into "
-                 "plateaus on both sides.\n")
+    lines.append(line_verdict(neg) + "\n")
     lines.append(f"![slices]({prefix}{files['slices']})\n")
     t = d["training"]
     rows = []
@@ -180,8 +206,9 @@ def section(results: dict, files: dict[str, str], prefix: str = "") -> str:
         "*Training.* Full-batch gradient descent, same learning rate and starting points for "
         "both losses. Target loss: every example at p = 0.9 on its class "
         f"(CE {t['cross_entropy']['target_loss']:.3f}, MSE {t['mse']['target_loss']:.3f}). The "
-        "saturated start is confidently wrong on every example: MSE's gradient, "
-        "2(p - y) p(1 - p), vanishes there; cross-entropy's, p - y, does not.\n")
+        "saturated start is confidently wrong on every example, where MSE's gradient, "
+        f"2(p - y) p(1 - p), carries the factor p(1 - p) that cross-entropy's, p - y, lacks: "
+        f"{saturated_verdict(t)}\n")
     lines.append(markdown_table(
         ["start", "CE initial grad norm", "CE steps to target", "CE final accuracy",
          "MSE initial grad norm", "MSE steps to target", "MSE final accuracy"], rows))

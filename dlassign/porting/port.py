@@ -21,8 +21,8 @@ from dlassign.porting.io import write_state_dict
 from dlassign.porting.torch_models import build
 from dlassign.runtime.checkpoint import Checkpointer
 from dlassign.runtime.workdir import WorkdirLock
-from dlassign.training.evaluation import restore_run
-from dlassign.training.trainer import compile_steps, predict
+from dlassign.training.evaluation import predict, restore_run
+from dlassign.training.setup import compile_steps
 
 
 def check_output(output: str, overwrite: bool) -> None:

@@ -188,7 +188,7 @@ CURVATURE_FIELDS = ("every_steps", "num_examples", "power_iters", "cold_iters", 
 
 
 def validate_curvature(curvature) -> None:
-    """The `curvature` block: curvature during training (dlassign.analysis.hessian.tracking)."""
+    """The `curvature` block: curvature during training (hessian.tracking.CurvatureHook)."""
     for key in curvature.keys():
         if key not in CURVATURE_FIELDS:
             raise ConfigError(f"curvature.{key} is not a field of curvature; its fields are "
@@ -209,6 +209,10 @@ def validate_curvature(curvature) -> None:
 def validate_tune_config(config) -> None:
     """A tuning config: a training config plus `tune.num_folds` and a non-empty `tune.grid`."""
     validate_train_config(config)
+    every = config.get("curvature", {}).get("every_steps", 0)
+    if every:  # the grid's runs take no hooks
+        raise ConfigError(f"curvature.every_steps={every} is invalid in a grid search; expected 0 "
+                          "(train the chosen cell with experiments.train to track its curvature)")
     _required(config, "tune.grid", "tune.num_folds")
     _number("tune.num_folds", config.tune.num_folds, low=2, integer=True)
     _choice("tune.mode", config.tune.get("mode", "auto"), ("auto", "vmap", "sequential"))

@@ -1,4 +1,5 @@
-"""Evaluating a saved checkpoint: rebuild the run from the config stored with it, restore, score."""
+"""Scoring a state on a split (`predict`, `evaluate`, `validation_metrics`), and a saved
+checkpoint: rebuild the run from the config stored with it, restore, score."""
 
 from __future__ import annotations
 
@@ -6,13 +7,60 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
+from dlassign.data import Split, eval_batches
 from dlassign.errors import CheckpointError, one_of
 from dlassign.report import confusion_matrix_png, per_class_table
+from dlassign.runtime import parallel
 from dlassign.runtime.checkpoint import Checkpointer
 from dlassign.runtime.files import write_json, write_text
-from dlassign.training.trainer import abstract_tree, compile_steps, evaluate, make_state, setup
+from dlassign.training import loop
+from dlassign.training.metrics import classification_metrics, prediction_collapse
+from dlassign.training.setup import Run, abstract_tree, compile_steps, make_state, setup
+from dlassign.training.train_state import TrainState
+
+
+def predict(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size: int
+            ) -> tuple[np.ndarray, float]:
+    """Predictions for every example of `split` (padded, masked last batch) and the mean loss."""
+    preds, loss_sum, count = [], 0.0, 0
+    for batch in loop.prefetch(eval_batches(split, batch_size), parallel.batch_sharding(mesh)):
+        out = parallel.to_host(eval_step(state, batch))
+        mask = parallel.to_host(batch["mask"])
+        preds.append(out["pred"][mask])
+        loss_sum += float(out["loss_sum"])
+        count += int(out["count"])
+    return np.concatenate(preds), loss_sum / max(count, 1)
+
+
+def evaluate(state: TrainState, split: Split, eval_step, mesh: Mesh, batch_size: int,
+             num_classes: int) -> dict:
+    """Accuracy, macro precision/recall/F1, loss, and a collapse check over a whole split."""
+    preds, loss = predict(state, split, eval_step, mesh, batch_size)
+    metrics = classification_metrics(split.labels, preds, num_classes)
+    metrics["loss"] = loss
+    metrics["collapse"] = prediction_collapse(preds, num_classes)
+    metrics["confusion_matrix"] = np.bincount(
+        split.labels.astype(np.int64) * num_classes + preds,
+        minlength=num_classes**2).reshape(num_classes, num_classes).tolist()
+    if metrics["collapse"]["collapsed"]:
+        c = metrics["collapse"]
+        logging.warning("PREDICTIONS COLLAPSED: %.1f%% of %d predictions fall in classes %s; "
+                        "the model is not separating the classes", 100 * c["share"], len(preds),
+                        c["top_classes"])
+    return metrics
+
+
+def validation_metrics(run: Run, state: TrainState, eval_step) -> dict:
+    """Loss, accuracy and macro F1 over the whole validation split (padded, masked batches)."""
+    split = run.dataset.validation
+    preds, loss = predict(state, split, eval_step, run.mesh, run.config.eval_batch_size)
+    metrics = classification_metrics(split.labels, preds, run.dataset.num_classes)
+    return {"loss": loss, "accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"]}
+
 
 # Which checkpoints of a training workdir: its latest ones, or the best by validation accuracy
 # (`checkpoint_best`), and the folder that holds them.

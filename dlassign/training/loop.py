@@ -211,6 +211,15 @@ class Pacer:
                              self._trial_k)
 
 
+def slowest(seconds: float) -> float:
+    """The largest of every process's `seconds` (one process: `seconds`)."""
+    if jax.process_count() == 1:
+        return seconds
+    from jax.experimental import multihost_utils
+
+    return float(np.max(multihost_utils.process_allgather(np.float64(seconds))))
+
+
 def paced_calls(pacer: Pacer, batches: Iterator[dict],
                 sharding: Callable[[int], NamedSharding]) -> Iterator[tuple]:
     """(first step, steps, slots, tag, host batch, sharding) per call of `pacer`'s plan, for

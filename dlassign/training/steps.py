@@ -2,7 +2,7 @@
 
 `make_train_step` closes over the static parts (loss, normaliser, augmentation, dtype) and
 returns a pure function; `stacked_or_single` lets it take several steps' batches at once, and
-`trainer.compile_steps` jit-compiles it with a donated state and explicit shardings. Batches hold
+`setup.compile_steps` jit-compiles it with a donated state and explicit shardings. Batches hold
 uint8 images; scaling and augmentation happen inside the step.
 """
 

@@ -42,10 +42,12 @@ from dlassign.runtime.files import write_json, write_text
 from dlassign.runtime.workdir import WorkdirLock, check_workdir
 from dlassign.training import loop, summaries
 from dlassign.training.config_validation import flatten_grid, validate_tune_config
+from dlassign.training.evaluation import predict
 from dlassign.training.optim import learning_rate_schedule
+from dlassign.training.setup import make_tx, setup
 from dlassign.training.steps import make_eval_step, make_train_step, stacked_or_single
 from dlassign.training.train_state import TrainState, create_train_state, init_compiler_options
-from dlassign.training.trainer import make_tx, predict, setup, train_and_evaluate
+from dlassign.training.trainer import train_and_evaluate
 
 
 def grid_cells(grid) -> list[dict[str, object]]:

@@ -1,7 +1,9 @@
 """Curvature during training: the top Hessian eigenvalue of the training loss (and, optionally,
 its trace) on a fixed stratified training sample, every `curvature.every_steps` steps.
 
-The trainer makes those steps sync points of its loop and calls `CurvatureTracker.measure` there.
+`CurvatureHook` is the training loop's hook (`training.hooks.Hook`): the caller passes it to
+`train_and_evaluate` (experiments.train does, from the config's `curvature` block), the loop
+makes its steps sync points and the hook calls `CurvatureTracker.measure` there.
 The eigenvalue comes from power iteration (`spectrum.power_iteration`) warm-started from the
 previous measurement's eigenvector: between two nearby points of a run the top eigenvector moves
 little, so a few Hessian-vector products bring the relative residual ||Hv - lambda v|| / |lambda|
@@ -31,6 +33,7 @@ from dlassign.analysis.hessian.operators import dataset_hvp, model_batch_loss
 from dlassign.analysis.hessian.spectrum import hutchinson_trace, power_iteration
 from dlassign.data import Dataset
 from dlassign.runtime import parallel
+from dlassign.training.hooks import Hook
 
 
 def sample_batches(dataset: Dataset, num_examples: int, seed: int, mesh, max_batch: int
@@ -59,7 +62,7 @@ class CurvatureTracker:
 
     def __init__(self, config, model, loss: str, dataset: Dataset, mesh, seed: int,
                  max_batch: int):
-        self.every_steps = int(config.get("every_steps", 0))
+        self.every_steps = int(config.get("every_steps", 0))  # for the log line
         self.num_examples = int(config.get("num_examples", 256))
         self.power_iters = int(config.get("power_iters", 10))
         self.cold_iters = int(config.get("cold_iters", 30))
@@ -80,19 +83,6 @@ class CurvatureTracker:
             return inner(params, {k: v for k, v in batch.items() if k != "fixed"})
 
         self._batch_loss = batch_loss
-
-    @property
-    def enabled(self) -> bool:
-        return self.every_steps > 0
-
-    def due(self, step: int) -> bool:
-        """Whether `step` is a measurement step (a multiple of every_steps)."""
-        return self.enabled and step > 0 and step % self.every_steps == 0
-
-    def boundaries(self, total_steps: int) -> range:
-        """The measurement steps before `total_steps` (the loop syncs after the last step
-        anyway)."""
-        return range(self.every_steps, total_steps, self.every_steps) if self.enabled else range(0)
 
     def measure(self, state, step: int) -> dict:
         """The curvature at `state` (a TrainState): {step, top_eigenvalue, residual (its relative
@@ -149,4 +139,37 @@ def resumed_entries(entries: list[dict], step: int) -> list[dict]:
     return [dict(e) for e in entries if int(e["step"]) <= step]
 
 
-__all__ = ["CurvatureTracker", "board_scalars", "resumed_entries", "sample_batches"]
+class CurvatureHook(Hook):
+    """Curvature tracking as a training hook: measures at the multiples of the `curvature`
+    block's `every_steps`, into TensorBoard's `curvature/` scalars and results.json's
+    `curvature` entries; a resumed run keeps the entries of its checkpoint."""
+
+    name = "curvature"
+
+    def __init__(self, config):
+        self.config, self.every_steps = config, int(config.get("every_steps", 0))
+        self.entries = []
+
+    def begin(self, run, board, step, meta):
+        c = run.config
+        self.tracker = CurvatureTracker(self.config, run.model, c.loss, run.dataset, run.mesh,
+                                        c.seed, c.eval_batch_size)
+        self.board, self.entries = board, resumed_entries(meta.get("curvature", []), step)
+
+    def __call__(self, state, step):
+        self.entries.append(self.tracker.measure(state, step))
+        self.board.scalars(step, board_scalars(self.entries[-1]), "train", "curvature/")
+
+    def record(self):
+        return {"curvature": list(self.entries)}
+
+
+def hooks(config) -> list[Hook]:
+    """The training hooks a training config asks for: curvature tracking where
+    `curvature.every_steps` is set."""
+    curvature = config.get("curvature", {})
+    return [CurvatureHook(curvature)] if curvature.get("every_steps", 0) else []
+
+
+__all__ = ["CurvatureHook", "CurvatureTracker", "board_scalars", "hooks", "resumed_entries",
+           "sample_batches"]
