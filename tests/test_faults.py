@@ -3,8 +3,8 @@ no traceback, naming what was wrong; random damage to any local file format or c
 file is a named error, never a crash (hypothesis)."""
 
 import gzip
-import json
 import io
+import json
 import os
 import shutil
 import subprocess

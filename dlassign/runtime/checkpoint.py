@@ -103,8 +103,8 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
         self.owner = workdir.holds(self.directory)  # the same answer in every process of a run
-        # Orbax's own clean-up of interrupted saves, for the owner only: a reader must not
-        # remove a live run's temporary folder (test_evaluate_during_a_save_leaves_the_live_run_alone)
+        # Orbax's clean-up of interrupted saves, for the owner only: a reader must leave a live
+        # run's temporaries (test_evaluate_during_a_save_leaves_the_live_run_alone)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False,
                                                cleanup_tmp_directories=self.owner)
