@@ -59,9 +59,11 @@ def assert_same_state(a: dict, b: dict, atol: float = 1e-6) -> None:
 
 def process0_json(stdout: str):
     """The JSON process 0 printed, from the launcher's prefixed output (gloo prints its
-    connection lines to stdout as well)."""
+    connection lines to stdout as well; two contexts opening at once can interleave them,
+    leaving a line '0 is connected to 3 peer ranks ...' without its '[Gloo] Rank ')."""
     lines = [line[len("[p0] "):] for line in stdout.splitlines() if line.startswith("[p0] ")]
-    return json.loads("\n".join(line for line in lines if not line.startswith("[Gloo]")))
+    return json.loads("\n".join(line for line in lines if not line.startswith("[Gloo]")
+                                 and " is connected to " not in line))
 
 
 def results(workdir: Path) -> dict:
