@@ -4,6 +4,7 @@ file is a named error, never a crash (hypothesis)."""
 
 import gzip
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -212,3 +213,30 @@ def test_damaged_checkpoint_files_fall_back_or_raise_checkpoint_error(saved_chec
         for k in state:
             np.testing.assert_array_equal(np.asarray(tree[k]), expected[k])
         assert os.path.isdir(copy)
+
+
+def test_a_step_without_its_manifest_is_incomplete_and_skipped(saved_checkpoint, tmp_path, caplog):
+    """A kill after Orbax renamed a step into place but before the manifest was written leaves
+    a step that never finished saving: restoring falls back to the step before it."""
+    folder, state = saved_checkpoint
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(folder, copy)
+    (copy / "2" / "dlassign_files.json").unlink()
+    with Checkpointer(str(copy)) as ckpt:
+        tree, meta = ckpt.restore_latest({k: np.zeros_like(v) for k, v in state.items()})
+    assert meta["step"] == 1
+    np.testing.assert_array_equal(np.asarray(tree["w"]), state["w"])
+    assert any("its save never finished" in r.getMessage() for r in caplog.records)
+
+
+def test_checkpoint_meta_is_strict_json_with_non_finite_numbers_as_null(tmp_path):
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the meta JSON"))
+
+    with Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save(1, {"w": np.ones(2, np.float32)},
+                  {"history": [{"loss": float("nan"), "grad_norm": float("inf")}], "ok": 0.5})
+        meta = ckpt.read_meta(1)
+    on_disk = strict((tmp_path / "1" / "meta" / "metadata").read_text())
+    assert on_disk["history"] == meta["history"] == [{"loss": None, "grad_norm": None}]
+    assert on_disk["ok"] == 0.5

@@ -1,16 +1,21 @@
-"""Orbax checkpoints that refuse to hand back garbage.
+"""Orbax checkpoints that refuse to hand back garbage, written and read shard by shard.
 
-Each checkpoint holds the train state and a JSON `meta` with the config it ran and a SHA-256
-fingerprint of the state's bytes. Restoring verifies the fingerprint and falls back to the
-previous checkpoint, with a warning, when the latest is damaged; a checkpoint written for another
-model or dataset geometry is refused with the fields that differ. Orbax writes each step into a
-temporary directory and renames it when complete, so a kill mid-write leaves the last finished
-checkpoint as the latest.
+Each checkpoint holds the train state, a JSON `meta` with the config it ran, and a manifest of
+the SHA-256 of every file of the step. Each process hashes the files it wrote itself (OCDBT's
+`ocdbt.process_N/` folders), so no process ever holds more of the state than its own shards;
+process 0 writes the merged manifest last, and a step without one never finished saving.
+Restoring reads each array straight into the target's shardings, checks the files against the
+manifest first (the processes share the hashing) and falls back to the previous checkpoint, with
+a warning, when the latest is damaged; a checkpoint written for another model or dataset
+geometry is refused with the fields that differ. A checkpoint written by N processes restores on
+M. Orbax writes each step into a temporary directory and renames it when complete, so a kill
+mid-write leaves the last finished checkpoint as the latest.
 
 Only the process that holds the workdir's lock (`runtime.workdir`, the training run) tidies the
-directory: it removes the temporary folders of interrupted saves and moves damaged steps aside.
-A reader (evaluate, the Hessian spectrum, the landscape) may open the checkpoints of a run that
-is still training; it reads the newest finished step and leaves everything where it is.
+directory: Orbax removes the temporary folders of interrupted saves when it opens, and damaged
+steps are moved aside. A reader (evaluate, the Hessian spectrum, the landscape) may open the
+checkpoints of a run that is still training; it reads the newest finished step and leaves
+everything where it is.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import re
 import stat
 import time
 from typing import Any
@@ -28,7 +33,8 @@ import numpy as np
 from absl import logging
 
 from dlassign.errors import CheckpointError
-from dlassign.runtime import distributed, faults, parallel, preemption, workdir
+from dlassign.runtime import distributed, faults, preemption, workdir
+from dlassign.runtime.files import finite_or_none
 
 
 class _Orbax:
@@ -44,34 +50,11 @@ class _Orbax:
 ocp = _Orbax()
 
 MANIFEST = "dlassign_files.json"  # SHA-256 of every file of a step, written after the save
+_PART = "dlassign_files.process_"  # one process's hashes, merged into MANIFEST by process 0
 
 # Config fields that fix the shapes and meaning of the state; a checkpoint must match them all.
 IDENTITY_FIELDS = ("model", "data.name", "data.pad_to", "data.image_size", "data.channels",
                    "optimizer.name", "optimizer.frozen", "optimizer.backbone_lr_scale", "dtype")
-
-
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def fingerprint(tree: Any) -> str:
-    """SHA-256 over every leaf's path, dtype, shape and bytes.
-
-    Leaves are taken in the order of their paths with container types erased (a namedtuple
-    field and the dict key Orbax restores it as have the same name), so a tree restored
-    without its target structure has the fingerprint it was saved with.
-    """
-    h = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(parallel.to_host(tree))[0]
-    named = sorted(("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves)
-    for name, leaf in named:
-        a = np.ascontiguousarray(leaf)
-        h.update(f"{name}:{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -120,57 +103,63 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
         self.owner = workdir.holds(self.directory)  # the same answer in every process of a run
-        if self.owner and jax.process_index() == 0:
-            _remove_temporaries(self.directory)
-        distributed.barrier("dlassign_checkpointer_open")
+        # Orbax's clean-up of interrupted saves, for the owner only: a reader must leave a live
+        # run's temporaries (test_evaluate_during_a_save_leaves_the_live_run_alone)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=False)
+                                               enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=self.owner)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        meta = dict(meta, step=int(step), state_sha256=fingerprint(state))
-        faults.during_checkpoint_write(int(step), self.directory)
+        """Saves `state` (each process writes its own shards) and `meta`, whose NaNs and
+        infinities are written as null (strict JSON; a diverged run's metrics still save), then
+        the file manifest. Every process of a run calls it."""
+        step = int(step)
+        meta = finite_or_none(dict(meta, step=step))
+        json.dumps(meta, allow_nan=False)  # raises here, before any file is written
+        faults.during_checkpoint_write(step, self.directory)
         with preemption.shielded():  # Ctrl-C in a rename would leave a half-moved step
-            self._manager.save(int(step), args=ocp.args.Composite(
+            self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
             self._manager.wait_until_finished()
-            if jax.process_index() == 0:
-                _write_manifest(os.path.join(self.directory, str(int(step))))
-        distributed.barrier(f"dlassign_checkpoint_{int(step)}_saved")
+            _write_manifest(os.path.join(self.directory, str(step)), step)
+        distributed.barrier(f"dlassign_checkpoint_{step}_saved")
 
     def check_files(self, step: int) -> None:
         """Compares a step's files with the manifest written after it was saved, so damage is
         found (and named) without handing damaged bytes to Orbax, whose failed reads leave
-        tracebacks of abandoned callbacks on stderr. Steps saved without a manifest pass.
+        tracebacks of abandoned callbacks on stderr. The processes of a run share the hashing
+        (each reads every N-th file) and agree on the verdict; every process calls it.
 
         Raises:
-          CheckpointError: a file is missing, added or changed; names it.
+          CheckpointError: the manifest is missing (the save never finished) or unreadable, or
+            a file is missing, added, changed or unreadable; names it.
         """
+        where = f"checkpoint {step} in {self.directory}"
         folder = os.path.join(self.directory, str(step))
         path = os.path.join(folder, MANIFEST)
-        if not os.path.isfile(path):
-            return
         try:
             with open(path) as f:
                 want = json.load(f)
             assert isinstance(want, dict)
+        except FileNotFoundError:
+            raise CheckpointError(f"{where} is incomplete: it has no file manifest {MANIFEST} "
+                                  "(its save never finished)") from None
         except (OSError, ValueError, AssertionError):
-            raise CheckpointError(f"checkpoint {step} in {self.directory}: its file manifest "
-                                  f"{MANIFEST} is unreadable") from None
-        try:
-            have = _file_hashes(folder)
-        except _Unreadable as e:
-            raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged: "
-                                  f"{e.name} cannot be read ({e.reason})") from None
-        for name in sorted(set(want) | set(have)):
-            if want.get(name) != have.get(name):
-                what = ("is missing" if name not in have else "is not in its manifest"
-                        if name not in want else "changed since it was saved")
-                raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged: "
-                                      f"{name} {what}")
+            raise CheckpointError(f"{where}: its file manifest {MANIFEST} is unreadable"
+                                  ) from None
+        have = _file_names(folder)
+        for name in sorted(set(want) ^ set(have)):
+            what = "is missing" if name not in have else "is not in its manifest"
+            raise CheckpointError(f"{where} is damaged: {name} {what}")
+        names = sorted(want)
+        found = _first_bad(folder, names, want, jax.process_index(), jax.process_count())
+        if found is not None:
+            name, reason = found
+            raise CheckpointError(f"{where} is damaged: {name} {reason}")
 
     def read_meta(self, step: int) -> dict:
         """The JSON meta of one step; CheckpointError when it is missing or unreadable."""
@@ -220,14 +209,17 @@ class Checkpointer:
             logging.warning("moved damaged checkpoint %d to %s (%s)", step, target, reason)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores and verifies one step into `abstract_state`'s structure and shardings;
-        raises CheckpointError when it is damaged."""
-        return self._restore_verified(step, ocp.args.StandardRestore(abstract_state))
+        """Restores and verifies one step into `abstract_state`'s structure and shardings (each
+        process reads only the shards its devices hold); raises CheckpointError when it is
+        damaged."""
+        self.check_files(step)
+        return self._read(step, ocp.args.StandardRestore(abstract_state))
 
     def restore_raw(self, step: int) -> tuple[Any, dict]:
         """Restores a step as saved (numpy arrays in its own structure), verified, whatever
         devices and processes wrote it: every array is read whole onto this process's first
-        device."""
+        device. For weights to start from (`load_variables`) and for inspection; a train state
+        restores with `restore`, into its shardings."""
         self.check_files(step)
         try:
             with ocp.StandardCheckpointer() as reader:
@@ -239,11 +231,11 @@ class Checkpointer:
         except Exception as e:  # Orbax raises many types for missing or damaged metadata
             raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read: "
                                   f"{type(e).__name__}: {_first_line(e)}") from e
-        state, meta = self._restore_verified(step, ocp.args.StandardRestore(target))
+        state, meta = self._read(step, ocp.args.StandardRestore(target))
         return jax.tree.map(np.asarray, state), meta
 
-    def _restore_verified(self, step: int, state_args) -> tuple[Any, dict]:
-        self.check_files(step)
+    def _read(self, step: int, state_args) -> tuple[Any, dict]:
+        """The state and meta of a step whose files were checked (`check_files`)."""
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(
                 state=state_args, meta=ocp.args.JsonRestore()))
@@ -251,9 +243,9 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read: "
                                   f"{type(e).__name__}: {_first_line(e)}") from e
         state, meta = out["state"], out["meta"]
-        if not isinstance(meta, dict) or meta.get("state_sha256") != fingerprint(state):
-            raise CheckpointError(f"checkpoint {step} in {self.directory} is damaged: its "
-                                  "contents do not match the fingerprint written with it")
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"checkpoint {step} in {self.directory} has metadata of type "
+                                  f"{type(meta).__name__}; expected a JSON object")
         return state, meta
 
     def restore_latest(self, abstract_state: Any, config: dict | None = None
@@ -324,53 +316,92 @@ def load_variables(path: str) -> tuple[dict, dict]:
     return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}, meta
 
 
-def _remove_temporaries(directory: str) -> None:
-    """Deletes the temporary folders of saves that were interrupted (Orbax renames a finished
-    save into place, so a temporary folder never holds a complete checkpoint)."""
-    if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        if ".orbax-checkpoint-tmp" in name:
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-            logging.warning("removed %s, left by an interrupted checkpoint save", name)
-
-
 def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [""])[0][:300]
 
 
-class _Unreadable(Exception):
-    def __init__(self, name: str, reason: str):
-        super().__init__(name, reason)
-        self.name, self.reason = name, reason
+_OWN = re.compile(r"(?:ocdbt\.)?process_(\d+)")  # OCDBT's per-process folders and files
 
 
-def _file_hashes(folder: str) -> dict[str, str]:
-    """SHA-256 of every file under `folder` by relative path; raises `_Unreadable` naming a
-    file that cannot be read, or that is no regular file (reading a fifo would wait forever)."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
-            if rel in (MANIFEST, MANIFEST + ".tmp"):
-                continue
-            h = hashlib.sha256()
-            try:
-                if not stat.S_ISREG(os.stat(path).st_mode):
-                    raise _Unreadable(rel, "not a regular file")
-                with open(path, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-            except OSError as e:
-                raise _Unreadable(rel, e.strerror or type(e).__name__) from None
-            out[rel] = h.hexdigest()
-    return out
+def _writer(rel: str, processes: int) -> int:
+    """The process that wrote a file of a step: process N writes `ocdbt.process_N/` and
+    `array_metadatas/process_N`, process 0 everything shared."""
+    for part in rel.split(os.sep):
+        m = _OWN.fullmatch(part)
+        if m and int(m.group(1)) < processes:
+            return int(m.group(1))
+    return 0
 
 
-def _write_manifest(folder: str) -> None:
-    hashes = _file_hashes(folder)  # before the temporary file exists
-    tmp = os.path.join(folder, MANIFEST + ".tmp")
+def _file_names(folder: str) -> list[str]:
+    """Every file under `folder` by relative path, but the manifest and its parts."""
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, files in os.walk(folder) for name in files
+                  if root != folder or not name.startswith("dlassign_files"))
+
+
+def _sha256(path: str) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks; OSError for one that is no regular file
+    (reading a fifo would wait forever)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(0, "not a regular file")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_bad(folder: str, names: list[str], want: dict, index: int, count: int
+               ) -> tuple[str, str] | None:
+    """(name, what is wrong) of the first of `names` whose hash is not `want`'s, or None.
+    Process `index` of `count` hashes every `count`-th name; the processes agree through one
+    small all-gather of (position, reason)."""
+    mine = (len(names), 0, "")
+    for i in range(index, len(names), count):
+        try:
+            if _sha256(os.path.join(folder, names[i])) != want[names[i]]:
+                mine = (i, 1, "changed since it was saved")
+                break
+        except OSError as e:
+            mine = (i, 2, f"cannot be read ({e.strerror or type(e).__name__})")
+            break
+    if count == 1:
+        return None if mine[0] == len(names) else (names[mine[0]], mine[2])
+    from jax.experimental import multihost_utils
+
+    found = np.asarray(multihost_utils.process_allgather(np.array(mine[:2], np.int64)))
+    first = int(found[:, 0].argmin())
+    position, code = (int(v) for v in found[first])
+    if position == len(names):
+        return None
+    reason = mine[2] if first == index else ("changed since it was saved" if code == 1
+                                             else "cannot be read")
+    return names[position], reason
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(hashes, f, indent=0, sort_keys=True)
-    os.replace(tmp, os.path.join(folder, MANIFEST))
+        json.dump(obj, f, indent=0, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _write_manifest(folder: str, step: int) -> None:
+    """Every process hashes the files it wrote; process 0 merges their hashes into MANIFEST,
+    the last file of a step. Every process of a run calls it."""
+    index, count = jax.process_index(), jax.process_count()
+    hashes = {name: _sha256(os.path.join(folder, name)) for name in _file_names(folder)
+              if _writer(name, count) == index}
+    if index:
+        _write_json(os.path.join(folder, f"{_PART}{index}.json"), hashes)
+    distributed.barrier(f"dlassign_manifest_{step}")
+    if index:
+        return
+    parts = [os.path.join(folder, f"{_PART}{i}.json") for i in range(1, count)]
+    for part in parts:
+        with open(part) as f:
+            hashes.update(json.load(f))
+    _write_json(os.path.join(folder, MANIFEST), hashes)
+    for part in parts:
+        os.remove(part)
