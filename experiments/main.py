@@ -48,7 +48,10 @@ def grid_study(config, workdir: str, key: str) -> str:
              "on the whole training split and scored on the test split.\n",
              grid_table(results), f"\n![{key}]({key}/heatmap.png)\n"]
     if key == "tune_cnn":
+        from dlassign.analysis.gauss_newton import checkpoint_section
+
         parts += [spectrum_section(config.spectrum, os.path.join(workdir, key, "best")),
+                  checkpoint_section(os.path.join(workdir, key, "best"))["section"],
                   landscape_section(config.landscape, os.path.join(workdir, key, "best"))]
     return "\n".join(parts)
 

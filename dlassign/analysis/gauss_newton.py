@@ -204,7 +204,7 @@ def class_mean_gram(output_fn, params, images: jax.Array, labels: np.ndarray, lo
     """
     labels = np.asarray(labels)
     n = labels.shape[0]
-    columns, norms = [], []
+    columns = []
     for c in range(num_classes):
         rows = np.flatnonzero(labels == c)
         if rows.size == 0:
@@ -247,15 +247,19 @@ def gram_parts(gram: np.ndarray, num_classes: int) -> dict:
 # ----------------------------------------------------------------------------- one moment
 
 
-def measure(model, params, images: jax.Array, labels: np.ndarray, loss: str, num_classes: int,
-            order: int, top_k: int, tol: float, seed: int) -> dict:
+def measure(apply_fn, params, images: jax.Array, labels: np.ndarray, loss: str,
+            num_classes: int, order: int, top_k: int, tol: float, seed: int) -> dict:
     """H, G, R (`split_spectrum`) of `loss` at `params` on the fixed images, the outlier counts
-    of H and G, and (for the factored losses) the class-mean Gram spectrum."""
+    of H and G, and (for the factored losses) the class-mean Gram spectrum.
+
+    Args:
+      apply_fn: `(params, images) -> logits float[N, C]`.
+    """
     per_example = per_example_loss(loss)
     labels_j = jnp.asarray(labels, jnp.int32)
 
     def output_fn(p, batch):
-        return model.apply({"params": p}, batch["image"])
+        return apply_fn(p, batch["image"])
 
     def output_loss(z, batch):
         return per_example(z, batch["label"]).mean()
@@ -266,16 +270,97 @@ def measure(model, params, images: jax.Array, labels: np.ndarray, loss: str, num
     out = split_spectrum(curvature, order, top_k, tol, seed)
     for matrix in ("hessian", "gauss_newton"):
         out[matrix]["outliers"] = count_outliers(out[matrix]["top"])
-    logits = model.apply({"params": params}, images)
+    logits = apply_fn(params, images)
     out["loss"] = float(jnp.mean(per_example(logits, labels_j)))
     out["accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == labels_j))
     if loss in FACTORED:
-        gram = class_mean_gram(lambda p, x: model.apply({"params": p}, x), params, images,
-                               labels, loss, num_classes)
+        gram = class_mean_gram(apply_fn, params, images, labels, loss, num_classes)
         parts = gram_parts(gram, num_classes)
         out["class_means"] = dict(parts, outliers=count_outliers(parts["all"][:top_k]))
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+def summary_sentences(m: dict, loss: str, num_classes: int) -> list[str]:
+    """What one measurement says, in sentences computed from its numbers: the top eigenvalues
+    of H, G and R, where the negative curvature sits, and the outliers against the classes."""
+    h, g, r = m["hessian"], m["gauss_newton"], m["residual"]
+
+    def pair(x, which="top"):
+        value = x["top"][0] if which == "top" else x["smallest"]
+        res = x["top_residual"][0] if which == "top" else x["smallest_residual"]
+        ok = x["top_converged"][0] if which == "top" else x["smallest_converged"]
+        return f"{value:.4g} (relative residual {res:.1e}{'' if ok else ', not converged'})"
+
+    out = [f"On {m['num_examples']:.0f} training images ({m['num_params']} parameters, "
+           f"{loss} loss {m['loss']:.3g}, accuracy {m['accuracy']:.1%}), the top eigenvalue of "
+           f"the Hessian H is {pair(h)}, of the Gauss-Newton matrix G = J^T H_out J "
+           f"{pair(g)} and of R = H - G {pair(r)}."]
+    bound = m["tol"] * g["top"][0]
+    if g["smallest"] >= -bound:
+        verdict = (f"no negative curvature in G (its smallest eigenvalue, {g['smallest']:.2g}, "
+                   f"is within {m['tol']:g} of the top one of zero)")
+    else:
+        verdict = (f"G itself is indefinite (smallest eigenvalue {pair(g, 'smallest')}), as a "
+                   "loss that is not convex in the logits allows")
+    out.append(f"H's smallest eigenvalue is {pair(h, 'smallest')}; {verdict}.")
+    split = m["hessian_smallest_split"]
+    if split["value"] < 0:
+        share = split["residual"] / split["value"]
+        out.append(f"Along H's most negative eigenvector v, v^T G v = {split['gauss_newton']:.3g} "
+                   f"and v^T R v = {split['residual']:.3g}: R carries {share:.0%} of that "
+                   "negative curvature.")
+    out.append(f"The SLQ sums of the negative eigenvalues are {h['negative_sum']:.3g} (H), "
+               f"{g['negative_sum']:.3g} (G) and {r['negative_sum']:.3g} (R).")
+    ho, go = h["outliers"], g["outliers"]
+    if ho["count"] is not None and go["count"] is not None:
+        text = (f"Above the bulk (the largest ratio between consecutive eigenvalues among the top "
+                f"{len(g['top'])}) H has {ho['count']} outliers and G {go['count']} (gap "
+                f"x{go['ratio']:.2f} down to {go['edge']:.3g}), for C = {num_classes} classes")
+        cm = m.get("class_means")
+        if cm:
+            k = go["count"]
+            ratio = cm["all"][k - 1] / g["top"][k - 1]
+            text += (f"; the {num_classes}^2 class/cross-class means of the logit gradients "
+                     f"alone give {cm['outliers']['count']} and reach {ratio:.0%} of G's "
+                     f"{k}th eigenvalue")
+        out.append(text + ".")
+    return out
+
+
+def checkpoint_section(run_dir: str, num_examples: int = 512, lanczos_order: int = 40,
+                       top_k: int = 15, tol: float = 1e-3, seed: int = 0) -> dict:
+    """The Gauss-Newton split of a trained checkpoint's training loss (`measure` on a fixed
+    stratified sample of its training split), with `summary_sentences` as a report section.
+
+    Returns:
+      `measure`'s dict with `section` (markdown) added.
+    """
+    from dlassign.analysis.hessian.operators import _takes
+    from dlassign.training.evaluation import restore_run
+
+    run, state, _ = restore_run(run_dir)
+    train = run.dataset.train
+    rows = stratified_subset(train.labels, min(num_examples, len(train)) / len(train), seed)
+    images = jnp.asarray(run.dataset.normalizer(train.images[rows], jnp.float32))
+    labels = np.asarray(train.labels[rows], np.int32)
+    fixed = {k: v for k, v in state.variables.items() if k != "params"}
+    kwargs = {"train": False} if _takes(run.model, "train") else {}
+
+    def apply_fn(params, x):
+        return run.model.apply({"params": params, **fixed}, x, **kwargs)
+
+    m = measure(apply_fn, state.params, images, labels, run.config.loss,
+                run.dataset.num_classes, lanczos_order, top_k, tol, seed)
+    sentences = summary_sentences(m, run.config.loss, run.dataset.num_classes)
+    section = "\n".join([
+        "### Gauss-Newton split of the best CNN\n",
+        "H = G + R with G = J^T H_out J (J the Jacobian of the logits, H_out the Hessian of the "
+        "loss in the logits): G is positive semi-definite where the loss is convex in the "
+        "logits, and R carries the rest. One Lanczos run of "
+        f"{m['hessian']['order']} steps per matrix (`dlassign.analysis.gauss_newton`; the "
+        "MNIST study is `experiments.curvature`). " + " ".join(sentences) + "\n"])
+    return dict(m, section=section)
 
 
 # ----------------------------------------------------------------------------- the MNIST study
@@ -307,14 +392,18 @@ def validate_config(config) -> None:
         if net.top_k > net.lanczos_order:
             raise ConfigError(f"networks.{name}.top_k={net.top_k} is invalid; expected at most "
                               f"lanczos_order={net.lanczos_order}")
+    if config.get("only") and config.only not in config.networks:
+        raise one_of("only (a network of networks)", config.only, config.networks.keys())
+    for name, net in config.networks.items():
+        _number(f"networks.{name}.curvature_examples", net.get("curvature_examples", 0), low=0,
+                integer=True)
     _number("batch_size", config.batch_size, low=1, integer=True)
     _number("learning_rate", config.learning_rate, low=0, low_open=True)
     _number("tol", config.tol, low=0, high=1, low_open=True, high_open=True)
 
 
 def load_data(config) -> dict:
-    """The training subset (stratified, `data.num_train` images; 0: all) as floats, and the
-    fixed curvature sample inside it (stratified, `data.curvature_examples`)."""
+    """The training subset (stratified, `data.num_train` images; 0: all) as floats."""
     data = prepare(config.data, config.seed)
     train = data.train
     n = config.data.num_train or len(train)
@@ -322,10 +411,14 @@ def load_data(config) -> dict:
         train = train.take(stratified_subset(train.labels, n / len(train), config.seed))
     images = np.asarray(data.normalizer(train.images, jnp.float32))
     labels = train.labels.astype(np.int32)
-    m = min(config.data.curvature_examples, len(labels))
-    sample = stratified_subset(labels, m / len(labels), config.seed + 1)
-    return {"images": images, "labels": labels, "sample": sample,
-            "num_classes": data.num_classes, "name": data.name}
+    return {"images": images, "labels": labels, "num_classes": data.num_classes,
+            "name": data.name}
+
+
+def curvature_sample(labels: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
+    """The fixed stratified sample (indices) the curvature is measured on."""
+    m = min(num_examples, len(labels))
+    return stratified_subset(labels, m / len(labels), seed + 1)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -349,10 +442,15 @@ def train_and_measure(model, params0, data: dict, loss: str, net, config) -> dic
     optimizer = optax.adam(config.learning_rate)
     params, opt_state = params0, optimizer.init(params0)
     images, labels = jnp.asarray(data["images"]), jnp.asarray(data["labels"])
-    sample = data["sample"]
+    sample = curvature_sample(data["labels"], net.get("curvature_examples", 0)
+                              or config.data.curvature_examples, config.seed)
     sample_images, sample_labels = images[sample], data["labels"][sample]
     rng = np.random.default_rng(config.seed)
     n, b = len(data["labels"]), config.batch_size
+
+    def apply_fn(p, x):
+        return model.apply({"params": p}, x)
+
     step, moments, train_loss = 0, [], []
     for target in net.measure_at:
         while step < target:
@@ -362,7 +460,7 @@ def train_and_measure(model, params0, data: dict, loss: str, net, config) -> dic
                                                      images, labels, jnp.asarray(order))
             train_loss.extend(np.asarray(values, np.float64).tolist())
             step += count
-        m = measure(model, params, sample_images, sample_labels, loss, data["num_classes"],
+        m = measure(apply_fn, params, sample_images, sample_labels, loss, data["num_classes"],
                     net.lanczos_order, net.top_k, config.tol, config.seed)
         m["step"] = step
         h, g, r = m["hessian"], m["gauss_newton"], m["residual"]
@@ -379,9 +477,11 @@ def run_study(config) -> dict:
     validate_config(config)
     data = load_data(config)
     out = {"dataset": data["name"], "num_train": len(data["labels"]),
-           "curvature_examples": len(data["sample"]), "learning_rate": config.learning_rate,
-           "batch_size": config.batch_size, "tol": config.tol, "networks": {}}
+           "learning_rate": config.learning_rate, "batch_size": config.batch_size,
+           "tol": config.tol, "networks": {}}
     for name, net in config.networks.items():
+        if config.get("only") and name != config.only:
+            continue
         fields = dict(net.model)
         model = get_model(fields.pop("name"), num_classes=data["num_classes"], **fields)
         params0 = jax.jit(model.init, compiler_options=init_compiler_options())(
@@ -392,6 +492,8 @@ def run_study(config) -> dict:
         runs = [train_and_measure(model, params0, data, loss, net, config)
                 for loss in config.losses]
         out["networks"][name] = {"model": net.model.to_dict(), "num_params": num_params,
+                                 "curvature_examples": runs[0]["moments"][0]["num_examples"],
+                                 "num_steps": net.num_steps,
                                  "lanczos_order": net.lanczos_order, "top_k": net.top_k,
                                  "runs": runs, "seconds": time.perf_counter() - start}
     return out
@@ -497,9 +599,10 @@ def density_figure(result: dict, path: str) -> None:
             ax.tick_params(labelsize=7)
             if row == 0 and col == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"SLQ densities of H, G = J^T H_out J and R = H - G on "
-                 f"{result['curvature_examples']} {result['dataset']} training images",
-                 fontsize=10)
+    sizes = ", ".join(f"{net} {block['curvature_examples']:.0f}"
+                      for net, block in result["networks"].items())
+    fig.suptitle(f"SLQ densities of H, G = J^T H_out J and R = H - G on fixed samples of "
+                 f"{result['dataset']} training images ({sizes})", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
     pyplot.close(fig)
@@ -531,6 +634,29 @@ def outlier_figure(result: dict, path: str) -> None:
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
     pyplot.close(fig)
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One study from results of the same setup over different networks (e.g. run in separate
+    processes with `only`): the first part's fields with every part's networks.
+
+    Raises:
+      ValueError: the parts differ in anything but their networks, or share a network.
+    """
+    first = dict(parts[0])
+    first.pop("split_table", None), first.pop("residual_table", None)
+    first.pop("outlier_table", None)
+    networks = dict(first["networks"])
+    for part in parts[1:]:
+        differ = sorted(k for k in ("dataset", "num_train", "learning_rate", "batch_size", "tol")
+                        if first.get(k) != part.get(k))
+        if differ:
+            raise ValueError(f"studies of different setups cannot be merged: {differ} differ")
+        shared = sorted(set(networks) & set(part["networks"]))
+        if shared:
+            raise ValueError(f"studies to merge share networks {shared}; expected distinct ones")
+        networks.update(part["networks"])
+    return dict(first, networks=networks)
 
 
 def write_outputs(result: dict, workdir: str) -> dict:
