@@ -135,6 +135,21 @@ def test_split_spectrum_extremes_are_the_exact_eigenvalues_with_residuals():
         assert split["value"] < 0 and split["residual"] < 0
 
 
+def test_lanczos_relation_residuals_are_the_measured_ones():
+    """The residuals a run reports without a product (beta_m |s_m|) are those measured."""
+    with jax.enable_x64(True):
+        params, x, labels = mlp_problem(seed=5)
+        hessian = curvature_of(mlp_apply, params, x, labels, "cross_entropy")
+        rng = jax.random.PRNGKey(0)
+        measured, _ = gn.matrix_spectrum(hessian, 12, 6, 1e-6, rng)
+        estimated, _ = gn.matrix_spectrum(hessian, 12, 6, 1e-6, rng, measured_k=1)
+        assert estimated["top_measured"] == 1 and measured["top_measured"] == 6
+        np.testing.assert_allclose(estimated["top"], measured["top"], rtol=1e-10)
+        np.testing.assert_allclose(estimated["top_residual"], measured["top_residual"],
+                                   rtol=1e-6, atol=1e-12)
+        assert max(measured["top_residual"]) > 1e-6  # a short run: not all converged
+
+
 def test_count_outliers_takes_the_largest_gap():
     assert gn.count_outliers([50, 40, 30, 3, 2.5, 2]) == {"count": 3, "ratio": 10.0, "edge": 3.0}
     assert gn.count_outliers([5, -1])["count"] is None
