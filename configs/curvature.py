@@ -20,7 +20,7 @@ STUDIES = {
                   mlp=dict(model=dict(name="mlp", hidden_sizes=(128, 128), activation="relu"),
                            num_steps=1500, measure_at=(0, 150, 1500), lanczos_order=100,
                            top_k=30),
-                  # a CNN's products cost about 50 times an MLP's on CPU: half the sample
+                  # a CNN's products cost far more than the MLP's on CPU: half the sample
                   cnn=dict(model=dict(name="cnn", conv_features=(4, 8), dense_width=32,
                                       activation="relu"),
                            num_steps=600, measure_at=(0, 150, 600), lanczos_order=40, top_k=15,

@@ -566,31 +566,35 @@ def residual_table(result: dict) -> str:
 
 
 def outlier_table(result: dict) -> str:
-    """Per network x loss at the last moment: the outlier count of H and G (largest gap), the
-    gap and the edge, the first residual that missed tol, and the class-mean Gram's count and
-    top eigenvalues against G's."""
-    header = ["network", "loss", "step", "H outliers (gap)", "G outliers (gap)", "G edge",
-              "G pairs converged", "Gram outliers (gap)", "top 3 of G", "top 3 of Gram",
-              "Gram / G at rank count"]
+    """Per network x loss x moment: the outliers of H and G above the bulk (largest gap, with
+    the gap's ratio), G's bulk edge, how many of G's top pairs met tol, and how much of G's
+    outliers the class-mean Gram matrix and its per-output part (for each output k, the mean of
+    the k-th logit's gradient over all classes) hold: their eigenvalues over G's at rank 1 and
+    at the rank of G's last outlier."""
+    header = ["network", "loss", "step", "H outliers (gap)", "G outliers (gap)", "G bulk edge",
+              "top pairs within tol (H, G)", "class-mean Gram outliers (gap)",
+              "Gram / G (rank 1, last outlier)", "per-output means / G (rank 1, last outlier)"]
     rows = []
     for net, block in result["networks"].items():
         for run in block["runs"]:
-            m = run["moments"][-1]
-            h, g = m["hessian"]["outliers"], m["gauss_newton"]["outliers"]
-            conv = m["gauss_newton"]["top_converged"]
-            cm = m.get("class_means")
-            gtop = m["gauss_newton"]["top"]
-            if cm:
-                k = g["count"] or 1
-                gram_cell = f"{cm['outliers']['count']} ({cm['outliers']['ratio']:.2f})"
-                top_gram = ", ".join(f"{x:.3g}" for x in cm["all"][:3])
-                ratio = f"{cm['all'][k - 1] / gtop[k - 1]:.2f}"
-            else:
-                gram_cell = top_gram = ratio = "-"
-            rows.append([net, run["loss"], m["step"], f"{h['count']} ({h['ratio']:.2f})",
-                         f"{g['count']} ({g['ratio']:.2f})", _g(g["edge"]),
-                         f"{sum(conv)}/{len(conv)}", gram_cell,
-                         ", ".join(f"{x:.3g}" for x in gtop[:3]), top_gram, ratio])
+            for m in run["moments"]:
+                h, g = m["hessian"]["outliers"], m["gauss_newton"]["outliers"]
+                conv = m["gauss_newton"]["top_converged"]
+                hconv = m["hessian"]["top_converged"]
+                gtop = m["gauss_newton"]["top"]
+                cm = m.get("class_means")
+                if cm:
+                    k = g["count"] or 1
+                    gram_cell = f"{cm['outliers']['count']} ({cm['outliers']['ratio']:.2f})"
+                    held = f"{cm['all'][0] / gtop[0]:.2f}, {cm['all'][k - 1] / gtop[k - 1]:.2f}"
+                    per_output = (f"{cm['output'][0] / gtop[0]:.2f}, "
+                                  f"{cm['output'][k - 1] / gtop[k - 1]:.2f}")
+                else:
+                    gram_cell = held = per_output = "-"
+                rows.append([net, run["loss"], m["step"], f"{h['count']} ({h['ratio']:.2f})",
+                             f"{g['count']} ({g['ratio']:.2f})", _g(g["edge"]),
+                             f"{sum(hconv)}, {sum(conv)} of {len(conv)}", gram_cell, held,
+                             per_output])
     return markdown_table(header, rows)
 
 
@@ -626,28 +630,34 @@ def density_figure(result: dict, path: str) -> None:
 
 
 def outlier_figure(result: dict, path: str) -> None:
-    """The top eigenvalues of H, G and the class-mean Gram at the last moment, log scale, one
-    panel per network x loss, with G's bulk edge."""
+    """The top eigenvalues of H, G and the class-mean Gram matrix, log scale, with G's bulk
+    edge: a row per network x loss, a column per moment."""
     pyplot = plt()
     cells = [(net, run) for net, block in result["networks"].items() for run in block["runs"]]
-    fig, axes = pyplot.subplots(1, len(cells), figsize=(3.2 * len(cells), 3.2), squeeze=False)
-    for ax, (net, run) in zip(axes[0], cells):
-        m = run["moments"][-1]
-        for key, color, label in (("hessian", "black", "H"), ("gauss_newton", "tab:blue", "G")):
-            top = np.asarray(m[key]["top"])
-            ax.semilogy(np.arange(1, top.size + 1)[top > 0], top[top > 0], "o", ms=3,
-                        color=color, mfc="none" if key == "hessian" else color, label=label)
-        if "class_means" in m:
-            gram = np.asarray(m["class_means"]["all"][:len(m["gauss_newton"]["top"])])
-            ax.semilogy(np.arange(1, gram.size + 1)[gram > 0], gram[gram > 0], "x", ms=4,
-                        color="tab:green", label="class-mean Gram")
-        edge = m["gauss_newton"]["outliers"]["edge"]
-        if edge:
-            ax.axhline(edge, color="tab:blue", ls=":", lw=0.8)
-        ax.set_title(f"{net}, {run['loss']}, step {m['step']}", fontsize=8)
-        ax.set_xlabel("rank", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
+    cols = max(len(run["moments"]) for _, run in cells)
+    fig, axes = pyplot.subplots(len(cells), cols, figsize=(3.4 * cols, 2.3 * len(cells)),
+                                squeeze=False)
+    for row, (net, run) in enumerate(cells):
+        for col, m in enumerate(run["moments"]):
+            ax = axes[row, col]
+            for key, color, label in (("hessian", "black", "H"),
+                                      ("gauss_newton", "tab:blue", "G")):
+                top = np.asarray(m[key]["top"])
+                ax.semilogy(np.arange(1, top.size + 1)[top > 0], top[top > 0], "o", ms=3,
+                            color=color, mfc="none" if key == "hessian" else color, label=label)
+            if "class_means" in m:
+                gram = np.asarray(m["class_means"]["all"][:len(m["gauss_newton"]["top"])])
+                ax.semilogy(np.arange(1, gram.size + 1)[gram > 0], gram[gram > 0], "x", ms=4,
+                            color="tab:green", label="class-mean Gram")
+            edge = m["gauss_newton"]["outliers"]["edge"]
+            if edge:
+                ax.axhline(edge, color="tab:blue", ls=":", lw=0.8)
+            ax.set_title(f"{net}, {run['loss']}, step {m['step']}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if row == len(cells) - 1:
+                ax.set_xlabel("rank", fontsize=8)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
     pyplot.close(fig)
