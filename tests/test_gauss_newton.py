@@ -259,3 +259,13 @@ def test_study_runs_end_to_end_on_the_digits(tmp_path):
         gn.merge_results([result, result])
     with pytest.raises(ValueError, match=r"\['tol'\] differ"):
         gn.merge_results([result, dict(other, tol=0.5)])
+
+
+def test_entry_point_faults_are_one_line(tmp_path):
+    from tests.test_faults import cli, one_line_error
+
+    one_line_error(cli("experiments.curvature", "--config=configs/curvature.py:digits",
+                       f"--workdir={tmp_path / 'w'}", "--config.only=resnet"),
+                   "only='resnet' is invalid", "cnn, mlp")
+    one_line_error(cli("experiments.curvature", f"--workdir={tmp_path / 'w'}",
+                       f"--merge={tmp_path / 'nothing'}"), "holds no results.json")

@@ -410,7 +410,8 @@ def validate_config(config) -> None:
             raise ConfigError(f"networks.{name}.top_k={net.top_k} is invalid; expected at most "
                               f"lanczos_order={net.lanczos_order}")
     if config.get("only") and config.only not in config.networks:
-        raise one_of("only (a network of networks)", config.only, config.networks.keys())
+        raise ConfigError(f"only={config.only!r} is invalid; expected '' (every network) or one "
+                          f"of {', '.join(sorted(config.networks.keys()))}")
     for name, net in config.networks.items():
         _number(f"networks.{name}.curvature_examples", net.get("curvature_examples", 0), low=0,
                 integer=True)
