@@ -155,7 +155,8 @@ def test_bad_inputs_are_one_clear_error(problem):
             Curvature(problem["loss_fn"], params, batches).gauss_newton()
         with pytest.raises(ValueError, match="top_k=0 is invalid"):
             Curvature(problem["loss_fn"], params, batches).eigenvalues(0)
-        with pytest.raises(ValueError, match="max_order=2 is invalid; expected an integer >= top_k=3"):
+        with pytest.raises(ValueError,
+                           match="max_order=2 is invalid; expected an integer >= top_k=3"):
             Curvature(problem["loss_fn"], params, batches).eigenvalues(3, max_order=2)
 
 
