@@ -22,7 +22,9 @@ GRID_TITLES = {"tune_mlp": "Dense network", "tune_cnn": "Convolutional network"}
 
 def grid_study(config, workdir: str, key: str) -> str:
     """One of question 3's grids (`key`: tune_mlp or tune_cnn) with its best model on the test
-    split; for the CNN also the best model's Hessian spectrum and loss landscape."""
+    split; for the CNN also the best model's Hessian spectrum, its Gauss-Newton split and loss
+    landscape."""
+    from dlassign.analysis.gauss_newton import checkpoint_section
     from dlassign.report import grid_table
     from dlassign.training.tune import tune
 
@@ -37,8 +39,8 @@ def grid_study(config, workdir: str, key: str) -> str:
              grid_table(results), f"\n![{key}]({key}/heatmap.png)\n"]
     if key == "tune_cnn":
         best = os.path.join(workdir, key, "best")
-        parts += [spectrum_section(config.spectrum, best), landscape_section(config.landscape,
-                                                                             best)]
+        parts += [spectrum_section(config.spectrum, best), checkpoint_section(best)["section"],
+                  landscape_section(config.landscape, best)]
     return "\n".join(parts)
 
 

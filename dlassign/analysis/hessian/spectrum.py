@@ -258,6 +258,13 @@ def slq_density(matvec: MatVec, dim: int, order: int, num_draws: int, rng: jax.A
         v, w = ritz(t)
         values.append(v)
         weights.append(w)
+    return smooth_density(values, weights, num_points, sigma_fraction, tail_sigmas)
+
+
+def smooth_density(values: list[np.ndarray], weights: list[np.ndarray], num_points: int = 1000,
+                   sigma_fraction: float = 0.01, tail_sigmas: float = 6.0) -> Density:
+    """`slq_density`'s smoothing of Ritz values and weights already computed (one pair of
+    arrays per Lanczos draw), for callers that use the same Lanczos runs for other ends."""
     lo = min(v.min() for v in values)
     hi = max(v.max() for v in values)
     # A one-point spectrum (H = c I) still gets a kernel wide enough to resolve in float64.
@@ -269,7 +276,7 @@ def slq_density(matvec: MatVec, dim: int, order: int, num_draws: int, rng: jax.A
         kernel = np.exp(-((grid[:, None] - v[None, :]) ** 2) / (2 * sigma**2))
         kernel /= np.trapezoid(kernel, grid, axis=0)  # unit mass per Ritz value, on this grid
         density += kernel @ (w / w.sum())  # the weights sum to 1 up to round-off
-    return Density(grid, density / num_draws, values, weights)
+    return Density(grid, density / len(values), values, weights)
 
 
 def power_iteration(matvec: MatVec, dim: int, k: int, rng: jax.Array, max_iters: int = 100,
