@@ -196,13 +196,10 @@ def edge_of_stability(workdir: str, *per_loss: dict) -> str:
         f"{result['num_examples']} training images, MLP {tuple(model['hidden_sizes'])} "
         f"{model['activation']} ({result['num_params']} parameters), {result['num_steps']} "
         f"steps per run; the sharpness (top Hessian eigenvalue of the full-batch loss) every "
-        f"{result['eval_every']} steps by warm-started power iteration.{checked} The digits are "
-        "fit within a few hundred steps: the sharpness rises to about 2/eta within the first "
-        "tens of steps, overshoots, is thrown back below it (the spikes in the loss), and then "
-        "falls as the loss shrinks, so the plateau at 2/eta is short here; the MNIST study in "
-        "docs/results.md (5,000 images, a wider network) stays at 2/eta for hundreds of "
-        "steps.\n",
-        result["table"], "\n![edge of stability](sharpness/sharpness.png)\n"])
+        f"{result['eval_every']} steps by warm-started power iteration.{checked} The MNIST "
+        "study in docs/results.md uses 5,000 images and a wider network.\n",
+        result["table"], "", *(f"* {line}" for line in result["findings"]),
+        "\n![edge of stability](sharpness/sharpness.png)\n"])
 
 
 def convexity_study(config, workdir: str) -> str:
