@@ -29,7 +29,7 @@ STUDIES = {
     "mnist": dict(num_examples=5000, hidden_sizes=(200, 200), num_steps=1000, eval_every=20,
                   step_sizes={"cross_entropy": (0.24, 0.28, 0.32), "mse": (0.4, 0.5, 0.6),
                               "square": (0.026, 0.028, 0.03)},
-                  num_steps_per_loss={"square": 3000}),
+                  num_steps_per_loss={"square": 2500}),
 }
 
 
