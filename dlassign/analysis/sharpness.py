@@ -307,7 +307,6 @@ def run_study(config) -> dict:
             "model": {"hidden_sizes": list(config.model.hidden_sizes),
                       "activation": config.model.activation},
             "num_params": num_params, "num_steps": config.num_steps,
-            "num_steps_per_loss": dict(config.get("num_steps_per_loss", {})),
             "eval_every": config.eval_every, "power_iters": config.power_iters, "tol": config.tol,
             "lanczos_order": config.lanczos_order, "reach_tolerance": config.reach_tolerance,
             "runs": runs}
