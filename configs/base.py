@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.activation = "relu"
     c.model.dropout = 0.0
 
-    c.loss = "cross_entropy"      # cross_entropy | mse (on softmax probabilities)
+    c.loss = "cross_entropy"      # cross_entropy | mse (softmax probabilities) | square (logits)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"     # sgd | adam | adamw

@@ -138,13 +138,10 @@ def sharpness_runs(config, loss: str) -> dict:
 
 
 def edge_of_stability_text(result: dict) -> str:
-    """The edge-of-stability section from the merged study (`sharpness.write_outputs`)."""
-    from dlassign.analysis import findings
-
-    model, agree = result["model"], result["power_lanczos_max_relative_difference"]
-    checked = (f" Power iteration's values agree with a cold-started Lanczos on the same "
-               f"parameters to {agree:.1e} (relative) at the points checked."
-               if agree is not None else "")
+    """The edge-of-stability section from the merged study (`sharpness.write_outputs`): its
+    setup, table and `findings`, the sentences `sharpness.edge_of_stability_findings` computes
+    from the measured traces."""
+    model = result["model"]
     return "\n".join([
         "## Edge of stability (Cohen et al., ICLR 2021)\n",
         f"Full-batch gradient descent (constant step size eta, no momentum) on "
@@ -152,9 +149,9 @@ def edge_of_stability_text(result: dict) -> str:
         f"{tuple(model['hidden_sizes'])} {model['activation']} ({result['num_params']} "
         f"parameters), {result['num_steps']} steps per run; the sharpness (top Hessian "
         f"eigenvalue of the full-batch loss) every {result['eval_every']} steps by "
-        f"warm-started power iteration.{checked} {findings.edge_of_stability(result)} "
-        "docs/results.md has the same study on MNIST.\n",
-        result["table"], "\n![edge of stability](sharpness/sharpness.png)\n"])
+        "warm-started power iteration. docs/results.md has the same study on MNIST.\n",
+        result["table"], "", *(f"* {line}" for line in result["findings"]),
+        "\n![edge of stability](sharpness/sharpness.png)\n"])
 
 
 def edge_of_stability(workdir: str, *per_loss: dict) -> str:

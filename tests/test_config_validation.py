@@ -22,7 +22,7 @@ CASES = [
     ("data.normalization", "zscore", "unknown data.normalization 'zscore'"),
     ("data.channels", 2, "data.channels=2 is invalid"),
     ("data.pad_to", -1, "data.pad_to=-1 is invalid"),
-    ("loss", "hinge", "unknown loss 'hinge'; expected one of cross_entropy, mse"),
+    ("loss", "hinge", "unknown loss 'hinge'; expected one of cross_entropy, mse, square"),
     ("optimizer.name", "rmsprop", "unknown optimizer.name 'rmsprop'; expected one of adam, "
                                   "adamw, sgd"),
     ("optimizer.schedule", "step", "unknown optimizer.schedule 'step'; expected one of "
@@ -68,6 +68,13 @@ def test_bad_value_is_named(field, value, message):
     with pytest.raises(ConfigError) as e:
         validate_train_config(config)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "square"])
+def test_every_loss_is_accepted(loss):
+    config = base.get_config()
+    config.loss = loss
+    validate_train_config(config)
 
 
 def test_unknown_model_field():

@@ -1,12 +1,10 @@
 """The report's result sentences come from the measured numbers: fed opposite outcomes, the
 sentences say the opposite. Pure Python on made-up results (no training)."""
 
-import numpy as np
-
 from dlassign import main_job
 from dlassign.analysis import findings
 from dlassign.analysis.convexity_report import eigenvalue_verdict, line_verdict, saturated_verdict
-from dlassign.analysis.sharpness import edge_of_stability_summary
+from dlassign.analysis.sharpness import edge_of_stability_findings, edge_of_stability_summary
 
 ETA = 0.5  # 2/eta = 4
 
@@ -15,40 +13,30 @@ def sharpness_run(sharpness, train_loss, every=10, diverged_at=None):
     steps = list(range(0, every * len(sharpness), every))
     return {"loss": "mse", "eta": ETA, "steps": steps, "sharpness": list(sharpness),
             "train_loss": list(train_loss), "diverged_at": diverged_at,
+            "trained": diverged_at is None and train_loss[-1] < train_loss[0],
+            "lanczos_checks": [],
             "summary": edge_of_stability_summary(steps, sharpness, ETA, 0.1)}
 
 
 def study(*runs):
-    return {"runs": list(runs), "reach_tolerance": 0.1, "eval_every": 10, "model":
-            {"hidden_sizes": [32], "activation": "tanh"}, "num_examples": 100,
-            "dataset": "digits", "num_params": 1000, "num_steps": 10 * (len(runs[0]["sharpness"])
-                                                                      - 1),
-            "power_lanczos_max_relative_difference": 1e-4, "table": "| table |\n"}
+    result = {"runs": list(runs), "reach_tolerance": 0.1, "eval_every": 10, "model":
+              {"hidden_sizes": [32], "activation": "tanh"}, "num_examples": 100,
+              "dataset": "digits", "num_params": 1000,
+              "num_steps": 10 * (len(runs[0]["sharpness"]) - 1), "table": "| table |\n"}
+    return dict(result, findings=edge_of_stability_findings(result))
 
 
-def test_edge_of_stability_sentences_follow_the_sharpness():
-    # rises to 2/eta at step 20, overshoots to 1.5x, falls back, ends below; the loss spikes once
-    edge = sharpness_run([1.0, 2.0, 3.8, 6.0, 2.0, 3.9, 1.0], [1.0, 0.5, 0.8, 0.3, 0.2])
-    # never within 10% of 2/eta; the loss falls at every step
-    flat = sharpness_run([1.0, 1.2, 1.5, 1.6, 1.5, 1.4, 1.3], [1.0, 0.5, 0.4, 0.3, 0.2])
-    reached = findings.edge_of_stability(study(edge))
-    never = findings.edge_of_stability(study(flat))
-    assert reached.startswith("In 1 of 1 runs the sharpness reached 2/eta (within 10%).")
-    assert "reached 2/eta at step 20, overshot it to 1.50 times, fell back to 0.25 of it" in reached
-    assert "ended below it (0.25); the loss rose on 1 of 4 steps" in reached
-    assert never.startswith("In none of the 1 runs did the sharpness reach 2/eta")
-    assert "never came within 10% of 2/eta (at most 0.40 of it, 0.33 at the end)" in never
-    assert "the loss fell at every step" in never and "overshot" not in never
-    # holding at 2/eta to the end: no overshoot, no fall, ends at it
-    held = findings.edge_of_stability(study(sharpness_run([1.0, 3.7, 4.0, 4.1, 3.9, 4.0, 4.0],
-                                                          [1.0, 0.9, 0.8])))
-    assert "overshot" not in held and "fell back" not in held and "ended at it (1.00)" in held
-    diverged = findings.edge_of_stability(study(sharpness_run([1.0, 9.0], [1.0, np.inf],
-                                                              diverged_at=5)))
-    assert "In none of the 1 runs" in diverged and "diverged at step 5" in diverged
-    # the section carries the sentences, not a fixed paragraph
-    assert findings.edge_of_stability(study(flat)) in main_job.edge_of_stability_text(study(flat))
-    assert "rises to about 2/eta" not in main_job.edge_of_stability_text(study(edge))
+def test_the_edge_of_stability_section_says_what_the_runs_measured():
+    # rises to 2/eta at step 20, overshoots to 1.5x, falls back, ends below
+    edge = study(sharpness_run([1.0, 2.0, 3.8, 6.0, 2.0, 3.9, 1.0], [1.0, 0.5, 0.8, 0.3, 0.2]))
+    # never within 10% of 2/eta
+    flat = study(sharpness_run([1.0, 1.2, 1.5, 1.6, 1.5, 1.4, 1.3], [1.0, 0.5, 0.4, 0.3, 0.2]))
+    reached, never = (main_job.edge_of_stability_text(r) for r in (edge, flat))
+    assert all(f"* {line}" in reached for line in edge["findings"])
+    assert all(f"* {line}" in never for line in flat["findings"])
+    assert "rises to it by step 20" in reached and "overshoots 2/eta" in reached
+    assert "never comes within 10% of 2/eta" in never and "overshoots" not in never
+    assert "rises to about 2/eta" not in reached + never
 
 
 def test_spectrum_and_quadratic_model_sentences_follow_the_numbers():

@@ -23,6 +23,8 @@ def test_reach_and_ratios_on_a_synthetic_trace():
     assert s["reach_step"] == 90
     after = trace[9:] / 10.0
     assert s["mean_ratio"] == pytest.approx(after.mean())
+    assert s["median_ratio"] == pytest.approx(np.median(after))
+    assert s["first_within_step"] == 90 and s["final_ratio"] == pytest.approx(after[-1])
     assert s["min_ratio"] == pytest.approx(after.min()) and s["max_ratio"] == pytest.approx(
         after.max())
     assert s["within_fraction"] == 1.0 and s["measurements_after"] == len(after)
@@ -37,8 +39,55 @@ def test_reach_and_ratios_on_a_synthetic_trace():
                                                tolerance=0.1)
     assert over["reach_step"] == 1 and over["max_ratio"] == 2.0
     assert over["within_fraction"] == pytest.approx(2 / 3) and over["last_within_step"] == 3
+    # the window starts at the first measurement within 10%, not at the overshoot
+    assert over["first_within_step"] == 2 and over["median_ratio"] == pytest.approx(1.05)
     left = sharpness.edge_of_stability_summary([0, 1, 2, 3], [9.5, 10.0, 6.0, 5.0], 0.2)
     assert left["reach_step"] == 0 and left["last_within_step"] == 1
+    assert left["first_within_step"] == 0 and left["final_ratio"] == pytest.approx(0.5)
+    # a late decline pulls the median below 1 while the mean of an overshoot hides it
+    mixed = sharpness.edge_of_stability_summary(range(5), [10, 16, 6, 6, 6], 0.2)
+    assert mixed["mean_ratio"] == pytest.approx(0.88) and mixed["median_ratio"] == 0.6
+
+
+def _run(loss, eta, trace, converged_at_start=True, diverged_at=None, trained=True):
+    steps = list(range(0, 20 * len(trace), 20))
+    return {"loss": loss, "eta": eta, "steps": steps, "sharpness": list(trace),
+            "residual": [3e-3 if not converged_at_start else 2e-5] + [1e-5] * (len(trace) - 1),
+            "converged": [converged_at_start] + [True] * (len(trace) - 1),
+            "diverged_at": diverged_at, "trained": trained, "lanczos_checks": [],
+            "final_loss": 0.1, "final_accuracy": 0.9,
+            "summary": sharpness.edge_of_stability_summary(steps, trace, eta, 0.1)}
+
+
+def _findings(*runs):
+    return sharpness.edge_of_stability_findings({"reach_tolerance": 0.1, "runs": list(runs)})
+
+
+def test_the_findings_follow_the_measured_traces():
+    """Opposite outcomes give opposite sentences, with the measured numbers in them: a trace
+    that rises to 2/eta = 10 and stays, one that never gets there, one that overshoots and
+    falls away; and an unconverged first measurement says so."""
+    rise = np.linspace(5, 10, 11)
+    (hovers,) = _findings(_run("square", 0.2, [*rise, *([10.1, 9.9] * 10)]))
+    (never,) = _findings(_run("square", 0.2, [5.0] * 31, converged_at_start=False))
+    (away,) = _findings(_run("square", 0.2, [*rise, 13.0, 12.0, *([6.0] * 18)]))
+    assert hovers.startswith("**The square loss on the outputs** (eta 0.2).")
+    assert "rises to it by step 160 (eta 0.2)" in hovers
+    assert "Every one of these runs hovers at 2/eta" in hovers
+    assert "still at or above 0.9 x 2/eta in every run (final ratio 0.99)" in hovers
+    assert "relative residual 2.0e-05" in hovers and "not converged" not in hovers
+    assert "never comes within 10% of 2/eta (largest ratio sharpness/(2/eta) 0.50)" in never
+    assert "hovers" not in never and "not converged: relative residual 3.0e-03" in never
+    assert "None of them hovers at 2/eta: the sharpness spends most of the time below it" in away
+    assert "overshoots 2/eta by more than 10% in 1 of 1 runs (up to 1.30 x 2/eta)" in away
+    assert "has left 2/eta from below in 1 of 1 runs (final ratio 0.60)" in away
+    assert "median ratio sharpness/(2/eta) is 0.60" in away
+    # a run that starts at 2/eta is said to, and a diverged one is named
+    ce = _findings(_run("cross_entropy", 0.32, [6.07] + [6.2] * 20),
+                   _run("cross_entropy", 3.0, [6.07, float("nan")], diverged_at=3,
+                        trained=False))[0]
+    assert "already within 10% of it at initialisation at eta 0.32 (ratio 0.97)" in ce
+    assert "At eta 3 (2/eta 0.6667) gradient descent diverges at step 3." in ce
 
 
 def tiny(num_steps=40, **overrides):
@@ -75,6 +124,16 @@ def test_the_sharpness_rises_and_power_iteration_agrees_with_lanczos(tmp_path):
     assert saved["power_lanczos_max_relative_difference"] == pytest.approx(
         abs(check["relative_difference"]))
     assert (tmp_path / "sharpness.png").stat().st_size > 10_000
+    assert out["findings"][0].startswith("**Cross-entropy** (eta 0.3).")
+
+    # saved results merge with others of the same setup (runs made a loss at a time)
+    loaded = sharpness.load_results(str(tmp_path))
+    assert set(loaded) == set(result) and loaded["runs"][0]["sharpness"] == run["sharpness"]
+    merged = sharpness.write_outputs(sharpness.merge_studies([loaded, loaded]),
+                                     str(tmp_path / "merged"))
+    assert merged["table"].count("| cross_entropy | 0.3 |") == 2
+    with pytest.raises(ConfigError, match="results.json does not exist"):
+        sharpness.load_results(str(tmp_path / "nowhere"))
 
 
 def test_a_step_size_beyond_stability_is_reported():
@@ -114,6 +173,15 @@ def test_both_config_files_are_valid():
         sharpness.validate_sharpness_config(sharpness_config.get_config(dataset))
     mnist = sharpness_config.get_config("mnist")
     assert mnist.data.num_examples == 5000 and mnist.model.activation == "tanh"
+    # the square loss runs longer than the others; `losses` picks a subset to run
+    assert sharpness.selected_losses(mnist) == ["cross_entropy", "mse", "square"]
+    assert [sharpness.steps_of(mnist, x) for x in ("mse", "square")] == [1000, 2500]
+    mnist.losses = " square, mse"
+    assert sharpness.selected_losses(mnist) == ["square", "mse"]
+    with mnist.unlocked():
+        mnist.num_steps_per_loss.hinge = 10
+    with pytest.raises(ConfigError, match="unknown num_steps_per_loss key 'hinge'"):
+        sharpness.validate_sharpness_config(mnist)
     with pytest.raises(ValueError, match="expected one of"):
         sharpness_config.get_config("cifar")
 
@@ -127,6 +195,8 @@ def test_both_config_files_are_valid():
     ("data.name", "cifar10", "unknown data.name 'cifar10'"),
     ("data.num_examples", -1, "data.num_examples=-1 is invalid"),
     ("reach_tolerance", 0.0, "reach_tolerance=0.0 is invalid"),
+    ("losses", "cross_entropy,hinge", "unknown losses entry 'hinge'; expected one of "
+                                      "cross_entropy, mse"),
 ])
 def test_bad_values_are_one_line(field, value, words):
     config = sharpness_config.get_config()
@@ -138,7 +208,8 @@ def test_bad_values_are_one_line(field, value, words):
 
 @pytest.mark.parametrize("step_sizes,words", [
     ({"cross_entropy": (0.1, -0.2)}, "step_sizes.cross_entropy=-0.2 is invalid"),
-    ({"hinge": (0.1,)}, "unknown step_sizes key 'hinge'; expected one of cross_entropy, mse"),
+    ({"hinge": (0.1,)},
+     "unknown step_sizes key 'hinge'; expected one of cross_entropy, mse, square"),
     ({"mse": ()}, "step_sizes.mse=() is invalid; expected a non-empty list"),
     ({}, "step_sizes is empty"),
 ])

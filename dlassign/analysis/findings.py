@@ -1,6 +1,7 @@
 """The report's sentences that state a result, each computed from the measured numbers: what
-the edge-of-stability runs did, what the Hessian spectrum shows, where the quadratic model of
-the loss holds. A different outcome gives a different sentence."""
+the Hessian spectrum shows, where the quadratic model of the loss holds (the edge-of-stability
+runs' are `sharpness.edge_of_stability_findings`). A different outcome gives a different
+sentence."""
 
 from __future__ import annotations
 
@@ -8,52 +9,6 @@ import numpy as np
 
 # |ratio - 1| within this: the second difference along an eigenvector is the quadratic model's
 QUADRATIC_TOLERANCE = 0.05
-
-
-def _steps(n: int) -> str:
-    return f"{n} step" + ("" if n == 1 else "s")
-
-
-def edge_of_stability_run(run: dict, tolerance: float, every: int) -> str:
-    """One run's trace in a sentence: whether and when the sharpness reached 2/eta (within
-    `tolerance`), whether it overshot, was thrown back below, and where it ended, and how
-    often the loss rose (measured every `every` steps)."""
-    s = run["summary"]
-    ratio = np.asarray(run["sharpness"], np.float64) / s["threshold"]
-    head = f"{run['loss']} at eta {run['eta']:g} (2/eta = {s['threshold']:.4g}): "
-    if run["diverged_at"] is not None:
-        return head + f"diverged at step {run['diverged_at']}."
-    losses = np.asarray(run["train_loss"], np.float64)
-    rises = int(np.sum(np.diff(losses) > 0))
-    loss = (f"the loss rose on {rises} of {len(losses) - 1} steps" if rises
-            else "the loss fell at every step")
-    if s["reach_step"] is None:
-        return head + (f"the sharpness never came within {tolerance:.0%} of 2/eta (at most "
-                       f"{np.nanmax(ratio):.2f} of it, {ratio[-1]:.2f} at the end); {loss}.")
-    parts = [f"the sharpness reached 2/eta at step {s['reach_step']}"]
-    if s["max_ratio"] > 1 + tolerance:
-        parts.append(f"overshot it to {s['max_ratio']:.2f} times")
-    if s["min_ratio"] < 1 - tolerance:
-        parts.append(f"fell back to {s['min_ratio']:.2f} of it")
-    held = round(s["within_fraction"] * s["measurements_after"]) * every
-    parts.append(f"stayed within {tolerance:.0%} of it for about {_steps(held)} in all "
-                 f"(the last at step {s['last_within_step']})" if s["last_within_step"]
-                 is not None else f"never stayed within {tolerance:.0%} of it")
-    end = ("ended below it" if ratio[-1] < 1 - tolerance else "ended above it"
-           if ratio[-1] > 1 + tolerance else "ended at it")
-    return head + ", ".join(parts) + f", and {end} ({ratio[-1]:.2f}); {loss}."
-
-
-def edge_of_stability(result: dict) -> str:
-    """The runs' outcome: how many reached 2/eta, then a sentence per run."""
-    runs, tol = result["runs"], result["reach_tolerance"]
-    reached = sum(r["summary"]["reach_step"] is not None and r["diverged_at"] is None
-                  for r in runs)
-    head = (f"In {reached} of {len(runs)} runs the sharpness reached 2/eta (within "
-            f"{tol:.0%})." if reached else
-            f"In none of the {len(runs)} runs did the sharpness reach 2/eta (within {tol:.0%}).")
-    return " ".join([head, *(edge_of_stability_run(r, tol, result["eval_every"])
-                             for r in runs)])
 
 
 def spectrum(spec: dict) -> str:

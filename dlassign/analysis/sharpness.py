@@ -20,6 +20,7 @@ sizes) and `write_outputs` writes results.json, the table and the figure.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -73,6 +74,11 @@ def validate_sharpness_config(config) -> None:
         for eta in etas:
             _number(f"step_sizes.{loss}", eta, low=0, low_open=True)
     _number("num_steps", config.num_steps, low=1, integer=True)
+    for loss, steps in config.get("num_steps_per_loss", {}).items():
+        _choice("num_steps_per_loss key", loss, LOSSES)
+        _number(f"num_steps_per_loss.{loss}", steps, low=1, integer=True)
+    for loss in selected_losses(config):
+        _choice("losses entry", loss, config.step_sizes)
     _number("eval_every", config.eval_every, low=1, integer=True)
     _number("power_iters", config.power_iters, low=2, integer=True)
     _number("tol", config.tol, low=0, high=1, low_open=True, high_open=True)
@@ -80,6 +86,19 @@ def validate_sharpness_config(config) -> None:
     _number("lanczos_order", config.lanczos_order, low=2, integer=True)
     _number("reach_tolerance", config.reach_tolerance, low=0, high=1, low_open=True,
             high_open=True)
+
+
+def selected_losses(config) -> list[str]:
+    """The losses to run: `config.losses` (comma-separated) or, where empty, every key of
+    `step_sizes`, so that one config can be run a loss at a time."""
+    chosen = [x.strip() for x in str(config.get("losses", "") or "").split(",") if x.strip()]
+    return chosen or list(config.step_sizes.keys())
+
+
+def steps_of(config, loss: str) -> int:
+    """The gradient descent steps of a run of `loss`: `num_steps_per_loss[loss]` or
+    `num_steps` (a loss trained with small step sizes, the square loss, needs more)."""
+    return int(config.get("num_steps_per_loss", {}).get(loss, config.num_steps))
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -148,6 +167,9 @@ def accuracy(model, params, batch: dict) -> jax.Array:
 def edge_of_stability_summary(steps, sharpness, eta: float, tolerance: float = 0.1) -> dict:
     """What a sharpness trace says about the edge of stability.
 
+    A mean over the measurements after the reach step mixes an overshoot with a late decline;
+    the median and the window of measurements within the tolerance say which one dominates.
+
     Args:
       steps: the steps of the measurements, increasing.
       sharpness: the top Hessian eigenvalue at each.
@@ -156,26 +178,29 @@ def edge_of_stability_summary(steps, sharpness, eta: float, tolerance: float = 0
 
     Returns:
       {threshold, reach_step (the first step within `tolerance` of 2/eta, None if never),
-       and from that step on: mean_ratio, min_ratio, max_ratio (sharpness / (2/eta)),
-       within_fraction (the share of measurements within `tolerance` of 2/eta) and
-       last_within_step (the last measurement within it); None where it never reached}.
+       and from that step on: median_ratio, mean_ratio, min_ratio, max_ratio (sharpness /
+       (2/eta)), within_fraction (the share of measurements within `tolerance` of 2/eta),
+       first_within_step and last_within_step (the window those measurements cover),
+       measurements_after; final_ratio (the last measurement's ratio, every trace);
+       None where it never reached}.
     """
     steps, sharpness = np.asarray(steps), np.asarray(sharpness, np.float64)
     threshold = 2.0 / eta
     ratio = sharpness / threshold
     reached = np.flatnonzero(ratio >= 1.0 - tolerance)
-    out = {"threshold": threshold, "reach_step": None, "mean_ratio": None, "min_ratio": None,
-           "max_ratio": None, "within_fraction": None, "last_within_step": None,
-           "measurements_after": 0}
+    out = {"threshold": threshold, "reach_step": None, "median_ratio": None, "mean_ratio": None,
+           "min_ratio": None, "max_ratio": None, "within_fraction": None,
+           "first_within_step": None, "last_within_step": None, "measurements_after": 0,
+           "final_ratio": float(ratio[-1]) if ratio.size else None}
     if reached.size == 0:
         return out
     after = ratio[reached[0]:]
-    within = np.abs(after - 1.0) <= tolerance
-    out.update(reach_step=int(steps[reached[0]]), mean_ratio=float(after.mean()),
-               min_ratio=float(after.min()), max_ratio=float(after.max()),
-               within_fraction=float(np.mean(within)),
-               last_within_step=(int(steps[reached[0] + np.flatnonzero(within)[-1]])
-                                 if within.any() else None),
+    within = np.flatnonzero(np.abs(after - 1.0) <= tolerance)
+    out.update(reach_step=int(steps[reached[0]]), median_ratio=float(np.median(after)),
+               mean_ratio=float(after.mean()), min_ratio=float(after.min()),
+               max_ratio=float(after.max()), within_fraction=within.size / after.size,
+               first_within_step=(int(steps[reached[0] + within[0]]) if within.size else None),
+               last_within_step=(int(steps[reached[0] + within[-1]]) if within.size else None),
                measurements_after=int(after.size))
     return out
 
@@ -189,7 +214,7 @@ def train_and_measure(model, params0, batch: dict, loss: str, eta: float, config
     evenly spaced measurements (the last one included)."""
     mean_loss, batch_loss = _loss_functions(model, loss)
     n = int(batch["label"].shape[0])
-    every, total = config.eval_every, config.num_steps
+    every, total = config.eval_every, steps_of(config, loss)
     checks = ({int(round(total / every * (i + 1) / config.lanczos_checks)) * every
                for i in range(config.lanczos_checks)} if config.lanczos_checks else set())
     params, vector = params0, None
@@ -248,11 +273,11 @@ def train_and_measure(model, params0, batch: dict, loss: str, eta: float, config
     if diverged_at is None:
         losses.append(final)  # the loss after the last step: losses[t] is the loss at step t
     summary = edge_of_stability_summary(steps, sharpness, eta, config.reach_tolerance)
-    logging.info("%s eta=%g: sharpness %.4g -> %.4g (2/eta = %.4g), reach step %s, mean ratio "
-                 "after %s, final loss %.4g, %.0f s", loss, eta, sharpness[0], sharpness[-1],
-                 2 / eta, summary["reach_step"], summary["mean_ratio"], final,
+    logging.info("%s eta=%g: sharpness %.4g -> %.4g (2/eta = %.4g), reach step %s, median "
+                 "ratio after %s, final loss %.4g, %.0f s", loss, eta, sharpness[0],
+                 sharpness[-1], 2 / eta, summary["reach_step"], summary["median_ratio"], final,
                  time.perf_counter() - start)
-    return {"loss": loss, "eta": eta, "steps": steps, "sharpness": sharpness,
+    return {"loss": loss, "eta": eta, "num_steps": total, "steps": steps, "sharpness": sharpness,
             "residual": residuals, "converged": converged,
             "iterations": iterations, "train_loss": losses, "accuracy": accuracies,
             "lanczos_checks": lanczos_rows, "diverged_at": diverged_at, "final_loss": final,
@@ -277,7 +302,7 @@ def run_study(config) -> dict:
                  num_params, len(batch["label"]), name)
     batch = jax.device_put(batch)
     runs = [train_and_measure(model, params0, batch, loss, float(eta), config)
-            for loss, etas in config.step_sizes.items() for eta in etas]
+            for loss in selected_losses(config) for eta in config.step_sizes[loss]]
     return {"dataset": name, "num_examples": int(batch["label"].shape[0]),
             "model": {"hidden_sizes": list(config.model.hidden_sizes),
                       "activation": config.model.activation},
@@ -294,30 +319,41 @@ def _fmt(x, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _measured(r: dict, i: int) -> str:
+    """The i-th sharpness of run `r` with its relative residual, marked where it did not
+    converge."""
+    value = f"{r['sharpness'][i]:.4g}"
+    if "residual" not in r:
+        return value
+    flag = "" if r["converged"][i] else "not converged, "
+    return f"{value} ({flag}residual {r['residual'][i]:.1e})"
+
+
 def summary_table(result: dict) -> str:
-    """One row per run: loss, eta, 2/eta, the sharpness at the start and end (marked where the
-    measurement did not converge), steps to reach 2/eta, the ratio sharpness/(2/eta) after
-    (mean, min, max, share within the tolerance, the last step within it), the measurements
-    that converged, final loss and accuracy."""
+    """One row per run: loss, eta, 2/eta, the sharpness at the start and end (each with its
+    relative residual, marked where it did not converge), steps to reach 2/eta, the ratio
+    sharpness/(2/eta) from then on (median, min, max, share within the tolerance and the window
+    of steps those measurements cover), the measurements that converged, final loss and
+    accuracy."""
     tol = result["reach_tolerance"]
     header = ["loss", "eta", "2/eta", "sharpness at step 0", "at the end",
-              f"steps to reach 2/eta (within {tol:.0%})", "mean ratio after", "min", "max",
-              f"share within {tol:.0%}", f"last step within {tol:.0%}",
+              f"steps to reach 2/eta (within {tol:.0%})", "median ratio after", "min", "max",
+              f"share within {tol:.0%}", f"steps within {tol:.0%} (first-last)",
               "measurements converged", "final loss", "final train acc"]
     rows = []
     for r in result["runs"]:
         s = r["summary"]
         converged = r.get("converged", [True] * len(r["sharpness"]))
-        mark = ["" if c else " (not converged)" for c in converged]
         end = ("diverged at step " + str(r["diverged_at"]) if r["diverged_at"] is not None
-               else f"{r['sharpness'][-1]:.4g}{mark[-1]}" if r["trained"]
-               else f"{r['sharpness'][-1]:.4g}{mark[-1]} (did not train: the loss rose)")
-        rows.append([r["loss"], f"{r['eta']:g}", f"{s['threshold']:.4g}",
-                     f"{r['sharpness'][0]:.4g}{mark[0]}", end,
+               else _measured(r, -1) if r["trained"]
+               else f"{_measured(r, -1)} (did not train: the loss rose)")
+        window = ("-" if s.get("first_within_step") is None
+                  else f"{s['first_within_step']}-{s['last_within_step']}")
+        rows.append([r["loss"], f"{r['eta']:g}", f"{s['threshold']:.4g}", _measured(r, 0), end,
                      "not reached" if s["reach_step"] is None else s["reach_step"],
-                     _fmt(s["mean_ratio"]), _fmt(s["min_ratio"]), _fmt(s["max_ratio"]),
-                     _fmt(s["within_fraction"], ".0%"), _fmt(s["last_within_step"], "d"),
-                     f"{sum(converged)}/{len(converged)}", f"{r['final_loss']:.4g}",
+                     _fmt(s.get("median_ratio")), _fmt(s["min_ratio"]), _fmt(s["max_ratio"]),
+                     _fmt(s["within_fraction"], ".0%"), window,
+                     f"{sum(converged)}/{len(converged)}", _fmt(r["final_loss"], ".4g"),
                      f"{r['final_accuracy']:.2%}"])
     return markdown_table(header, rows)
 
@@ -367,27 +403,158 @@ def figure(result: dict, path: str) -> None:
     pyplot.close(fig)
 
 
+LOSS_LABELS = {"cross_entropy": "Cross-entropy", "mse": "MSE on softmax probabilities",
+               "square": "The square loss on the outputs"}
+
+
+def _span(values, spec: str) -> str:
+    """'a' where every value formats alike, else 'a-b' (smallest to largest)."""
+    lo, hi = format(min(values), spec), format(max(values), spec)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def _etas(runs) -> str:
+    return ", ".join(f"{r['eta']:g}" for r in runs)
+
+
+def edge_of_stability_findings(result: dict) -> list[str]:
+    """The study's findings as sentences, one paragraph per loss, computed from the measured
+    traces (`run_study`'s result), so that a report says what this run measured and not what an
+    earlier one did.
+
+    A run "hovers at 2/eta" when, from its reach step on, its median ratio sharpness/(2/eta) is
+    within the tolerance of 1 and at least half of its measurements are; it "overshoots" when
+    its largest ratio exceeds 1 + tolerance; it "leaves 2/eta from below" when its last ratio is
+    below 1 - tolerance.
+    """
+    tol = result["reach_tolerance"]
+    pct = f"{tol:.0%}"
+    out = []
+    for loss in dict.fromkeys(r["loss"] for r in result["runs"]):
+        runs = sorted((r for r in result["runs"] if r["loss"] == loss), key=lambda r: r["eta"])
+        text = [f"**{LOSS_LABELS.get(loss, loss)}** (eta {_etas(runs)})."]
+        first = runs[0]
+        initial = f"{_span([r['sharpness'][0] for r in runs], '.4g')}"
+        if "residual" in first:
+            ok = all(r["converged"][0] for r in runs)
+            initial += (f" ({'converged' if ok else 'not converged'}: relative residual "
+                        f"{_span([r['residual'][0] for r in runs], '.1e')})")
+        text.append(f"The sharpness at initialisation is {initial}; 2/eta is "
+                    f"{_span([r['summary']['threshold'] for r in runs], '.4g')}.")
+        failed = [r for r in runs if r["diverged_at"] is not None or not r["trained"]]
+        for r in failed:
+            what = (f"diverges at step {r['diverged_at']}" if r["diverged_at"] is not None
+                    else "does not train (the loss rises)")
+            text.append(f"At eta {r['eta']:g} (2/eta {r['summary']['threshold']:.4g}) gradient "
+                        f"descent {what}.")
+        trained = [r for r in runs if r not in failed]
+        reached = [r for r in trained if r["summary"]["reach_step"] is not None]
+        never = [r for r in trained if r["summary"]["reach_step"] is None]
+        if never:
+            top = max(max(r["sharpness"]) / r["summary"]["threshold"] for r in never)
+            text.append(f"At eta {_etas(never)} the sharpness never comes within {pct} of 2/eta "
+                        f"(largest ratio sharpness/(2/eta) {top:.2f}).")
+        if reached:
+            at_start = [r for r in reached if r["summary"]["reach_step"] == 0]
+            later = [r for r in reached if r["summary"]["reach_step"] > 0]
+            how = []
+            if later:
+                how.append("rises to it by step " + ", ".join(
+                    f"{r['summary']['reach_step']} (eta {r['eta']:g})" for r in later))
+            if at_start:
+                ratios = [r["sharpness"][0] / r["summary"]["threshold"] for r in at_start]
+                how.append(f"is already within {pct} of it at initialisation at eta "
+                           f"{_etas(at_start)} (ratio {_span(ratios, '.2f')})")
+            text.append(f"The sharpness comes within {pct} of 2/eta in {len(reached)} of "
+                        f"{len(trained)} runs that trained: it " + "; it ".join(how) + ".")
+            summaries = [r["summary"] for r in reached]
+            windows = [f"{s['first_within_step']}-{s['last_within_step']}" for s in summaries
+                       if s["first_within_step"] is not None]
+            text.append(
+                f"From then on the median ratio sharpness/(2/eta) is "
+                f"{_span([s['median_ratio'] for s in summaries], '.2f')}, "
+                f"{_span([s['within_fraction'] for s in summaries], '.0%')} of the measurements "
+                f"lie within {pct} of 2/eta" + (f" (steps {', '.join(windows)})" if windows
+                                                 else "") + ".")
+            hover = [r for r, s in zip(reached, summaries)
+                     if abs(s["median_ratio"] - 1) <= tol and s["within_fraction"] >= 0.5]
+            if len(hover) == len(reached):
+                text.append("Every one of these runs hovers at 2/eta.")
+            elif hover:
+                text.append(f"{len(hover)} of {len(reached)} hover at 2/eta (eta "
+                            f"{_etas(hover)}); the others spend most of the time away from it.")
+            else:
+                below = all(s["median_ratio"] < 1 for s in summaries)
+                text.append("None of them hovers at 2/eta: the sharpness spends most of the "
+                            "time " + ("below" if below else "away from") + " it.")
+            over = [r for r, s in zip(reached, summaries) if s["max_ratio"] > 1 + tol]
+            if over:
+                text.append(f"It overshoots 2/eta by more than {pct} in {len(over)} of "
+                            f"{len(reached)} runs (up to "
+                            f"{max(r['summary']['max_ratio'] for r in over):.2f} x 2/eta).")
+            left = [r for r, s in zip(reached, summaries) if s["final_ratio"] < 1 - tol]
+            last = reached[0]["steps"][-1]
+            if left:
+                text.append(f"By the last measurement (step {last}) it has left 2/eta from "
+                            f"below in {len(left)} of {len(reached)} runs (final ratio "
+                            f"{_span([r['summary']['final_ratio'] for r in left], '.2f')}).")
+            else:
+                text.append(f"At the last measurement (step {last}) it is still at or above "
+                            f"{1 - tol:.2g} x 2/eta in every run (final ratio "
+                            f"{_span([s['final_ratio'] for s in summaries], '.2f')}).")
+        out.append(" ".join(text))
+    agree = agreement(result)
+    if agree is not None:
+        checks = [c for r in result["runs"] for c in r["lanczos_checks"]]
+        out.append(f"Power iteration agrees with a cold-started Lanczos on the same parameters "
+                   f"to {agree:.1e} (relative) at the {len(checks)} points checked; "
+                   f"{sum(c.get('converged', True) for c in checks)} of them converged.")
+    return out
+
+
 def merge_studies(parts: Sequence[dict]) -> dict:
     """One study from `run_study` results of the same setup over different runs (e.g. one per
     loss, run in separate processes): the first part's fields with every part's runs, in order.
 
     Raises:
-      ValueError: the parts differ in anything but their runs; names the fields.
+      ConfigError (a ValueError): the parts differ in anything but their runs; names the
+        fields.
     """
     first = parts[0]
     for part in parts[1:]:
         differ = sorted(k for k in {*first, *part} - {"runs"} if first.get(k) != part.get(k))
         if differ:
-            raise ValueError(f"studies of different setups cannot be merged: {differ} differ")
+            raise ConfigError(f"studies of different setups cannot be merged: {differ} differ")
     return dict(first, runs=[r for part in parts for r in part["runs"]])
+
+
+DERIVED = ("table", "lanczos_table", "power_lanczos_max_relative_difference", "findings")
+
+
+def load_results(workdir: str) -> dict:
+    """The `run_study` result saved in `workdir`'s results.json, without what `write_outputs`
+    derives from it (so that studies run separately, e.g. a loss each, can be merged).
+
+    Raises:
+      ConfigError: no results.json there; names the path.
+    """
+    path = os.path.join(workdir, "results.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} does not exist; expected the results.json of an "
+                                "experiments.sharpness run")
+    with open(path) as f:
+        saved = json.load(f)
+    return {k: v for k, v in saved.items() if k not in DERIVED}
 
 
 def write_outputs(result: dict, workdir: str) -> dict:
     """results.json (with the tables) and sharpness.png in `workdir`; returns `result` with
-    `table`, `lanczos_table` and `power_lanczos_max_relative_difference` added."""
+    `table`, `lanczos_table`, `power_lanczos_max_relative_difference` and `findings` (the
+    sentences of `edge_of_stability_findings`) added."""
     os.makedirs(workdir, exist_ok=True)
     result = dict(result, table=summary_table(result), lanczos_table=lanczos_table(result),
-                  power_lanczos_max_relative_difference=agreement(result))
+                  power_lanczos_max_relative_difference=agreement(result),
+                  findings=edge_of_stability_findings(result))
     # a diverged run's losses and sharpness are NaN or infinite: null in the (strict) JSON
     write_json(os.path.join(workdir, "results.json"), finite_or_none(result))
     figure(result, os.path.join(workdir, "sharpness.png"))

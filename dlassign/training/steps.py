@@ -25,7 +25,7 @@ class StepConfig:
     """The static parts of a step.
 
     Attributes:
-      loss: 'cross_entropy' or 'mse'.
+      loss: a name in `training.losses.LOSSES` ('cross_entropy', 'mse', 'square').
       normalizer: uint8 -> float mapping.
       random_crop: largest random shift in pixels while training (0: none).
       dtype: input dtype handed to the model (bfloat16 for mixed precision).

@@ -61,7 +61,8 @@ def model_batch_loss(model, variables: dict, loss: str | Callable,
       model: any Flax module; `train=False` is passed where its `__call__` takes `train`.
       variables: the model's variables; everything but "params" is held fixed (params are the
         argument).
-      loss: 'cross_entropy' or 'mse', or any `(outputs, targets) -> float[B]` per-example loss
+      loss: 'cross_entropy', 'mse' or 'square' (`training.losses`), or any `(outputs, targets)
+        -> float[B]` per-example loss
         (or a scalar mean over the batch, which then cannot take masked batches).
       normalizer: maps uint8 images to floats; None when batches already hold floats.
       binary: scalar-logit models (logistic regression, deep linear networks); named losses only.
@@ -72,8 +73,8 @@ def model_batch_loss(model, variables: dict, loss: str | Callable,
     """
     loss_fn = get_loss(loss, binary=binary) if isinstance(loss, str) else loss
     if not callable(loss_fn):
-        raise TypeError(f"loss={loss!r} is invalid; expected 'cross_entropy', 'mse' or a "
-                        "function (outputs, targets) -> per-example losses")
+        raise TypeError(f"loss={loss!r} is invalid; expected 'cross_entropy', 'mse', 'square' "
+                        "or a function (outputs, targets) -> per-example losses")
     fixed = {k: v for k, v in variables.items() if k != "params"}
     model, _ = placement(model, hessian=True)
     if apply_kwargs is None:
