@@ -145,7 +145,6 @@ class SharedPrograms:
     """
 
     def __init__(self, runs: Sequence[Run], sequential: bool):
-        self.sequential = sequential
         groups: dict[tuple, list[int]] = {}
         for i, run in enumerate(runs):
             groups.setdefault(_group_key(run), []).append(i)
@@ -182,6 +181,7 @@ class CellPrograms:
     batch)` and `init(rng) -> TrainState` (rng [K, 2] when the folds are vmapped)."""
 
     run: Run
+    sequential: bool
     tx: optax.GradientTransformation
     train: Callable
     evaluate: Callable
@@ -193,7 +193,7 @@ class _Group:
 
     def __init__(self, runs: list[Run], sequential: bool, compiled_inits: dict):
         run = runs[0]
-        self.runs, self.models = runs, tuple(r.model for r in runs)
+        self.runs, self.models, self.sequential = runs, tuple(r.model for r in runs), sequential
         self.tx = make_tx(run)  # one object: the state's optimizer is part of a program's key
         self._compiled_inits = compiled_inits
         train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
@@ -202,8 +202,8 @@ class _Group:
         else:
             train = stacked_or_single(jax.vmap(train_step), label_ndim=2)  # [K, B] labels
             evaluate = jax.vmap(eval_step)
-        self._train = jax.jit(self._choosing(train), donate_argnums=1)
-        self._evaluate = jax.jit(self._choosing(evaluate))
+        self._train = jax.jit(self._choosing(train, "grid_train_step"), donate_argnums=1)
+        self._evaluate = jax.jit(self._choosing(evaluate, "grid_eval_step"))
 
     def apply(self, variables, *args, index, **kwargs):
         """`models[index].apply`; an index traced as a program's argument makes the group's
@@ -213,13 +213,15 @@ class _Group:
         return jax.lax.switch(index, [functools.partial(m.apply, **kwargs) for m in self.models],
                               variables, *args)
 
-    def _choosing(self, fn):
-        """`fn(state, ...)` as `(index, state, ...)`, its states applying `models[index]`."""
+    def _choosing(self, fn, name: str):
+        """`fn(state, ...)` as `name(index, state, ...)`, its states applying `models[index]`."""
         def call(index, state, *args):
             out = fn(state.replace(apply_fn=functools.partial(self.apply, index=index)), *args)
             return jax.tree.map(lambda x: x.replace(apply_fn=self.apply)
                                 if isinstance(x, TrainState) else x,
                                 out, is_leaf=lambda x: isinstance(x, TrainState))
+
+        call.__name__ = call.__qualname__ = name  # the program's name in logs and profiles
         return call
 
     def cell(self, j: int) -> CellPrograms:
@@ -233,7 +235,8 @@ class _Group:
         def evaluate(state, batch):
             return self._evaluate(index, state.replace(apply_fn=self.apply), batch)
 
-        return CellPrograms(run, self.tx, train, evaluate, self._initializer(run, model))
+        return CellPrograms(run, self.sequential, self.tx, train, evaluate,
+                            self._initializer(run, model))
 
     def _initializer(self, run: Run, model):
         """`rng -> TrainState`, the cell's own initial state replicated over its mesh, compiled
@@ -241,14 +244,15 @@ class _Group:
         (an activation) lower to the same program, the unused forward pass dropped."""
         tx, compiled = self.tx, None
 
-        def arrays(rng):
+        def grid_initial_state(rng):
             s = create_train_state(model, tx, rng, run.input_shape)
             return s.step, s.params, s.batch_stats, s.opt_state, s.rng
 
         def state(rng) -> TrainState:
             nonlocal compiled
             if compiled is None:
-                lowered = jax.jit(jax.vmap(arrays) if rng.ndim == 2 else arrays,
+                lowered = jax.jit(jax.vmap(grid_initial_state) if rng.ndim == 2
+                                  else grid_initial_state,
                                   out_shardings=parallel.replicated(run.mesh),
                                   compiler_options=init_compiler_options()).lower(rng)
                 key = (lowered.as_text(), tuple(d.id for d in run.mesh.devices.flat))
@@ -313,6 +317,9 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     """
     if programs is None:
         programs = SharedPrograms([setup(config, dataset)], sequential).cell(0)
+    elif programs.sequential != sequential:
+        raise ValueError(f"{where}programs for sequential={programs.sequential} folds given "
+                         f"to a cross-validation with sequential={sequential}")
     run, step, evaluate, init = programs.run, programs.train, programs.evaluate, programs.init
     k = len(folds)
     train_ix, val_ix = [f[0] for f in folds], [f[1] for f in folds]
