@@ -139,9 +139,11 @@ class SharedPrograms:
     Cells whose runs differ only in model fields that leave the train state's shapes alone (an
     activation, a dropout rate) form a group with one train and one eval program, the cell's
     model chosen inside by an index argument (`lax.switch` over the group's models): the group
-    compiles them once instead of once per cell, which is most of a small cell's cold time
-    (docs/performance.md). Cells of other widths or depths get programs of their own; a
-    cell's initial state is its own model's, compiled once per distinct program.
+    compiles them once instead of once per cell, which is most of a short cell's cold time. The
+    shared steps run somewhat slower than a cell's own (docs/performance.md): this pays for
+    cells of seconds, as in the main job's grids, not for cells that train for minutes. Cells
+    of other widths or depths get programs of their own; a cell's initial state is its own
+    model's, compiled once per distinct program.
     """
 
     def __init__(self, runs: Sequence[Run], sequential: bool):
