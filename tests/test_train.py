@@ -289,46 +289,71 @@ def test_vmapped_folds_match_sequential_folds():
     assert vmapped["mean"] > 0.9
 
 
+def _compiled(caplog, name: str) -> int:
+    """How many programs named `name` were compiled (or read from the compilation cache) while
+    `caplog` listened under `jax.log_compiles`."""
+    return sum(f"compilation of jit({name})" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("vmapped", [False, True])
-def test_a_cells_initial_state_is_its_own_state_bitwise(vmapped):
-    from dlassign.training import tune as tune_module
-    from dlassign.training.setup import make_tx
+def test_a_cells_initial_state_is_its_own_state_bitwise(vmapped, caplog):
+    import logging
+
     from dlassign.training.train_state import create_train_state, init_compiler_options
+    from dlassign.training.tune import SharedPrograms
 
     data = synthetic_dataset(n_train=240)
     rng = jax.random.PRNGKey(3)
     rngs = jax.numpy.stack([rng, jax.random.fold_in(rng, 1)]) if vmapped else rng
-    for activation in ("relu", "tanh", "sigmoid"):
-        run = setup(tiny_config({"model.activation": activation}), data)
-        tx = make_tx(run)
-        state = tune_module._initializer(run, tx, vmapped)(rngs)
-        make = lambda r: create_train_state(run.model, tx, r, run.input_shape)  # noqa: B023
+    runs = [setup(tiny_config({"model.activation": a}), data) for a in ("relu", "tanh", "sigmoid")]
+    shared = SharedPrograms(runs, sequential=not vmapped)
+    for i, run in enumerate(runs):
+        cell = shared.cell(i)
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+            state = cell.init(rngs)
+        make = lambda r: create_train_state(run.model, cell.tx, r, run.input_shape)  # noqa: B023
         # each cell's own state as setup.make_state compiles it
         direct = jax.jit(jax.vmap(make) if vmapped else make,
                          compiler_options=init_compiler_options())(rngs)
-        assert state.apply_fn == run.model.apply and state.tx is tx
+        assert state.apply_fn == run.model.apply and state.tx is cell.tx
         assert jax.tree.structure(state) == jax.tree.structure(direct)
         for a, b in zip(leaves(state), leaves(direct)):
             assert a.dtype == b.dtype and np.array_equal(a, b)  # bitwise
-
-
-def _in_activation_grid(config):
-    """`config` as a cell of a grid over activations (its own activation among them)."""
-    config = config.copy_and_resolve_references()
-    config.tune = dict(num_folds=3, grid={"model": {"activation": ["relu", "tanh", "sigmoid"]}})
-    return config
+    assert _compiled(caplog, "grid_initial_state") == 1  # the activations' forward pass dropped
 
 
 @pytest.mark.parametrize("sequential", [True, False])
-def test_a_cell_of_an_activation_grid_scores_as_its_config_alone(sequential):
+def test_a_grids_cells_share_programs_and_score_as_their_configs_alone(sequential, caplog):
+    """Cells that differ in activation share one train and one eval program, cells of other
+    widths compile their own, and a cell scores exactly as its config trained alone."""
+    import logging
+
+    from dlassign.training.tune import SharedPrograms
+
     data = synthetic_dataset(n_train=240)
     folds = stratified_kfold(data.train.labels, 3, seed=0)
-    for activation in ("tanh", "sigmoid"):
-        alone = tiny_config({"num_epochs": 2, "model.activation": activation})
-        a = cross_validate(alone, data, folds, sequential=sequential)
-        b = cross_validate(_in_activation_grid(alone), data, folds, sequential=sequential)
-        assert a["fold_losses"] == b["fold_losses"]
-        assert a["fold_accuracies"] == b["fold_accuracies"]
+    configs = [tiny_config({"num_epochs": 2, "model.hidden_sizes": w, "model.activation": a})
+               for w in ((16,), (32,)) for a in ("relu", "tanh")]
+    shared = SharedPrograms([setup(c, data) for c in configs], sequential)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        in_grid = [cross_validate(c, data, folds, sequential=sequential, programs=shared.cell(i))
+                   for i, c in enumerate(configs)]
+    assert _compiled(caplog, "grid_train_step") == 2  # one per width
+    assert _compiled(caplog, "grid_eval_step") == 2
+    for i in (1, 2):  # tanh second in its group, relu first in the other
+        alone = cross_validate(configs[i], data, folds, sequential=sequential)
+        assert in_grid[i]["fold_losses"] == alone["fold_losses"]
+        assert in_grid[i]["fold_accuracies"] == alone["fold_accuracies"]
+
+
+def test_tune_keeps_no_programs_between_grid_searches():
+    """A grid's shared programs live in its `tune()` call alone (`SharedPrograms`): the module
+    holds no container or memoised function that could carry them into the next call."""
+    from dlassign.training import tune as tune_module
+
+    held = [name for name, value in vars(tune_module).items() if not name.startswith("__")
+            and (isinstance(value, (dict, list, set)) or hasattr(value, "cache_info"))]
+    assert held == []
 
 
 @pytest.mark.slow

@@ -20,18 +20,21 @@ fold's validation score, and the cell's config as hyperparameters for TensorBoar
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import itertools
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from dlassign.data import Dataset, Split, prepare, stratified_kfold
@@ -44,9 +47,14 @@ from dlassign.training import loop, summaries
 from dlassign.training.config_validation import flatten_grid, validate_tune_config
 from dlassign.training.evaluation import predict
 from dlassign.training.optim import learning_rate_schedule
-from dlassign.training.setup import make_tx, setup
+from dlassign.training.setup import Run, make_tx, setup
 from dlassign.training.steps import make_eval_step, make_train_step, stacked_or_single
-from dlassign.training.train_state import TrainState, create_train_state, init_compiler_options
+from dlassign.training.train_state import (
+    TrainState,
+    create_train_state,
+    init_compiler_options,
+    init_variables,
+)
 from dlassign.training.trainer import train_and_evaluate
 
 
@@ -127,34 +135,139 @@ def cell_name(index: int, overrides: dict) -> str:
 
 STEP_METRICS = ("loss", "accuracy", "grad_norm")
 
-def _programs(run, sequential: bool):
-    """The cell's jitted train and eval steps: one fold's steps, or all folds' vmapped."""
-    train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
-    if sequential:
-        train, evaluate = stacked_or_single(train_step), eval_step
-    else:
-        train = stacked_or_single(jax.vmap(train_step), label_ndim=2)  # [K, B] labels
-        evaluate = jax.vmap(eval_step)
-    return jax.jit(train, donate_argnums=0), jax.jit(evaluate)
+class SharedPrograms:
+    """The compiled steps of one grid search: made by `tune()` for its cells, dropped with it.
+
+    Cells whose runs differ only in model fields that leave the train state's shapes alone (an
+    activation, a dropout rate) form a group with one train and one eval program, the cell's
+    model chosen inside by an index argument (`lax.switch` over the group's models): the group
+    compiles them once instead of once per cell, which is most of a short cell's cold time. The
+    shared steps run somewhat slower than a cell's own (docs/performance.md): this pays for
+    cells of seconds, as in the main job's grids, not for cells that train for minutes. Cells
+    of other widths or depths get programs of their own; a cell's initial state is its own
+    model's, compiled once per distinct program.
+    """
+
+    def __init__(self, runs: Sequence[Run], sequential: bool):
+        groups: dict[tuple, list[int]] = {}
+        for i, run in enumerate(runs):
+            groups.setdefault(_group_key(run), []).append(i)
+        self._cells: dict[int, tuple[_Group, int]] = {}
+        self._compiled_inits: dict[tuple, object] = {}
+        for members in groups.values():
+            group = _Group([runs[i] for i in members], sequential, self._compiled_inits)
+            self._cells.update({i: (group, j) for j, i in enumerate(members)})
+
+    def cell(self, i: int) -> CellPrograms:
+        """The programs of `runs[i]`."""
+        group, j = self._cells[i]
+        return group.cell(j)
 
 
-def _initializer(run, tx, vmapped: bool):
-    """A jitted `rng -> TrainState` of the cell's initial state (rng [K, 2] when vmapped),
-    replicated over the run's mesh."""
-    def arrays(rng):
-        s = create_train_state(run.model, tx, rng, run.input_shape)
-        return s.step, s.params, s.batch_stats, s.opt_state, s.rng
+def _group_key(run: Run) -> tuple:
+    """What a group's cells have in common: the whole config but the model's own fields, the
+    mesh, and the train state's shapes (from an abstract trace, no compute)."""
+    config = run.config.to_dict()
+    model = config.pop("model")
+    config.pop("tune", None)
+    shapes = jax.eval_shape(lambda rng: init_variables(run.model, rng,
+                                                       (1, *run.input_shape[1:])),
+                            jax.random.PRNGKey(0))
+    return (json.dumps(config, sort_keys=True, default=str), model["name"],
+            tuple(d.id for d in run.mesh.devices.flat), run.mesh.axis_names,
+            jax.tree.structure(shapes),
+            tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(shapes)))
 
-    init = jax.jit(jax.vmap(arrays) if vmapped else arrays,
-                   out_shardings=parallel.replicated(run.mesh),
-                   compiler_options=init_compiler_options())
 
-    def state(rng) -> TrainState:
-        step, params, batch_stats, opt_state, state_rng = init(rng)
-        return TrainState(step=step, params=params, batch_stats=batch_stats,
-                          opt_state=opt_state, rng=state_rng, apply_fn=run.model.apply, tx=tx)
+@dataclasses.dataclass
+class CellPrograms:
+    """One cell's run, optimizer and steps: `train(state, batch, steps)`, `evaluate(state,
+    batch)` and `init(rng) -> TrainState` (rng [K, 2] when the folds are vmapped)."""
 
-    return state
+    run: Run
+    sequential: bool
+    tx: optax.GradientTransformation
+    train: Callable
+    evaluate: Callable
+    init: Callable
+
+
+class _Group:
+    """The programs of cells that differ only in their models' fields (`SharedPrograms`)."""
+
+    def __init__(self, runs: list[Run], sequential: bool, compiled_inits: dict):
+        run = runs[0]
+        self.runs, self.models, self.sequential = runs, tuple(r.model for r in runs), sequential
+        self.tx = make_tx(run)  # one object: the state's optimizer is part of a program's key
+        self._compiled_inits = compiled_inits
+        train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
+        if sequential:
+            train, evaluate = stacked_or_single(train_step), eval_step
+        else:
+            train = stacked_or_single(jax.vmap(train_step), label_ndim=2)  # [K, B] labels
+            evaluate = jax.vmap(eval_step)
+        self._train = jax.jit(self._choosing(train, "grid_train_step"), donate_argnums=1)
+        self._evaluate = jax.jit(self._choosing(evaluate, "grid_eval_step"))
+
+    def apply(self, variables, *args, index, **kwargs):
+        """`models[index].apply`; an index traced as a program's argument makes the group's
+        models one program, which runs the chosen one's operations alone."""
+        if len(self.models) == 1:
+            return self.models[0].apply(variables, *args, **kwargs)
+        return jax.lax.switch(index, [functools.partial(m.apply, **kwargs) for m in self.models],
+                              variables, *args)
+
+    def _choosing(self, fn, name: str):
+        """`fn(state, ...)` as `name(index, state, ...)`, its states applying `models[index]`."""
+        def call(index, state, *args):
+            out = fn(state.replace(apply_fn=functools.partial(self.apply, index=index)), *args)
+            return jax.tree.map(lambda x: x.replace(apply_fn=self.apply)
+                                if isinstance(x, TrainState) else x,
+                                out, is_leaf=lambda x: isinstance(x, TrainState))
+
+        call.__name__ = call.__qualname__ = name  # the program's name in logs and profiles
+        return call
+
+    def cell(self, j: int) -> CellPrograms:
+        run, model, index = self.runs[j], self.models[j], np.int32(j)
+        # The programs see the group's apply_fn, the same for every cell (a static field of the
+        # state, hence part of the programs' trace key); the states outside keep the cell's own.
+        def train(state, batch, steps=None):
+            new, metrics = self._train(index, state.replace(apply_fn=self.apply), batch, steps)
+            return new.replace(apply_fn=model.apply), metrics
+
+        def evaluate(state, batch):
+            return self._evaluate(index, state.replace(apply_fn=self.apply), batch)
+
+        return CellPrograms(run, self.sequential, self.tx, train, evaluate,
+                            self._initializer(run, model))
+
+    def _initializer(self, run: Run, model):
+        """`rng -> TrainState`, the cell's own initial state replicated over its mesh, compiled
+        once per distinct program: cells whose models differ only in a parameter-free function
+        (an activation) lower to the same program, the unused forward pass dropped."""
+        tx, compiled = self.tx, None
+
+        def grid_initial_state(rng):
+            s = create_train_state(model, tx, rng, run.input_shape)
+            return s.step, s.params, s.batch_stats, s.opt_state, s.rng
+
+        def state(rng) -> TrainState:
+            nonlocal compiled
+            if compiled is None:
+                lowered = jax.jit(jax.vmap(grid_initial_state) if rng.ndim == 2
+                                  else grid_initial_state,
+                                  out_shardings=parallel.replicated(run.mesh),
+                                  compiler_options=init_compiler_options()).lower(rng)
+                key = (lowered.as_text(), tuple(d.id for d in run.mesh.devices.flat))
+                if key not in self._compiled_inits:
+                    self._compiled_inits[key] = lowered.compile()
+                compiled = self._compiled_inits[key]
+            step, params, batch_stats, opt_state, state_rng = compiled(rng)
+            return TrainState(step=step, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, rng=state_rng, apply_fn=model.apply, tx=tx)
+
+        return state
 
 
 def _write_fold_runs(logdir: str, per_fold: list[dict[str, np.ndarray]], log_every: int,
@@ -181,7 +294,7 @@ def _write_fold_runs(logdir: str, per_fold: list[dict[str, np.ndarray]], log_eve
 def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
                    folds: list[tuple[np.ndarray, np.ndarray]], sequential: bool = False,
                    where: str = "", logdir: str | None = None,
-                   hparams: dict | None = None) -> dict:
+                   hparams: dict | None = None, programs: CellPrograms | None = None) -> dict:
     """Trains one grid cell on every fold and scores each fold's validation set.
 
     The folds train through the training loop's runner (`loop.run_steps`: call plan, batch
@@ -196,6 +309,8 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
       logdir: where the folds' TensorBoard runs go (`fold<k>` each); None: none are written.
       hparams: the cell's hyperparameters (`cell_hparams`), written with the rest of `config`
         as those runs' hyperparameters.
+      programs: the cell's run and steps from its grid's `SharedPrograms` (for the same
+        `sequential`); None: the cell's own.
 
     Returns:
       fold_accuracies (list), mean, std, fold_losses (each fold's mean validation loss),
@@ -204,13 +319,15 @@ def cross_validate(config: ml_collections.ConfigDict, dataset: Dataset,
     Raises:
       NumericalError: a fold's step was not finite; names the cell, the fold and the step.
     """
-    run = setup(config, dataset)
+    if programs is None:
+        programs = SharedPrograms([setup(config, dataset)], sequential).cell(0)
+    elif programs.sequential != sequential:
+        raise ValueError(f"{where}programs for sequential={programs.sequential} folds given "
+                         f"to a cross-validation with sequential={sequential}")
+    run, step, evaluate, init = programs.run, programs.train, programs.evaluate, programs.init
     k = len(folds)
     train_ix, val_ix = [f[0] for f in folds], [f[1] for f in folds]
-    tx = make_tx(run)
     rngs = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), i) for i in range(k)])
-    step, evaluate = _programs(run, sequential)
-    init = _initializer(run, tx, vmapped=not sequential)
 
     per_call = int(config.get("steps_per_call", 0)) or loop.AUTO_MOST_STEPS
     steps = _fold_steps_per_epoch(train_ix, config.batch_size)
@@ -318,23 +435,29 @@ def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise DlassignError(f"{path} holds the results of a different config; use a new "
                                 "workdir or the config that wrote it")
         done = {json.dumps(c["params"], sort_keys=True): c for c in previous.get("cells", [])}
-    cells = []
-    for i, overrides in enumerate(grid_cells(config.tune.grid)):
+    cells, grid = [], grid_cells(config.tune.grid)
+    todo = [i for i, o in enumerate(grid) if json.dumps(o, sort_keys=True) not in done]
+    sequential = sequential_folds(config.tune.get("mode", "auto"))
+    logging.info("grid of %d cells, %d to train", len(grid), len(todo))
+    shared = SharedPrograms([setup(apply_overrides(config, grid[i]), dataset) for i in todo],
+                            sequential)
+    for i, overrides in enumerate(grid):
         key = json.dumps(overrides, sort_keys=True)
         if key in done:
             cells.append(done[key])
             continue
-        logging.info("cell %d/%d %s", i + 1, len(grid_cells(config.tune.grid)), overrides)
+        logging.info("cell %d/%d %s", i + 1, len(grid), overrides)
         cv = cross_validate(apply_overrides(config, overrides), dataset, folds,
-                            sequential=sequential_folds(config.tune.get("mode", "auto")),
-                            where=f"grid cell {overrides}: ",
+                            sequential=sequential, where=f"grid cell {overrides}: ",
                             logdir=os.path.join(workdir, "cells", cell_name(i, overrides)),
-                            hparams=cell_hparams(config.tune.grid, overrides))
+                            hparams=cell_hparams(config.tune.grid, overrides),
+                            programs=shared.cell(todo.index(i)))
         logging.info("  fold accuracies %s mean %.4f std %.4f (%.1fs)",
                      ", ".join(f"{a:.4f}" for a in cv["fold_accuracies"]), cv["mean"], cv["std"],
                      cv["train_time_s"])
         cells.append({"params": overrides, **cv})
         write_json(path, {"config": config.to_dict(), "cells": cells, "complete": False})
+    del shared  # its programs and buffers go before the best cell is trained again
     best = max(cells, key=lambda c: c["mean"])
     logging.info("best cell %s: mean CV accuracy %.4f", best["params"], best["mean"])
     final = train_and_evaluate(apply_overrides(config, best["params"]),
