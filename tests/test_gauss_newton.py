@@ -76,13 +76,6 @@ def test_h_g_r_of_each_loss_are_the_exact_matrices(loss):
             assert lowest >= -1e-10
 
 
-def test_square_loss_is_half_the_squared_distance_to_one_hot():
-    with jax.enable_x64(True):
-        z = jnp.asarray([[1.0, -2.0, 0.5]])
-        np.testing.assert_allclose(gn.square_loss(z, jnp.asarray([1])),
-                                   [0.5 * (1.0 + 9.0 + 0.25)])
-
-
 @pytest.mark.parametrize("loss", ["cross_entropy", "square"])
 def test_logistic_regression_closed_form_h_equals_g_and_r_vanishes(loss):
     """Softmax regression z = W^T [x; 1]: the logits are linear in W, so H = G exactly, and

@@ -46,14 +46,7 @@ MATRIX_NAMES = {"hessian": "H", "gauss_newton": "G", "residual": "R"}
 # ----------------------------------------------------------------------------- losses
 
 
-def square_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example 0.5 ||z - onehot(y)||^2 on the raw outputs z (the square loss of Cohen et al.,
-    whose code sums 0.5 (z - y)^2 over the outputs): float[N]."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    return 0.5 * jnp.sum((logits - targets) ** 2, axis=-1)
-
-
-LOSSES = {"cross_entropy": losses.cross_entropy, "mse": losses.mse, "square": square_loss}
+LOSSES = losses.LOSSES  # cross_entropy, mse (on softmax), square (on the logits)
 # losses whose output Hessian is a sum of squares labelled by the outputs (class_mean_gram)
 FACTORED = ("cross_entropy", "square")
 
