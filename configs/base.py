@@ -83,12 +83,14 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def writeup_tune(width_field: str) -> dict:
+def writeup_tune(width_field: str, share_programs: bool = True) -> dict:
     """The write-up's grid (question 3) for `c.tune`: width {32, 64, 128} x activation {relu,
     tanh, sigmoid}, 3-fold stratified CV. `width_field` is 'hidden_sizes' (an MLP with one
-    hidden layer of that width) or 'dense_width' (the CNN's dense layer)."""
+    hidden layer of that width) or 'dense_width' (the CNN's dense layer). `share_programs`:
+    cells differing only in the activation share compiled programs (`tune.SharedPrograms`),
+    which saves compiling for cells of seconds and costs step time in cells of minutes."""
     widths = [32, 64, 128]
     if width_field == "hidden_sizes":
         widths = [(w,) for w in widths]
-    return dict(num_folds=3, mode="auto",
+    return dict(num_folds=3, mode="auto", share_programs=share_programs,
                 grid={"model": {width_field: widths, "activation": ["relu", "tanh", "sigmoid"]}})

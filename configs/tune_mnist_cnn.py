@@ -21,5 +21,5 @@ def get_config():
     c.eval_batch_size = 1000
     c.num_epochs = 3
     c.log_every_steps = 0
-    c.tune = base.writeup_tune("dense_width")
+    c.tune = base.writeup_tune("dense_width", share_programs=False)  # cells of minutes
     return c

@@ -18,5 +18,5 @@ def get_config():
     c.eval_batch_size = 1000
     c.num_epochs = 10
     c.log_every_steps = 0
-    c.tune = base.writeup_tune("hidden_sizes")
+    c.tune = base.writeup_tune("hidden_sizes", share_programs=False)  # cells of minutes
     return c

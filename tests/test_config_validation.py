@@ -129,6 +129,10 @@ def test_tune_needs_two_folds_and_a_grid():
     config.tune.grid = {"model": {"widths": [1, 2]}}
     with pytest.raises(ConfigError, match="no field 'model.widths'"):
         validate_tune_config(config)
+    config.tune.share_programs = 1
+    with pytest.raises(ConfigError, match="tune.share_programs=1 is invalid; expected true"):
+        validate_tune_config(config)
+    config.tune.share_programs = False
     config.tune.grid = {"model": {"activation": []}}
     with pytest.raises(ConfigError, match="tune.grid.model.activation=\\[\\] is invalid"):
         validate_tune_config(config)
@@ -146,9 +150,10 @@ def test_every_config_file_is_valid():
 
     portable = [n for n, a in architectures().items() if a.portable]
     arch_args = {"svhn": portable, "digits32": portable, "mnist_ported": ["lenet5", "resnet18"]}
-    # configs/convexity.py and configs/sharpness.py are their studies' own configs (validated
-    # as the study runs; tests/test_sharpness.py validates sharpness.py's)
-    study_configs = {"convexity", "sharpness"}
+    # configs/convexity.py, curvature.py and sharpness.py are their studies' own configs
+    # (validated as the study runs; tests/test_sharpness.py and tests/test_gauss_newton.py
+    # validate theirs)
+    study_configs = {"convexity", "curvature", "sharpness"}
 
     def check(config):
         (validate_tune_config if "tune" in config else validate_train_config)(config)

@@ -340,6 +340,12 @@ def test_a_grids_cells_share_programs_and_score_as_their_configs_alone(sequentia
                    for i, c in enumerate(configs)]
     assert _compiled(caplog, "grid_train_step") == 2  # one per width
     assert _compiled(caplog, "grid_eval_step") == 2
+    caplog.clear()
+    apart = SharedPrograms([setup(c, data) for c in configs], sequential, share=False)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        cross_validate(configs[1], data, folds, sequential=sequential, programs=apart.cell(1))
+        cross_validate(configs[0], data, folds, sequential=sequential, programs=apart.cell(0))
+    assert _compiled(caplog, "grid_train_step") == 2  # share=False: a program per cell
     for i in (1, 2):  # tanh second in its group, relu first in the other
         alone = cross_validate(configs[i], data, folds, sequential=sequential)
         assert in_grid[i]["fold_losses"] == alone["fold_losses"]

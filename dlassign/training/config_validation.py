@@ -216,6 +216,9 @@ def validate_tune_config(config) -> None:
     _required(config, "tune.grid", "tune.num_folds")
     _number("tune.num_folds", config.tune.num_folds, low=2, integer=True)
     _choice("tune.mode", config.tune.get("mode", "auto"), ("auto", "vmap", "sequential"))
+    share = config.tune.get("share_programs", True)
+    if not isinstance(share, bool):
+        raise ConfigError(f"tune.share_programs={share!r} is invalid; expected true or false")
     grid = config.tune.grid
     if not grid:
         raise ConfigError("tune.grid is empty; expected e.g. {'model': {'dense_width': [32, 64]}}")

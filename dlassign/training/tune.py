@@ -148,10 +148,10 @@ class SharedPrograms:
     model's, compiled once per distinct program.
     """
 
-    def __init__(self, runs: Sequence[Run], sequential: bool):
+    def __init__(self, runs: Sequence[Run], sequential: bool, share: bool = True):
         groups: dict[tuple, list[int]] = {}
-        for i, run in enumerate(runs):
-            groups.setdefault(_group_key(run), []).append(i)
+        for i, run in enumerate(runs):  # share=False: a group per cell
+            groups.setdefault(_group_key(run) if share else (i,), []).append(i)
         self._cells: dict[int, tuple[_Group, int]] = {}
         self._compiled_inits: dict[tuple, object] = {}
         for members in groups.values():
@@ -440,7 +440,7 @@ def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sequential = sequential_folds(config.tune.get("mode", "auto"))
     logging.info("grid of %d cells, %d to train", len(grid), len(todo))
     shared = SharedPrograms([setup(apply_overrides(config, grid[i]), dataset) for i in todo],
-                            sequential)
+                            sequential, config.tune.get("share_programs", True))
     for i, overrides in enumerate(grid):
         key = json.dumps(overrides, sort_keys=True)
         if key in done:
