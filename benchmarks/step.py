@@ -20,7 +20,8 @@ in the same run: a float32 `jnp.dot` of two `--peak_size` square matrices on our
 and `torch.mm` of the same on PyTorch's. A step's FLOPs are XLA's count (`cost_analysis`) of the
 one-step train program built from XLA's own convolutions and dots (`impl='xla'`) before it is
 partitioned: the model's arithmetic for the whole batch, which PyTorch's step does too, so one
-count serves both (our CPU rewrites' extra multiplications by zero are not counted).
+count serves both (no multiplication by zero is counted: neither our CPU rewrites' nor the
+kernel taps that fall on a convolution's padding).
 """
 
 from __future__ import annotations
@@ -265,6 +266,8 @@ def main():
                          f"some of {', '.join(sorted(known))}")
     size = args.peak_size or (2048 if jax.devices()[0].platform == "cpu" else 8192)
     peaks = [matmul_peak(jax, torch, size)]  # again at the end: the better of the two
+    print(f"matmul peak ({size}x{size} float32): JAX {peaks[0][0]:.0f} GFLOP/s, PyTorch "
+          f"{peaks[0][1]:.0f} GFLOP/s", flush=True)
     rows = []
     for name in names:
         one, devices, split = ours(jax, name, args.batch_size, args.image_size, 1,
