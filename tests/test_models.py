@@ -428,7 +428,7 @@ def test_two_by_two_outputs_keep_im2col():
 
 def test_im2col_heuristic_follows_its_documented_rule():
     """The rule `im2col_pays` documents, case by case. Whether its choices are the faster ones
-    was measured layer by layer (docs/performance.md, decisions), not here: a test on this
+    was measured layer by layer (docs/performance.md), not here: a test on this
     shared 2-core machine could not time it reliably."""
     from dlassign.kernels.conv import im2col_pays
 
