@@ -11,7 +11,8 @@ initialisation), the optimizer and its per-step schedule, batches from the same 
 permutation per epoch (last partial batch dropped), pixels scaled to [0, 1], random shifts of up
 to `--random_crop` pixels (edge padding, one offset per image), the loss logged every
 `--log_every_steps` steps, a checkpoint each epoch, and the test split evaluated at the end
-(accuracy, macro F1) into WORKDIR/results.json.
+(accuracy, macro F1) into WORKDIR/results.json. On a CUDA GPU when PyTorch sees one (the data
+placed on it once, TF32 allowed as JAX's default float32 precision does), else on the CPU.
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ def shift(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor
     b, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate").permute(0, 2, 3, 1)
     offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
-    rows = offsets[:, :1] + torch.arange(h)
-    cols = offsets[:, 1:] + torch.arange(w)
-    return padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]].permute(
+    offsets = offsets.to(x.device)
+    rows = offsets[:, :1] + torch.arange(h, device=x.device)
+    cols = offsets[:, 1:] + torch.arange(w, device=x.device)
+    index = torch.arange(b, device=x.device)[:, None, None]
+    return padded[index, rows[:, :, None], cols[:, None, :]].permute(
         0, 3, 1, 2)
 
 
@@ -105,6 +108,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -125,10 +132,10 @@ def main() -> None:
         keep = np.sort(np.concatenate(keep))
         train_x, train_y = train_x[keep], train_y[keep]
     test_x, test_y = load(args.data_dir, "test")
-    train_x, test_x = tensor(train_x), tensor(test_x)
-    train_y = torch.from_numpy(train_y)
+    train_x, test_x = tensor(train_x).to(device), tensor(test_x).to(device)
+    train_y = torch.from_numpy(train_y).to(device)
 
-    model = build(args.model, args.dropout, args.channels)
+    model = build(args.model, args.dropout, args.channels).to(device)
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), args.learning_rate, momentum=args.momentum,
                               weight_decay=args.weight_decay)
@@ -147,7 +154,7 @@ def main() -> None:
     for epoch in range(args.num_epochs):
         model.train()
         order = torch.from_numpy(np.random.default_rng([args.seed, epoch]).permutation(
-            len(train_y)))
+            len(train_y))).to(device)
         for i in range(steps_per_epoch):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             x = train_x[idx].float() / 255.0
@@ -168,7 +175,7 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         preds = torch.cat([model(test_x[i:i + args.eval_batch_size].float() / 255.0).argmax(1)
-                           for i in range(0, len(test_x), args.eval_batch_size)]).numpy()
+                           for i in range(0, len(test_x), args.eval_batch_size)]).cpu().numpy()
     confusion = np.bincount(test_y * 10 + preds, minlength=100).reshape(10, 10)
     tp = np.diag(confusion).astype(np.float64)
     precision = np.divide(tp, confusion.sum(0), out=np.zeros(10), where=confusion.sum(0) > 0)

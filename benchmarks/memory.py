@@ -33,14 +33,14 @@ def held():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
 if framework == "ours":
-    from benchmarks.throughput import ours
+    from benchmarks.step import ours
     run_steps, devices, split = ours(jax, name, batch, steps_per_call=per_call)
     run_steps.compiled_text()  # compiles the step program without running it
     out = {{"compiled_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "held_mb": held() / 1024}}
     run_steps(max(per_call, 5))
 else:
-    from benchmarks.throughput import theirs
+    from benchmarks.step import theirs
     from benchmarks.common import model_spec
     shape = model_spec(name)[0]
     rng = np.random.default_rng(0)
@@ -64,14 +64,14 @@ def measure(framework: str, name: str, batch: int, per_call: int) -> dict:
 def xla_buffers(name: str, batch: int, per_call: int) -> float:
     code = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
             "from benchmarks.common import start_jax\njax = start_jax(0)\n"
-            "from benchmarks.throughput import ours\n"
+            "from benchmarks.step import ours\n"
             "import dlassign.training.setup as t\n"
             "orig = t.compile_steps\nbox = {}\n"
             "def spy(run, state):\n"
             "    step, ev = orig(run, state)\n    box['step'] = step\n    box['state'] = state\n"
             "    return step, ev\n"
             "t.compile_steps = spy\n"
-            f"import benchmarks.throughput as b\nb.compile_steps = spy\n"
+            f"import benchmarks.step as b\nb.compile_steps = spy\n"
             f"run_steps, d, split = ours(jax, {name!r}, {batch}, steps_per_call={per_call})\n"
             "import numpy as np\n"
             "batch = {'image': split.images, 'label': split.labels}\n"

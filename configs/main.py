@@ -26,8 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
                                                 resnet18=digits32.get_config("resnet18")))
     c.transfer.resnet18.num_epochs = 8
     # The job's runs checkpoint every 500 steps and at the end, not every epoch: their epochs
-    # take seconds and a save has a fixed cost, largest for ResNet-18's state
-    # (`python -m benchmarks.checkpoint_save`, docs/performance.md, whole jobs).
+    # take seconds and a save has a fixed cost, about a second for ResNet-18's state
+    # (docs/performance.md).
     for run in (c.tune_mlp, c.tune_cnn, c.transfer.lenet5, c.transfer.resnet18):
         run.checkpoint_every_steps = 500
     c.sharpness = sharpness.get_config("digits")  # edge of stability, kept to a few tens of s

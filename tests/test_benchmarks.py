@@ -1,131 +1,69 @@
-"""The step profiler (benchmarks/profile_step.py): its HLO parsing and its time shares."""
+"""The benchmarks: the step harness's FLOP count and roofline, the end-to-end pair's settings,
+and small runs of each script."""
 
-import gzip
 import json
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import jax
-import jax.numpy as jnp
 import pytest
-
-from benchmarks.profile_step import hlo_ops, op_times
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _trace(directory: Path, events: list[dict]) -> None:
-    path = directory / "plugins" / "profile" / "run"
-    path.mkdir(parents=True)
-    with gzip.open(path / "host.trace.json.gz", "wt") as f:
-        json.dump({"traceEvents": events}, f)
+def _run(*args, timeout=300):
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
-def test_shares_split_overlapping_time_and_add_up_to_the_busy_time(tmp_path):
-    ops = {"a": {"opcode": "fusion", "operands": []}, "b": {"opcode": "fusion", "operands": []},
-           "loop": {"opcode": "while", "operands": ["a", "b"]}}
-    _trace(tmp_path, [
-        {"ph": "X", "name": "a", "ts": 0, "dur": 4000},      # alone for 2 ms, then with b
-        {"ph": "X", "name": "b", "ts": 2000, "dur": 4000},   # with a for 2 ms, then alone
-        {"ph": "X", "name": "a", "ts": 10000, "dur": 1000},  # the second step's a, alone
-        {"ph": "X", "name": "loop", "ts": 0, "dur": 11000},  # control flow: left out
-        {"ph": "X", "name": "PjitFunction", "ts": 0, "dur": 500},  # not an op
-        {"ph": "i", "name": "a", "ts": 3000},                # not a complete event
-    ])
-    times = op_times(str(tmp_path), ops, steps=2)
-    assert set(times) == {"a", "b"}
-    assert times["a"] == pytest.approx({"ms": 2.5, "share_ms": 2.0, "calls": 1.0})
-    assert times["b"] == pytest.approx({"ms": 2.0, "share_ms": 1.5, "calls": 0.5})
-    # 7 ms of the trace have some op running: 3.5 ms per step
-    assert times["a"]["share_ms"] + times["b"]["share_ms"] == pytest.approx(3.5)
+def test_a_steps_flops_are_the_models_arithmetic_for_the_whole_batch():
+    """The MLP 784-128-10's step at batch 128: its five matrix products (forward, both weight
+    gradients, the hidden layer's input gradient) at 2 FLOPs a multiply-add, plus elementwise
+    work and Adam, a few percent; counted before partitioning, so the whole batch's."""
+    from benchmarks.step import step_flops
 
-
-def test_an_asynchronous_dot_ends_when_its_first_consumer_starts(tmp_path):
-    # XLA:CPU's Eigen dots: the event is the launch; the result's first user starts when the
-    # product is done, and the runtime logs "end: d" only after starting that user
-    ops = {"d": {"opcode": "dot", "operands": ["x"]},
-           "view": {"opcode": "bitcast", "operands": ["d"]},       # not in the trace
-           "f": {"opcode": "fusion", "operands": ["view", "g"]},
-           "g": {"opcode": "fusion", "operands": []},
-           "lone": {"opcode": "dot", "operands": []}}               # no traced consumer
-    _trace(tmp_path, [
-        {"ph": "X", "name": "d", "ts": 0, "dur": 100},
-        {"ph": "X", "name": "g", "ts": 500, "dur": 1000},    # runs beside d
-        {"ph": "X", "name": "f", "ts": 3000, "dur": 1000},
-        {"ph": "X", "name": "end: d", "ts": 4100, "dur": 1},
-        {"ph": "X", "name": "lone", "ts": 5000, "dur": 100},
-        {"ph": "X", "name": "end: lone", "ts": 6000, "dur": 1},
-    ])
-    times = op_times(str(tmp_path), ops, steps=1)
-    assert times["d"]["ms"] == pytest.approx(3.0)              # 0 to f's start
-    assert times["d"]["share_ms"] == pytest.approx(2.5)        # 1 ms of it shared with g
-    assert times["f"] == pytest.approx({"ms": 1.0, "share_ms": 1.0, "calls": 1.0})
-    assert times["lone"]["ms"] == pytest.approx(1.0)           # up to its end marker
-
-
-def test_missing_trace_is_named(tmp_path):
-    with pytest.raises(RuntimeError, match="no \\*.trace.json.gz under"):
-        op_times(str(tmp_path), {}, steps=1)
-
-
-def test_hlo_ops_reads_opcodes_shapes_and_sources_of_a_compiled_program():
-    def f(x, w):
-        def body(carry):
-            i, y = carry
-            return i + 1, jnp.tanh(y @ w)
-        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
-
-    x = jnp.ones((4, 8))
-    ops = hlo_ops(jax.jit(f).lower(x, jnp.ones((8, 8))).compile().as_text())
-    loops = [op for op in ops.values() if op["opcode"] == "while"]
-    assert loops and loops[0]["shape"].startswith("(")  # a tuple result type
-    products = [op for op in ops.values() if op["source"].endswith("dot_general")]
-    # the product's instruction (and the fusion around it, if any), layout {1,0} dropped
-    assert products and {op["shape"] for op in products} == {"f32[4,8]"}
-    assert {op["opcode"] for op in products} <= {"dot", "fusion"}
-    assert all(op["kind"] for op in ops.values() if op["opcode"] == "fusion")
+    batch = 128
+    products = 2 * (2 * batch * (784 * 128 + 128 * 10) + batch * 128 * 10)
+    flops = step_flops("mlp128", batch)
+    assert products < flops < 1.1 * products, (flops, products)
+    # twice the batch: the products double, Adam does not
+    assert 1.9 < step_flops("mlp128", 2 * batch) / flops < 2.0
 
 
 @pytest.mark.slow
-def test_profile_step_runs_and_names_the_layers_and_the_optimizer(tmp_path):
-    out = tmp_path / "profile.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.profile_step", "--models=mlp128", "--steps=8",
-         "--steps_per_call=4", "--batch_size=32", f"--json={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out.read_text())
-    sources = {r["source"] for r in rows}
-    assert any("dense0/dot_general" in s for s in sources)
-    assert any(s.startswith("optimizer/") for s in sources)
-    assert all(r["share_ms"] <= r["ms"] + 1e-9 and r["calls"] > 0 for r in rows)
-
-
-def test_step_rewrites_times_each_plain_form_in_its_own_program(tmp_path):
-    """Each plain form changes the compiled step (the benchmark checks that itself and stops
-    otherwise) and gets a row."""
-    out = tmp_path / "rewrites.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.step_rewrites", "--models=lenet5", "--rounds=1",
-         "--steps=2", "--steps_per_call=1", "--batch_size=8", f"--json={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out.read_text())
-    assert [r["rewrite"] for r in rows] == ["dense", "pool_first"]
-    assert all(r["ours"] > 0 and r["plain"] > 0 for r in rows)
-
-
-def test_checkpoint_save_times_each_save_of_a_real_train_state(tmp_path):
-    out = tmp_path / "saves.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.checkpoint_save", "--models=lenet5", "--saves=2",
-         f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_step_harness_prints_throughput_and_roofline(tmp_path):
+    out = tmp_path / "step.json"
+    stdout = _run("benchmarks.step", "--models=mlp128", "--rounds=1", "--steps=1",
+                  "--min_round_s=0.01", "--batch_size=16", "--eval_batch_size=16",
+                  "--steps_per_call=2", "--peak_size=256", f"--json={out}")
+    assert "| model | GFLOP/step | ours GFLOP/s | ours of JAX peak |" in stdout
     (row,) = json.loads(out.read_text())
-    assert row["model"] == "lenet5" and len(row["each"].split(", ")) == 2
-    assert 0.2 < row["mib"] < 2 and row["median"] > 0  # 62k parameters and their moments
+    assert row["model"] == "mlp128" and row["jax_peak"] > 0 and row["torch_peak"] > 0
+    assert row["ours_gflops"] == pytest.approx(
+        row["gflop"] * max(row["ours_1"], row["ours_k"]) / 16)
+    assert row["torch_of_peak"] == pytest.approx(row["torch_gflops"] / row["torch_peak"])
+
+
+def test_step_harness_names_an_unknown_model():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.step", "--models=mlp128,nope"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "unknown 'nope'" in result.stderr and "mlp128" in result.stderr
+
+
+@pytest.mark.slow
+def test_hessian_and_memory_benchmarks_run(tmp_path):
+    _run("benchmarks.hessian", "--models=lenet5", "--batch_size=8", "--rounds=1", "--steps=1",
+         f"--json={tmp_path / 'hessian.json'}")
+    (row,) = json.loads((tmp_path / "hessian.json").read_text())
+    assert row["hvp_ms"] > 0 and row["torch_hvp_ms"] > 0
+    _run("benchmarks.memory", "--models=mlp128", "--batch_size=8", "--steps_per_call=2",
+         f"--json={tmp_path / 'memory.json'}")
+    (row,) = json.loads((tmp_path / "memory.json").read_text())
+    assert row["ours_mb"] > 0 and row["torch_mb"] > 0 and row["xla_mb"] > 0
 
 
 def test_end_to_end_gives_the_pytorch_script_our_configs_settings():

@@ -34,7 +34,7 @@ SEPARATORS = {"&&", "||", ";", "|", "&"}
 
 # The bogus commands of the tests below name these modules; they are imported with the rest.
 CHECKER_PROBES = ("experiments.no_such_entry_point", "dlassign.errors", "experiments.train",
-                  "experiments.main", "benchmarks.throughput")
+                  "experiments.main", "benchmarks.step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +346,7 @@ def test_every_documented_command_names_real_modules_flags_and_config_fields():
     problems = [p for cmd in commands for p in problems_of(cmd, facts)]
     assert not problems, "\n".join(problems)
     modules = {c.module for c in commands}
-    assert {"experiments.main", "experiments.train", "benchmarks.throughput"} <= modules
+    assert {"experiments.main", "experiments.train", "benchmarks.step"} <= modules
 
 
 def test_readme_test_command_is_the_ci_command():
@@ -362,18 +362,18 @@ def test_extraction_finds_fenced_continued_and_inline_commands():
         "--workdir=runs/a` first.",
         "```bash",
         "python3 -m venv .venv && . .venv/bin/activate && python -m pytest -n 2",
-        "JAX_PLATFORMS=cpu python -m benchmarks.throughput --models=mlp \\",
+        "JAX_PLATFORMS=cpu python -m benchmarks.step --models=mlp \\",
         "    --rounds=2   # a comment",
         "```",
-        "Usage: `python -m benchmarks.kfold [--folds=3]`.",
+        "Usage: `python -m benchmarks.scale_out [--rounds=3]`.",
     ])
     got = [(c.where, c.module, c.args) for c in commands_in(text, "x.md")]
     assert got == [
         ("x.md:4", "venv", (".venv",)),
         ("x.md:4", "pytest", ("-n", "2")),
-        ("x.md:5", "benchmarks.throughput", ("--models=mlp", "--rounds=2")),
+        ("x.md:5", "benchmarks.step", ("--models=mlp", "--rounds=2")),
         ("x.md:1", "experiments.train", ("--config=configs/base.py", "--workdir=runs/a")),
-        ("x.md:8", "benchmarks.kfold", ("--folds=3",)),
+        ("x.md:8", "benchmarks.scale_out", ("--rounds=3",)),
     ]
 
 
@@ -389,8 +389,8 @@ def test_extraction_finds_fenced_continued_and_inline_commands():
     ("python -m experiments.main --workdir=x --config.tune_mlp.data.no_such=1",
      "configs/main.py has no field"),
     ("python -m experiments.train --workdir=x --config_typo.seed=1", "is no config flag"),
-    ("python -m benchmarks.throughput --models=mlp --no_such_option=3", "no option"),
-    ("python -m benchmarks.throughput --model=mlp", "no option --model"),
+    ("python -m benchmarks.step --models=mlp --no_such_option=3", "no option"),
+    ("python -m benchmarks.step --model=mlp", "no option --model"),
 ])
 def test_checker_reports_bogus_commands(command, needle):
     (cmd,) = commands_in(f"```\n{command}\n```", "bogus.md")
@@ -402,7 +402,7 @@ def test_checker_reports_bogus_commands(command, needle):
     "python -m experiments.main --workdir=x --config.tune_mlp.data.name=mnist",
     "python -m experiments.train --config=configs/base.py --workdir x --nodistributed "
     "--config.mesh.shard_params=true --helpfull",
-    "python -m benchmarks.throughput --models=mlp --steps_per_call 4 --json=out.json --help",
+    "python -m benchmarks.step --models=mlp --steps_per_call 4 --json=out.json --help",
 ])
 def test_checker_accepts_good_commands(command):
     (cmd,) = commands_in(f"```\n{command}\n```", "good.md")

@@ -428,8 +428,8 @@ def test_two_by_two_outputs_keep_im2col():
 
 def test_im2col_heuristic_follows_its_documented_rule():
     """The rule `im2col_pays` documents, case by case. Whether its choices are the faster ones
-    is measured by `python -m benchmarks.conv_paths` (docs/performance.md), not here: a test
-    on this shared 2-core machine could not time it reliably."""
+    was measured layer by layer (docs/performance.md), not here: a test on this
+    shared 2-core machine could not time it reliably."""
     from dlassign.kernels.conv import im2col_pays
 
     # (input shape, kernel shape, stride, padding) -> whether the rule rewrites it

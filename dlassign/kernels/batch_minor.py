@@ -105,7 +105,7 @@ class BatchMinorDense(nn.Module):
     `order` ('hwc': NHWC's reshape; 'chw': torch's flatten), returning [N, features].
 
     The map is never transposed to [N, C*H*W], a transpose across the batch that XLA:CPU runs
-    slowly (benchmarks/step_rewrites.py); the contraction runs over its leading C*H*W values
+    slowly (docs/performance.md); the contraction runs over its leading C*H*W values
     instead, and for 'hwc' the kernel's rows are permuted, whole rows at a time. Same
     parameters as `nn.Dense` on the flattened input, under the same names and initialisers.
     """

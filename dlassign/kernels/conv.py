@@ -189,7 +189,7 @@ _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 def im2col_pays(lhs_shape, rhs_shape, window_strides, padding) -> bool:
     """Where a matmul rewrite beat XLA:CPU's convolution when measured
-    (`benchmarks.conv_paths`; docs/performance.md): 1x1 kernels, outputs of at most 2x2 pixels,
+    (docs/performance.md): 1x1 kernels, outputs of at most 2x2 pixels,
     and small kernels over a few input channels. Single-channel inputs stay with XLA (im2col
     would contract over only kh*kw terms from a patch matrix kh*kw times the input), as do large
     kernels and 3x3 layers on 4x4 and larger maps with many channels.

@@ -6,9 +6,9 @@ above its mmap threshold (128 KiB, growing to at most 32 MiB) with fresh `mmap` 
 freed heap memory back to the kernel, and unmaps the 64 MiB heaps of its per-thread arenas once
 they empty, so each step faults the same pages in again, and spends much of its time in the
 kernel doing so. Raising the mmap and trim thresholds and keeping to one arena lets `malloc`
-reuse the pages of the previous step (`python -m benchmarks.allocator` measures it; figures in
-docs/performance.md). The price: the process keeps its peak memory until it exits, and threads
-share one arena's lock.
+reuse the pages of the previous step (`DLASSIGN_HOST_ALLOCATOR=0 python -m benchmarks.step`
+against the default measures it; figures in docs/performance.md). The price: the process keeps
+its peak memory until it exits, and threads share one arena's lock.
 
 Set DLASSIGN_HOST_ALLOCATOR=0 to leave the C library's defaults alone.
 """

@@ -395,7 +395,7 @@ def sequential_folds(mode: str) -> bool:
     """'auto' trains folds one after another on CPUs and as one vmapped program elsewhere.
 
     On a CPU the cores are already busy with one fold and batched matmuls over the fold axis run
-    less efficiently than plain ones (`benchmarks.kfold`); an accelerator has the idle width
+    less efficiently than plain ones (docs/performance.md); an accelerator has the idle width
     that vmap fills.
     """
     if mode not in FOLD_MODES:

@@ -1,6 +1,7 @@
-"""Train and eval throughput of every registered architecture, ours against PyTorch eager.
+"""The training step of every registered architecture, ours against PyTorch eager: throughput
+and roofline.
 
-  python -m benchmarks.throughput [--models=all] [--batch_size=128] [--steps_per_call=8]
+  python -m benchmarks.step [--models=all] [--batch_size=128] [--steps_per_call=8]
 
 Each model at the input its study gives it: the question-4 architectures at SVHN's 32 px (AlexNet
 64 px, configs/svhn.py) with that config's SGD (Nesterov momentum 0.9, weight decay 5e-4,
@@ -13,6 +14,14 @@ batches, which it scales inside the step; PyTorch uses its default threads and f
 prepared beforehand. `XLA MiB` is XLA's account of the one-step train program's buffers
 (arguments, outputs and temporaries, less what is donated); `benchmarks.memory` measures both
 frameworks' peak resident memory in fresh processes.
+
+The roofline table puts each training step against this machine's matrix-multiply peak, measured
+in the same run: a float32 `jnp.dot` of two `--peak_size` square matrices on our first device
+and `torch.mm` of the same on PyTorch's. A step's FLOPs are XLA's count (`cost_analysis`) of the
+one-step train program built from XLA's own convolutions and dots (`impl='xla'`) before it is
+partitioned: the model's arithmetic for the whole batch, which PyTorch's step does too, so one
+count serves both (no multiplication by zero is counted: neither our CPU rewrites' nor the
+kernel taps that fall on a convolution's padding).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.common import (
+    VARIANTS,
     add_steps_per_call,
     input_shape,
     median_rate,
@@ -45,6 +55,91 @@ def optimizer(name: str) -> dict:
     return SGD if question4(name) else ADAM
 
 
+def _run(name: str, batch_size: int, image_size: int = 0, random_crop: int = 0,
+         eval_rows: int = 0, impl: str = "auto"):
+    """(the trainer's Run, the random uint8 split it trains on) for `name` at its study's
+    input and optimizer."""
+    from configs import base
+    from dlassign.data import Dataset, Normalizer, Split
+    from dlassign.training.setup import setup
+
+    _, model_cfg = model_spec(name)
+    shape = input_shape(name, image_size)
+    eval_rows = eval_rows or batch_size
+    c = base.get_config()
+    c.model = dict(model_cfg)
+    c.optimizer.update(optimizer(name))
+    c.batch_size = batch_size
+    c.eval_batch_size = eval_rows
+    c.data.random_crop = random_crop
+    c.impl = impl
+    rng = np.random.default_rng(0)
+    rows = max(batch_size, eval_rows)
+    split = Split(rng.integers(0, 256, (rows, *shape), dtype=np.uint8),
+                  rng.integers(0, 10, rows).astype(np.int32))
+    data = Dataset("digits", 10, split, split, Normalizer((0.0,) * shape[-1], (1.0,) * shape[-1]))
+    return setup(c, data), split
+
+
+def step_flops(name: str, batch_size: int, image_size: int = 0) -> float:
+    """XLA's count of one training step's FLOPs for `name` built from XLA's own operations,
+    taken from the program before partitioning (the whole batch), without initialising it."""
+    from dlassign.training.setup import compile_steps, make_state
+
+    run, split = _run(name, batch_size, image_size, impl="xla")
+    box = {}
+
+    class Shapes(Exception):
+        pass
+
+    def keep(abstract):  # the state's shapes and shardings are all the count needs
+        box["state"] = abstract
+        raise Shapes
+
+    try:
+        make_state(run, before_init=keep)
+    except Shapes:
+        pass
+    step, _ = compile_steps(run, box["state"])
+    batch = {"image": split.images[:batch_size], "label": split.labels[:batch_size]}
+    return float(step.lower(box["state"], batch, np.int32(1)).cost_analysis()["flops"])
+
+
+def matmul_peak(jax, torch, size: int, min_seconds: float = 0.5, rounds: int = 3
+                ) -> tuple[float, float]:
+    """GFLOP/s of a float32 size x size product, (JAX on its first device, PyTorch on its
+    device): the best of `rounds` timings of at least `min_seconds` each, alternated."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    ja, jb = jax.device_put(a), jax.device_put(b)
+    dot = jax.jit(jnp.dot)
+    device = torch_device(torch)
+    ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+
+    def ours(n):
+        for _ in range(n):
+            out = dot(ja, jb)
+        jax.block_until_ready(out)
+
+    def theirs(n):
+        for _ in range(n):
+            torch.mm(ta, tb)
+        torch_sync(torch)
+
+    best = {}
+    for key, fn in (("jax", ours), ("torch", theirs)):
+        fn(1)
+        best[key] = (max(1, int(min_seconds / timed(fn, 1)) + 1), [])
+    for _ in range(rounds):
+        for key, fn in (("jax", ours), ("torch", theirs)):
+            n, times = best[key]
+            times.append(timed(fn, n) / n)
+    flops = 2.0 * size ** 3
+    return flops / min(best["jax"][1]) / 1e9, flops / min(best["torch"][1]) / 1e9
+
+
 def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: int = 1,
          random_crop: int = 0, eval_batch_size: int = 0):
     """run_steps(n) runs n training steps in calls of steps_per_call (batches stacked), the
@@ -52,26 +147,11 @@ def ours(jax, name: str, batch_size: int, image_size: int = 0, steps_per_call: i
     run_steps.compiled_text() is the compiled program's HLO, run_steps.evaluate(n) runs n
     eval steps on `eval_batch_size` images (0: `batch_size`), run_steps.memory_mb XLA's
     account of the train program's buffers."""
-    from configs import base
-    from dlassign.data import Dataset, Normalizer, Split
     from dlassign.runtime import parallel
-    from dlassign.training.setup import compile_steps, make_state, setup
+    from dlassign.training.setup import compile_steps, make_state
 
-    _, model_cfg = model_spec(name)
-    shape = input_shape(name, image_size)
     eval_rows = eval_batch_size or batch_size
-    c = base.get_config()
-    c.model = dict(model_cfg)
-    c.optimizer.update(optimizer(name))
-    c.batch_size = batch_size
-    c.eval_batch_size = eval_rows
-    c.data.random_crop = random_crop
-    rng = np.random.default_rng(0)
-    rows = max(batch_size, eval_rows)
-    split = Split(rng.integers(0, 256, (rows, *shape), dtype=np.uint8),
-                  rng.integers(0, 10, rows).astype(np.int32))
-    data = Dataset("digits", 10, split, split, Normalizer((0.0,) * shape[-1], (1.0,) * shape[-1]))
-    run = setup(c, data)
+    run, split = _run(name, batch_size, image_size, random_crop, eval_rows)
     state = make_state(run)
     step, eval_step = compile_steps(run, state)
     one = {"image": split.images[:batch_size], "label": split.labels[:batch_size]}
@@ -168,6 +248,9 @@ def main():
         p.add_argument("--min_round_s", type=float, default=0.5,
                        help="least seconds per round and side")
         p.add_argument("--eval_batch_size", type=int, default=512)
+        p.add_argument("--peak_size", type=int, default=0,
+                       help="side of the square matrices of the peak's product (0: 2048 on "
+                            "a CPU, 8192 on an accelerator)")
         add_steps_per_call(p)
 
     args = parse(__doc__, extra=flags, models="all", steps=(2, "least steps per round"))
@@ -176,6 +259,15 @@ def main():
 
     k = max(args.steps_per_call, 1)
     names = registered() if args.models == "all" else args.models.split(",")
+    known = set(registered()) | set(VARIANTS)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--models: unknown {', '.join(map(repr, unknown))}; expected 'all' or "
+                         f"some of {', '.join(sorted(known))}")
+    size = args.peak_size or (2048 if jax.devices()[0].platform == "cpu" else 8192)
+    peaks = [matmul_peak(jax, torch, size)]  # again at the end: the better of the two
+    print(f"matmul peak ({size}x{size} float32): JAX {peaks[0][0]:.0f} GFLOP/s, PyTorch "
+          f"{peaks[0][1]:.0f} GFLOP/s", flush=True)
     rows = []
     for name in names:
         one, devices, split = ours(jax, name, args.batch_size, args.image_size, 1,
@@ -203,9 +295,19 @@ def main():
                      / rates["torch"], "k_gain": rates["ours_k"] / rates["ours_1"],
                      "ours_eval": rates["ours_eval"], "torch_eval": rates["torch_eval"],
                      "eval_ratio": rates["ours_eval"] / rates["torch_eval"],
-                     "xla_mb": one.memory_mb(), "torch_threads": torch.get_num_threads()})
+                     "xla_mb": one.memory_mb(), "torch_threads": torch.get_num_threads(),
+                     "gflop": step_flops(name, args.batch_size, args.image_size) / 1e9})
         print({key: (round(v, 2) if isinstance(v, float) else v) for key, v in rows[-1].items()},
               flush=True)
+    peaks.append(matmul_peak(jax, torch, size))
+    jax_peak, torch_peak = max(p[0] for p in peaks), max(p[1] for p in peaks)
+    for r in rows:
+        best = max(r["ours_1"], r["ours_k"])
+        r.update(jax_peak=jax_peak, torch_peak=torch_peak,
+                 ours_gflops=r["gflop"] * best / args.batch_size,
+                 torch_gflops=r["gflop"] * r["torch"] / args.batch_size)
+        r.update(ours_of_peak=r["ours_gflops"] / jax_peak,
+                 torch_of_peak=r["torch_gflops"] / torch_peak)
     print(f"\ntrain batch {args.batch_size}, eval batch {args.eval_batch_size}, float32; ours "
           f"1 and {k} steps per call; jax {jax.__version__} on {jax.device_count()} "
           f"{jax.devices()[0].device_kind} devices, torch {torch.__version__} on "
@@ -220,7 +322,15 @@ def main():
                   ("ours eval ex/s", "ours_eval", "{:.0f}"),
                   ("PyTorch eval ex/s", "torch_eval", "{:.0f}"),
                   ("eval ratio", "eval_ratio", "{:.2f}x"),
-                  ("XLA MiB", "xla_mb", "{:.0f}")], args.json)
+                  ("XLA MiB", "xla_mb", "{:.0f}")])
+    print(f"\nroofline: matmul peak ({size}x{size} float32) JAX {jax_peak:.0f} GFLOP/s, "
+          f"PyTorch {torch_peak:.0f} GFLOP/s; a step's GFLOP by XLA's count; ours at the "
+          "better of its two train columns\n")
+    report(rows, [("model", "model", "{}"), ("GFLOP/step", "gflop", "{:.3f}"),
+                  ("ours GFLOP/s", "ours_gflops", "{:.1f}"),
+                  ("ours of JAX peak", "ours_of_peak", "{:.1%}"),
+                  ("PyTorch GFLOP/s", "torch_gflops", "{:.1f}"),
+                  ("PyTorch of its peak", "torch_of_peak", "{:.1%}")], args.json)
 
 
 if __name__ == "__main__":
