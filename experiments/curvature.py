@@ -14,8 +14,6 @@ separate processes (--config.only=mlp, --config.only=cnn) and their results be m
       --merge=runs/curvature_mlp,runs/curvature_cnn
 """
 
-import json
-import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -38,17 +36,6 @@ flags.DEFINE_list("merge", [], "Workdirs of earlier runs over different networks
 flags.mark_flags_as_required(["workdir"])
 
 
-def _read_results(workdir: str) -> dict:
-    from dlassign.errors import ConfigError
-
-    path = os.path.join(workdir, "results.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"--merge: {workdir} holds no results.json; expected the --workdir of "
-                          "a finished experiments.curvature run")
-    with open(path) as f:
-        return json.load(f)
-
-
 @clean_errors
 def main(argv):
     del argv
@@ -60,9 +47,10 @@ def main(argv):
 
     if FLAGS.merge:
         from dlassign.analysis.gauss_newton import merge_results
+        from dlassign.runtime.files import read_results
 
-        result = write_outputs(merge_results([_read_results(d) for d in FLAGS.merge]),
-                               FLAGS.workdir)
+        result = write_outputs(merge_results([read_results(d, "experiments.curvature")
+                                              for d in FLAGS.merge]), FLAGS.workdir)
     else:
         validate_config(FLAGS.config)
         result = write_outputs(run_study(FLAGS.config), FLAGS.workdir)

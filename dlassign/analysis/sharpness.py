@@ -20,7 +20,6 @@ sizes) and `write_outputs` writes results.json, the table and the figure.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ from dlassign.errors import ConfigError
 from dlassign.models import get_model
 from dlassign.models.layers import ACTIVATIONS
 from dlassign.report import markdown_table, plt
-from dlassign.runtime.files import finite_or_none, save_figure, write_json
+from dlassign.runtime.files import finite_or_none, read_results, save_figure, write_json
 from dlassign.training.config_validation import _choice, _number, check_data_dir
 from dlassign.training.losses import LOSSES, get_loss
 from dlassign.training.train_state import init_compiler_options
@@ -536,14 +535,9 @@ def load_results(workdir: str) -> dict:
     derives from it (so that studies run separately, e.g. a loss each, can be merged).
 
     Raises:
-      ConfigError: no results.json there; names the path.
+      ConfigError: no readable results.json there (`files.read_results`).
     """
-    path = os.path.join(workdir, "results.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} does not exist; expected the results.json of an "
-                                "experiments.sharpness run")
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_results(workdir, "experiments.sharpness")
     return {k: v for k, v in saved.items() if k not in DERIVED}
 
 

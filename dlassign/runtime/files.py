@@ -8,7 +8,7 @@ import os
 
 import jax
 
-from dlassign.errors import NumericalError
+from dlassign.errors import ConfigError, NumericalError
 
 
 def write_text(path: str, text: str) -> None:
@@ -75,3 +75,26 @@ def finite_or_none(obj):
         return [finite_or_none(v) for v in obj]
     return obj
 
+
+
+def read_results(workdir: str, producer: str) -> dict:
+    """The results.json that a finished `producer` run (e.g. 'experiments.sharpness') wrote
+    into `workdir`.
+
+    Raises:
+      ConfigError: there is none, or it is not a JSON object; names the path and `producer`.
+    """
+    path = os.path.join(workdir, "results.json")
+    expected = f"expected the --workdir of a finished {producer} run"
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} does not exist ({workdir} holds no results.json); {expected}")
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read as JSON ({type(e).__name__}); {expected}"
+                          ) from e
+    if not isinstance(result, dict):
+        raise ConfigError(f"{path} holds a JSON {type(result).__name__}, not an object; "
+                          f"{expected}")
+    return result
