@@ -132,6 +132,17 @@ def test_a_worker_killed_mid_task_names_its_task():
     assert e.value.exit_status == 75
 
 
+def test_a_worker_spawned_for_a_later_task_is_seen_when_killed():
+    """The pool spawns its second worker after it began to wait on the first and missed that
+    one's death until the first task ended (the main job waited minutes for a long study)."""
+    tasks = [Task("bystander", _where, (60.0,)), Task("victim", _kill_self)]
+    started = time.monotonic()
+    with pytest.raises(WorkerDied) as e:
+        run_tasks(tasks, workers=2, setup=_install_preemption)
+    assert time.monotonic() - started < 30
+    assert "worker process of study 'victim' was killed by SIGKILL" in str(e.value)
+
+
 def test_an_idle_worker_stopped_after_a_failure_prints_no_traceback(capfd):
     """One task fails while the other worker waits for work: it is stopped with SIGTERM, and
     must not print 'Process SpawnProcess-N: Traceback ... KeyboardInterrupt'."""

@@ -75,6 +75,8 @@ class WorkerDied(DlassignError):
     exit_status = 75  # EX_TEMPFAIL: worth a rerun
 
 
+POLL_SECONDS = 0.5  # how often the parent looks for a worker that died
+
 # In a worker process: whether a task is running (a SIGTERM between tasks ends it at once), and
 # the queue that tells the parent which task runs in which process.
 _busy = threading.Event()
@@ -166,7 +168,13 @@ def run_tasks(tasks: Sequence[Task], workers: int, setup: Callable[[], None] | N
                 running[pool.submit(_in_worker, _given(task, results))] = task.name
                 procs.update({p.pid: p for p in multiprocessing.active_children()
                               if p.pid not in others})
-            done, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+            done, _ = concurrent.futures.wait(running, timeout=POLL_SECONDS,
+                                              return_when="FIRST_COMPLETED")
+            if not done and any(p.exitcode is not None for p in procs.values()):
+                # The pool watches only the workers it had when it last began to wait, so
+                # one spawned for a later task dies unseen until another task's result
+                # arrives (test_a_worker_spawned_for_a_later_task_is_seen_when_killed).
+                raise _died(procs, started, list(running.values()))
             for f in done:
                 if isinstance(f.exception(), BrokenProcessPool):
                     raise _died(procs, started, [running[g] for g in running]) from None
