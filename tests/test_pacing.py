@@ -192,3 +192,48 @@ def test_a_fixed_steps_per_call_that_would_not_fit_in_memory_is_refused(monkeypa
         preflight.check_memory(run, None)
     monkeypatch.setattr(preflight, "available_memory", lambda: 2**30)
     preflight.check_memory(run, None)
+
+
+
+def test_a_cache_hit_counts_the_compile_time_the_cache_recorded(monkeypatch):
+    """The several-step call pays off against what compiling a call costs; a run after a cold
+    one, finding the one-step call cached, must not take that cost as a cache read's and
+    compile the several-step call the cold run skipped."""
+    import threading
+
+    import jax
+
+    from dlassign.training import compile_ahead
+    from dlassign.training.setup import make_state, setup
+
+    run = setup(tiny_config(), synthetic_dataset())
+    events, ahead = [], []
+
+    def listen(event, seconds, **_):
+        if threading.current_thread().name == "compile-train":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:  # JAX reports a hit's recorded compile time under the name compile_ahead listens to
+        for _ in range(2):  # the second finds the first's programs in the persistent cache
+            make_state(run, before_init=lambda a: ahead.append(compile_ahead.CompileAhead(run, a)))
+            ahead[-1].join()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert "/jax/compilation_cache/compile_time_saved_sec" in events, events
+
+    real = compile_ahead.compile_steps
+
+    class Lowered:
+        def compile(self):  # a hit that saved 7 s
+            jax.monitoring.record_event_duration_secs(
+                "/jax/compilation_cache/compile_time_saved_sec", 7.0)
+
+    def steps(run, state):
+        train_step, eval_step = real(run, state)
+        return type("Step", (), {"lower": lambda self, *a: Lowered()})(), eval_step
+
+    monkeypatch.setattr(compile_ahead, "compile_steps", steps)
+    make_state(run, before_init=lambda a: ahead.append(compile_ahead.CompileAhead(run, a)))
+    ahead[-1].join()
+    assert 7.0 <= ahead[-1].train_seconds < 20
