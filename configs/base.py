@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 0  # 0: once per epoch
     c.eval_every_steps = 0        # validation interval (with validation_fraction); 0: each epoch
-    c.checkpoint_best = False     # keep the best checkpoint by validation accuracy in WORKDIR/best
+    c.checkpoint_best = False     # also keep the checkpoint with the best validation accuracy
     c.steps_per_call = 0          # steps per jitted call (a scan); 0: chosen from the timed first
                                   # calls, up to 8 (training/loop.py, Pacer)
     c.max_call_seconds = 5.0      # a call runs no more steps than fit in this (as timed), so a

@@ -18,8 +18,7 @@ from experiments.common import clean_errors, data_dir_override, prepare_platform
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "The run's latest checkpoints, or "
-                  "its best one by validation accuracy (WORKDIR/best, kept by a run with "
-                  "checkpoint_best).")
+                  "its best one by validation accuracy (kept by a run with checkpoint_best).")
 flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest intact one.")
 flags.DEFINE_string("data_dir", None, "Where the dataset's raw files are now, if they moved.")
 flags.DEFINE_integer("eval_batch_size", None, "Evaluation batch; default: the run's config's.",

@@ -27,8 +27,7 @@ from experiments.common import (
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.")
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "The run's latest checkpoints, or "
-                  "its best one by validation accuracy (WORKDIR/best, kept by a run with "
-                  "checkpoint_best).")
+                  "its best one by validation accuracy (kept by a run with checkpoint_best).")
 flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest intact one.",
                      lower_bound=0)
 flags.DEFINE_enum("directions", "eigen", ["eigen", "random"],

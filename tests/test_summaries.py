@@ -17,7 +17,7 @@ from dlassign.errors import ConfigError
 from dlassign.training import summaries
 from dlassign.training.config_validation import validate_train_config
 from dlassign.training.trainer import train_and_evaluate
-from tests.helpers import synthetic_dataset, tiny_config
+from tests.helpers import checkpoint_steps, synthetic_dataset, tiny_config
 from tests.test_faults import cli, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,12 +112,14 @@ def test_every_scalar_validation_best_checkpoint_and_curves(tmp_path):
         assert hparams["model.name"] == config.model.name
         assert hparams["model.hidden_sizes"] == "(32,)"
 
-    # The best checkpoint: the first step with the highest validation accuracy, in best/.
+    # The best checkpoint: the first step with the highest validation accuracy, kept beside
+    # the newest three (a checkpoint after every validation and every 4 steps).
     accuracies = [v["accuracy"] for v in results["validation"]]
     best_step = results["validation"][int(np.argmax(accuracies))]["step"]
     assert results["best_checkpoint"] == {"step": best_step,
                                           "validation_accuracy": max(accuracies)}
-    assert sorted(os.listdir(tmp_path / "best")) == [str(best_step)]
+    assert checkpoint_steps(tmp_path / "checkpoints") == sorted(
+        set(sync_steps(total, 4, 3)[-3:]) | {best_step})
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["validation"] == results["validation"]
@@ -129,7 +131,7 @@ def test_a_run_without_validation_still_writes_events_and_curves(tmp_path):
     assert runs_of(tmp_path) == ["test", "train"]
     scalars, _ = read_events(tmp_path / "train")
     assert steps_of(scalars, "loss") == [4, 8] and results["validation"] == []
-    assert not (tmp_path / "best").exists()
+    assert "best_checkpoint" not in results
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
@@ -245,19 +247,20 @@ def train_cli(workdir, failpoint=None):
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_logs_every_step_once(tmp_path):
-    """SIGKILL at step 27 (checkpoints at 10 and 20, logs and validations up to 24 already on
-    disk), then resume: every scalar at every step once, the values of an uninterrupted run;
-    then experiments.evaluate --which=best scores the best checkpoint."""
+    """SIGKILL at step 29 (checkpoints every 10 steps and after every validation, the last at
+    24; logs up to 28 already on disk), then resume: every scalar at every step once, the
+    values of an uninterrupted run; then experiments.evaluate --which=best scores the best
+    checkpoint."""
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     out = train_cli(reference)
     assert out.returncode == 0, out.stderr[-2000:]
-    killed = train_cli(resumed, "after_step:27")
+    killed = train_cli(resumed, "after_step:29")
     assert killed.returncode == -signal.SIGKILL
     before, _ = read_events(resumed / "train")
-    assert steps_of(before, "loss")[-1] == 24  # logged after the last checkpoint (20)
+    assert steps_of(before, "loss")[-1] == 28  # logged after the last checkpoint (24)
     out = train_cli(resumed)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "resumed from step 20" in out.stderr
+    assert "resumed from step 24" in out.stderr
 
     total = json.loads((reference / "results.json").read_text())["steps"]  # 3 x 1212 // 64
     assert total == 54 and runs_of(resumed) == runs_of(reference) == ["test", "train",

@@ -99,6 +99,24 @@ def test_checkpoint_restores_identical_state(tmp_path):
     assert any(name.startswith("state/ocdbt.process_0/") for name in manifest)
 
 
+def test_checkpointer_keeps_the_newest_and_the_best_scored_step(tmp_path):
+    """Orbax's preservation policies: the newest `keep` steps and the highest score, the first
+    on a tie; an unscored or NaN step never counts as the best; a new reader finds the same."""
+    state = {"w": np.arange(3.0, dtype=np.float32)}
+    scores = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.9, 5: float("nan"), 6: None, 7: 0.6}
+    with Checkpointer(str(tmp_path), keep=2, best="validation_accuracy") as ckpt:
+        assert ckpt.best() is None
+        for step, score in scores.items():
+            ckpt.save(step, state, {}, score)
+        assert ckpt.steps() == [2, 6, 7]
+        assert ckpt.best() == (2, 0.9)
+    with Checkpointer(str(tmp_path), best="validation_accuracy") as reader:
+        assert reader.best() == (2, 0.9) and reader.read_meta(2)["validation_accuracy"] == 0.9
+    with Checkpointer(str(tmp_path / "unscored"), keep=2, best="validation_accuracy") as ckpt:
+        ckpt.save(1, state, {})
+        assert ckpt.best() is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("steps_per_call", [1, 2])
 def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, steps_per_call):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -92,38 +93,58 @@ def config_differences(saved: dict, current: dict, fields=IDENTITY_FIELDS,
     return [f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, a, b in pairs if a != b]
 
 
+def _rank(metric: str):
+    """A step's rank by `metric` in its Orbax metrics (higher is better, the first step on a
+    tie; a step saved without the metric, or with NaN, ranks last)."""
+    return lambda m: (-math.inf if m.get(metric) is None else m[metric], -m.get("step", 0))
+
+
 class Checkpointer:
-    """Keeps the last `keep` checkpoints of a run under `directory`.
+    """Keeps the last `keep` checkpoints of a run under `directory` and, with `best`, the step
+    that scored highest on the metric of that name as well (Orbax's preservation policies;
+    `save(..., score=)` gives a step its score, `best()` finds it).
 
     Opened inside the workdir lock (`WorkdirLock`) it is the run's writer and tidies the
     directory; opened without it, it is a reader that changes nothing on disk but what it saves.
     Close it when done (`close()`, or use it as a context manager): Orbax's manager holds
     background threads and an event loop until then."""
 
-    def __init__(self, directory: str, keep: int = 3):
+    def __init__(self, directory: str, keep: int = 3, best: str | None = None):
         self.directory = os.path.abspath(directory)
         self.owner = workdir.holds(self.directory)  # the same answer in every process of a run
+        self.metric = best
+        kept = {"max_to_keep": keep}
+        if best is not None:
+            policies = ocp.checkpoint_managers
+            kept = {"best_fn": _rank(best), "best_mode": "max", "preservation_policy":
+                    policies.AnyPreservationPolicy([policies.LatestN(n=keep), policies.BestN(
+                        get_metric_fn=_rank(best), n=1, keep_checkpoints_without_metrics=False)])}
         # Orbax's clean-up of interrupted saves, for the owner only: a reader must leave a live
         # run's temporaries (test_evaluate_during_a_save_leaves_the_live_run_alone)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=self.owner)
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=self.owner, **kept)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
+    def save(self, step: int, state: Any, meta: dict, score: float | None = None) -> None:
         """Saves `state` (each process writes its own shards) and `meta`, whose NaNs and
         infinities are written as null (strict JSON; a diverged run's metrics still save), then
-        the file manifest. Every process of a run calls it."""
+        the file manifest. Every process of a run calls it. `score` is the step's value of the
+        `best` metric, also written into `meta` under its name."""
         step = int(step)
+        metrics = None
+        if self.metric is not None:  # every step gets metrics: Orbax warns of a step without
+            metrics = {"step": step} if score is None else {"step": step, self.metric: score}
+            meta = dict(meta, **{k: v for k, v in metrics.items() if k != "step"})
         meta = finite_or_none(dict(meta, step=step))
         json.dumps(meta, allow_nan=False)  # raises here, before any file is written
         faults.during_checkpoint_write(step, self.directory)
         with preemption.shielded():  # Ctrl-C in a rename would leave a half-moved step
             self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                metrics=finite_or_none(metrics), force=True)
             self._manager.wait_until_finished()
             _write_manifest(os.path.join(self.directory, str(step)), step)
         distributed.barrier(f"dlassign_checkpoint_{step}_saved")
@@ -183,6 +204,15 @@ class Checkpointer:
             except CheckpointError:
                 continue
         return None
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, score) of the step that scored highest on the `best` metric (the first on a
+        tie), or None when no step has a score."""
+        step = self._manager.best_step() if self.metric is not None else None
+        if step is None:
+            return None
+        score = self.read_meta(step).get(self.metric)
+        return None if score is None else (step, score)
 
     def set_aside(self, steps: list[int], reasons: list[str]) -> None:
         """Moves damaged steps out of the checkpoint directory (into `damaged_checkpoints/`

@@ -12,7 +12,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dlassign.data import Split, eval_batches
-from dlassign.errors import CheckpointError, one_of
+from dlassign.errors import CheckpointError, ConfigError, one_of
 from dlassign.report import confusion_matrix_png, per_class_table
 from dlassign.runtime import parallel
 from dlassign.runtime.checkpoint import Checkpointer
@@ -62,9 +62,8 @@ def validation_metrics(run: Run, state: TrainState, eval_step) -> dict:
     return {"loss": loss, "accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"]}
 
 
-# Which checkpoints of a training workdir: its latest ones, or the best by validation accuracy
-# (`checkpoint_best`), and the folder that holds them.
-CHECKPOINT_FOLDERS = {"latest": "checkpoints", "best": "best"}
+WHICH = ("latest", "best")  # a training workdir's newest checkpoint, or its best scored one
+BEST_METRIC = "validation_accuracy"  # what `checkpoint_best` ranks the checkpoints by
 
 
 def _fit_mesh_to_this_machine(config) -> None:
@@ -90,26 +89,33 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
       overrides: dotted config fields to change, e.g. {"data.data_dir": DIR} when the data moved.
       dataset: the in-memory `Dataset` the run trained on, when it was not loaded from the
         config's data section (None: load it from the config).
-      which: 'latest' (`checkpoints/`) or 'best' (`best/`, the best state by validation
-        accuracy, kept by a run with `checkpoint_best`).
+      which: 'latest' (the newest intact checkpoint, or `step`) or 'best' (the one with the
+        highest validation accuracy, kept by a run with `checkpoint_best`).
 
     Returns:
       (run, state, meta).
     """
-    if which not in CHECKPOINT_FOLDERS:
-        raise one_of("which", which, tuple(CHECKPOINT_FOLDERS))
-    ckpt_dir = os.path.join(workdir, CHECKPOINT_FOLDERS[which])
-    if not os.path.isdir(ckpt_dir) and which == "best":
-        raise CheckpointError(f"{workdir!r} holds no best/ directory; a run keeps its best "
-                              "checkpoint with --config.checkpoint_best=true and a "
-                              "data.validation_fraction above 0")
+    if which not in WHICH:
+        raise one_of("which", which, WHICH)
+    if which == "best" and step is not None:
+        raise ConfigError(f"which='best' with step={step}: the best checkpoint is one step; "
+                          "give either")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{workdir!r} holds no checkpoints/ directory; expected a workdir "
                               "written by experiments.train")
-    with Checkpointer(ckpt_dir) as ckpt:
+    with Checkpointer(ckpt_dir, best=BEST_METRIC if which == "best" else None) as ckpt:
         steps = ckpt.steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {ckpt_dir}")
+        if which == "best":
+            best = ckpt.best()
+            if best is None:
+                raise CheckpointError(
+                    f"no checkpoint in {ckpt_dir} was scored on a validation split; a run keeps "
+                    "its best checkpoint with --config.checkpoint_best=true and a "
+                    "data.validation_fraction above 0")
+            step = best[0]
         if step is not None and step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {ckpt_dir}; steps "
                                   f"present: {', '.join(map(str, steps))}")

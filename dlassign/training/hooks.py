@@ -114,22 +114,23 @@ class Progress(Hook):
 
 
 class Validation(Hook):
-    """Scores the validation split every `every_steps` and after the last step; with `best`,
-    keeps the best state by validation accuracy there (meta from `meta()`)."""
+    """Scores the validation split every `every_steps` and after the last step."""
 
     name = "validation"
 
-    def __init__(self, every_steps: int, eval_step, best: Checkpointer | None = None,
-                 meta: Callable[[], dict] = dict):
-        self.every_steps, self.eval_step, self.best, self.meta = every_steps, eval_step, best, meta
+    def __init__(self, every_steps: int, eval_step):
+        self.every_steps, self.eval_step = every_steps, eval_step
         self.at_end = every_steps > 0
-        self.entries, self.best_accuracy = [], None
+        self.entries = []
 
     def begin(self, run, board, step, meta):
         self.run, self.board = run, board
         self.entries = meta.get("validation", [])
-        newest = self.best.newest_meta() if self.best is not None else None
-        self.best_accuracy = newest[1].get("validation_accuracy") if newest else None
+
+    def accuracy_at(self, step: int) -> float | None:
+        """The validation accuracy scored after `step`, if it was scored there."""
+        last = self.entries[-1] if self.entries else None
+        return last["accuracy"] if last is not None and last["step"] == step else None
 
     def __call__(self, state, step):
         run = self.run
@@ -138,12 +139,6 @@ class Validation(Hook):
         self.board.scalars(step, scores, "validation")
         logging.info("step %d validation loss %.4f acc %.4f (%d examples)", step,
                      scores["loss"], scores["accuracy"], len(run.dataset.validation))
-        if self.best is not None and (self.best_accuracy is None
-                                      or scores["accuracy"] > self.best_accuracy) \
-                and step not in self.best.steps():
-            self.best_accuracy = scores["accuracy"]
-            self.best.save(step, state_tree(state),
-                           dict(self.meta(), validation_accuracy=self.best_accuracy))
 
     def record(self):
         return {"validation": self.entries}
@@ -151,17 +146,25 @@ class Validation(Hook):
 
 class Checkpointing(Hook):
     """Saves the state every `every_steps` and after the last step, with `meta()`; the
-    TensorBoard events up to it are flushed first (`flush`)."""
+    TensorBoard events up to it are flushed first (`flush`). With `scored` (the validation
+    hook, which must run before it) it also saves after every validation, with the accuracy
+    as the step's score: `ckpt` then keeps the best one (`Checkpointer(best=...)`)."""
 
     at_end = True
 
     def __init__(self, ckpt: Checkpointer, every_steps: int, meta: Callable[[], dict],
-                 flush: Callable[[], None] = lambda: None):
+                 flush: Callable[[], None] = lambda: None, scored: Validation | None = None):
         self.ckpt, self.every_steps, self.meta, self.flush = ckpt, every_steps, meta, flush
+        self.scored = scored
+
+    def due(self, step: int, total: int) -> bool:
+        return super().due(step, total) or (self.scored is not None
+                                            and self.scored.due(step, total))
 
     def __call__(self, state, step):
         self.flush()
-        self.ckpt.save(step, state_tree(state), self.meta())
+        score = self.scored.accuracy_at(step) if self.scored is not None else None
+        self.ckpt.save(step, state_tree(state), self.meta(), score)
 
     def save_interrupted(self, state) -> None:
         """Keeps the finished steps of an interrupted run: saves `state` unless its step is

@@ -6,15 +6,15 @@ that holds checkpoints continues from the newest intact one and ends with the sa
 run that was never interrupted.
 
 With `data.validation_fraction` the run scores its held-out validation part every
-`eval_every_steps` (default: each epoch) and, with `checkpoint_best`, keeps the best of those
-states in `workdir/best`. Every run writes TensorBoard event files (`summaries`) and `curves.png`
-into its workdir. The loop runs its periodic work as hooks (`hooks`): progress, validation,
-checkpointing, and those the caller passes, such as curvature tracking.
+`eval_every_steps` (default: each epoch) and, with `checkpoint_best`, checkpoints each of those
+states and keeps the best one in `workdir/checkpoints` beside the newest. Every run writes
+TensorBoard event files (`summaries`) and `curves.png` into its workdir. The loop runs its
+periodic work as hooks (`hooks`): progress, validation, checkpointing, and those the caller
+passes, such as curvature tracking.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -33,7 +33,7 @@ from dlassign.runtime.workdir import WorkdirLock, check_workdir
 from dlassign.training import hooks as hooks_lib
 from dlassign.training import loop, summaries
 from dlassign.training.compile_ahead import CompileAhead
-from dlassign.training.evaluation import evaluate
+from dlassign.training.evaluation import BEST_METRIC, evaluate
 from dlassign.training.initial import initial_variables
 from dlassign.training.optim import learning_rate_schedule
 from dlassign.training.preflight import check_disk, check_memory
@@ -58,7 +58,7 @@ def _check_hooks(config, hooks: Sequence[hooks_lib.Hook]) -> None:
 
 
 def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
-           board: summaries.Summaries, best: Checkpointer | None,
+           board: summaries.Summaries, keep_best: bool,
            extra: Sequence[hooks_lib.Hook]) -> tuple[TrainState, dict]:
     """Resumes from `ckpt`'s newest intact checkpoint, if any, and trains to the last step
     with `ahead`'s compiled steps through `loop.run_steps`, running the hooks (progress, the
@@ -99,10 +99,11 @@ def _train(run: Run, state: TrainState, ckpt: Checkpointer, ahead: CompileAhead,
                                   schedule)
     eval_every = ((config.get("eval_every_steps", 0) or run.steps_per_epoch)
                   if run.dataset.validation is not None else 0)
+    validation = hooks_lib.Validation(eval_every, ahead.eval_step)
     saving = hooks_lib.Checkpointing(
-        ckpt, config.get("checkpoint_every_steps", 0) or run.steps_per_epoch, record, board.flush)
-    hooks = [progress, *extra, hooks_lib.Validation(eval_every, ahead.eval_step, best, record),
-             saving]
+        ckpt, config.get("checkpoint_every_steps", 0) or run.steps_per_epoch, record, board.flush,
+        scored=validation if keep_best else None)
+    hooks = [progress, *extra, validation, saving]
     for hook in hooks:
         hook.begin(run, board, start, meta)
     pacer = loop.Pacer(start, total, hooks_lib.boundaries(hooks, total),
@@ -166,11 +167,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        before_init=lambda abstract: ahead.append(CompileAhead(run, abstract)))
     keep_best = config.get("checkpoint_best", False) and run.dataset.validation is not None
     # closed on success and on any failure: lets the checkpoints being written finish
-    with WorkdirLock(workdir), Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            config.get("keep_checkpoints", 3)) as ckpt, \
-            (Checkpointer(os.path.join(workdir, "best"), 1) if keep_best
-             else contextlib.nullcontext()) as best, summaries.Summaries(workdir, config) as board:
-        state, record = _train(run, state, ckpt, ahead[0], board, best, hooks)
+    with WorkdirLock(workdir), Checkpointer(
+            os.path.join(workdir, "checkpoints"), config.get("keep_checkpoints", 3),
+            best=BEST_METRIC if keep_best else None) as ckpt, \
+            summaries.Summaries(workdir, config) as board:
+        state, record = _train(run, state, ckpt, ahead[0], board, keep_best, hooks)
         test = evaluate(state, run.dataset.test, ahead[0].eval_step, run.mesh,
                         config.eval_batch_size, run.dataset.num_classes)
         step = int(state.step)
@@ -179,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         board.figure("confusion_matrix", lambda: confusion_matrix_figure(
             test["confusion_matrix"], f"{config.model.name}, step {step}, test accuracy "
             f"{test['accuracy']:.4f}"), step, "test")
-        newest_best = best.newest_meta() if keep_best else None
+        best = ckpt.best()
         if jax.process_index() == 0:
             training_curves_png(record["history"], record["validation"],
                                 os.path.join(workdir, "curves.png"),
@@ -198,8 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         **{k: v for k, v in record.items() if k not in ("config", "dataset", "image_shape",
                                                           "train_time_s")},
     }
-    if newest_best is not None:
-        results["best_checkpoint"] = {"step": newest_best[0], "validation_accuracy":
-                                      newest_best[1].get("validation_accuracy")}
+    if best is not None:
+        results["best_checkpoint"] = {"step": best[0], "validation_accuracy": best[1]}
     write_json(os.path.join(workdir, "results.json"), results)
     return results
