@@ -71,7 +71,7 @@ def test_auto_keeps_several_steps_only_where_a_step_is_not_slower_and_replays(se
 def test_auto_tries_several_steps_only_where_the_steps_left_repay_a_compile():
     pacer = Pacer(0, 100, (), 0, 5.0, compile_seconds=1.0,
                   compile_several=lambda k: pytest.fail("compiled a several-step call"))
-    calls = _drive(pacer, lambda k: 0.01)  # 1 s of steps left, 10 s would repay the compile
+    calls = _drive(pacer, lambda k: 0.01)  # 1 s of steps left: too few to repay the compile
     assert {k for _, _, k in calls} == {1} and pacer.record()["chosen"]
     asked = []
     pacer = Pacer(0, 2000, (), 0, 5.0, compile_seconds=1.0,
