@@ -80,10 +80,11 @@ TRIAL_TOLERANCE = 1.25
 # is within the noise, so longer steps run one per call without trying more.
 SEVERAL_BELOW_S = 0.05
 # Compiling several steps takes about what compiling one step took, on the cores the steps
-# share: they are tried only where the steps left take this many times that compile time. At 4
-# the MNIST CNN's 2-epoch run tries 8 per call: as fast cold as one per call, about 10% faster
-# once cached (at 10 it kept one per call; docs/performance.md).
-PAYBACK = 4.0
+# share: they are tried only where the steps left take this many times that compile time. The
+# program, once cached, serves every later run: at 2.5 the MNIST MLP's and CNN's 2-epoch runs
+# try 8 per call, about as fast cold as one per call and about 10% faster cached (at 10 both
+# kept one per call; docs/performance.md).
+PAYBACK = 2.5
 
 
 class Pacer:
