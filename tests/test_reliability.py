@@ -414,6 +414,32 @@ def test_sigterm_outside_a_training_loop_stops_at_once():
     assert out.stdout.split() == ["deferred", "interrupted"], out.stderr[-2000:]
 
 
+def test_sigterm_inside_a_garbage_collection_callback_still_stops():
+    """The handler's KeyboardInterrupt, raised inside a gc callback (JAX registers one), is
+    dropped by Python with an "Exception ignored" traceback; it must stop the process all the
+    same, with no traceback (a main-job worker stopped while compiling printed one)."""
+    code = ("import gc, os, signal, time\n"
+            "from dlassign.runtime import preemption\n"
+            "preemption.install()\n"
+            "fired = []\n"
+            "def callback(phase, info):\n"
+            "    if phase == 'start' and not fired:\n"
+            "        fired.append(1)\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        for _ in range(100000): pass  # the handler runs in here\n"
+            "gc.callbacks.append(callback)\n"
+            "try:\n"
+            "    gc.collect()\n"
+            "    time.sleep(5)\n"
+            "    print('not stopped', flush=True)\n"
+            "except KeyboardInterrupt:\n"
+            "    print('stopped', preemption.by_sigterm(), flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["stopped", "True"], out.stdout + out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+
+
 def _stopped(pid: int, seconds: float) -> bool:
     """Waits until process `pid` is stopped (SIGSTOP); whether it was within `seconds`."""
     deadline = time.monotonic() + seconds

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 _stop = threading.Event()
@@ -60,11 +61,33 @@ def shielded():
         raise KeyboardInterrupt
 
 
+def _redeliver(hook):
+    """`sys.unraisablehook` that asks again for a stop that Python dropped: the handler's
+    KeyboardInterrupt raised inside a garbage-collection callback or a `__del__` (JAX has one
+    of each) is printed as "Exception ignored" and lost. The signal is sent again a moment
+    later, from a thread, so the handler runs once more after the callback, in ordinary code
+    (raised here, it would be dropped the same way)."""
+
+    def handle(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _signals:
+            again = threading.Timer(0.05, signal.pthread_kill,
+                                    (threading.main_thread().ident, _signals.pop()))
+            again.daemon = True
+            again.start()
+            return
+        hook(unraisable)
+
+    handle.dlassign = True
+    return handle
+
+
 def install() -> None:
     """Routes SIGTERM and SIGINT to a stop request (call once, from the main thread of an entry
     point)."""
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
+    if not getattr(sys.unraisablehook, "dlassign", False):
+        sys.unraisablehook = _redeliver(sys.unraisablehook)
 
 
 def stop_at(call: int) -> bool:
