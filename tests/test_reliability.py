@@ -396,21 +396,27 @@ def test_disk_without_room_for_a_checkpoint_fails_before_training(tmp_path, monk
         train_and_evaluate(tiny_config(), str(tmp_path), synthetic_dataset())
 
 
-def test_sigterm_outside_a_training_loop_stops_at_once():
-    """Only the training loop defers SIGTERM (to save between calls); elsewhere it interrupts."""
+def _with_preemption(body: str) -> subprocess.CompletedProcess:
+    """Runs `body` in a fresh Python process after `preemption.install()` (imported as
+    `preemption`, with os, signal and time)."""
     code = ("import os, signal, time\n"
             "from dlassign.runtime import preemption\n"
-            "preemption.install()\n"
-            "with preemption.deferred():\n"
-            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
-            "assert preemption.requested()\n"
-            "print('deferred', flush=True)\n"
-            "try:\n"
-            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
-            "except KeyboardInterrupt:\n"
-            "    print('interrupted', flush=True)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+            "preemption.install()\n" + body)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_sigterm_outside_a_training_loop_stops_at_once():
+    """Only the training loop defers SIGTERM (to save between calls); elsewhere it interrupts."""
+    out = _with_preemption(
+        "with preemption.deferred():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+        "assert preemption.requested()\n"
+        "print('deferred', flush=True)\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n")
     assert out.stdout.split() == ["deferred", "interrupted"], out.stderr[-2000:]
 
 
@@ -418,24 +424,21 @@ def test_sigterm_inside_a_garbage_collection_callback_still_stops():
     """The handler's KeyboardInterrupt, raised inside a gc callback (JAX registers one), is
     dropped by Python with an "Exception ignored" traceback; it must stop the process all the
     same, with no traceback (a main-job worker stopped while compiling printed one)."""
-    code = ("import gc, os, signal, time\n"
-            "from dlassign.runtime import preemption\n"
-            "preemption.install()\n"
-            "fired = []\n"
-            "def callback(phase, info):\n"
-            "    if phase == 'start' and not fired:\n"
-            "        fired.append(1)\n"
-            "        os.kill(os.getpid(), signal.SIGTERM)\n"
-            "        for _ in range(100000): pass  # the handler runs in here\n"
-            "gc.callbacks.append(callback)\n"
-            "try:\n"
-            "    gc.collect()\n"
-            "    time.sleep(5)\n"
-            "    print('not stopped', flush=True)\n"
-            "except KeyboardInterrupt:\n"
-            "    print('stopped', preemption.by_sigterm(), flush=True)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    out = _with_preemption(
+        "import gc\n"
+        "fired = []\n"
+        "def callback(phase, info):\n"
+        "    if phase == 'start' and not fired:\n"
+        "        fired.append(1)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        for _ in range(100000): pass  # the handler runs in here\n"
+        "gc.callbacks.append(callback)\n"
+        "try:\n"
+        "    gc.collect()\n"
+        "    time.sleep(5)\n"
+        "    print('not stopped', flush=True)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped', preemption.by_sigterm(), flush=True)\n")
     assert out.stdout.split() == ["stopped", "True"], out.stdout + out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
 
@@ -499,17 +502,13 @@ def test_ctrl_c_during_a_checkpoint_write_exits_130_and_the_rerun_resumes(refere
 def test_ctrl_c_inside_a_checkpoint_write_waits_for_it(tmp_path):
     """Outside a training loop a save is shielded too: Ctrl-C during it lets it finish and
     then stops."""
-    code = ("import os, signal\n"
-            "from dlassign.runtime import preemption\n"
-            "preemption.install()\n"
-            "try:\n"
-            "    with preemption.shielded():\n"
-            "        os.kill(os.getpid(), signal.SIGINT)\n"
-            "        print('write finished', flush=True)\n"
-            "except KeyboardInterrupt:\n"
-            "    print('then stopped', preemption.by_sigterm(), flush=True)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    out = _with_preemption(
+        "try:\n"
+        "    with preemption.shielded():\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        print('write finished', flush=True)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('then stopped', preemption.by_sigterm(), flush=True)\n")
     assert out.stdout.splitlines() == ["write finished", "then stopped False"], out.stderr
 
 

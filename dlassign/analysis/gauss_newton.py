@@ -30,7 +30,7 @@ from absl import logging
 from jax.flatten_util import ravel_pytree
 
 from dlassign.analysis.hessian import Curvature
-from dlassign.analysis.hessian.spectrum import _lanczos, ritz, smooth_density
+from dlassign.analysis.hessian.spectrum import lanczos_run, ritz, smooth_density
 from dlassign.data import prepare, stratified_subset
 from dlassign.errors import ConfigError, one_of
 from dlassign.models import get_model
@@ -114,7 +114,7 @@ def matrix_spectrum(matrix: Curvature, order: int, top_k: int, tol: float, rng: 
       (summary dict, the smallest Ritz vector float[P]).
     """
     order = min(order, matrix.dim)
-    tridiag, basis, beta = _lanczos(matrix.matvec, matrix.dim, order, rng, matrix.dtype)
+    tridiag, basis, beta = lanczos_run(matrix.matvec, matrix.dim, order, rng, matrix.dtype)
     theta, s = np.linalg.eigh(tridiag)
     _, weights = ritz(tridiag)
     top = np.argsort(-theta)[:min(top_k, theta.size)]
@@ -346,7 +346,7 @@ def checkpoint_section(run_dir: str, num_examples: int = 256, lanczos_order: int
     Returns:
       `measure`'s dict with `section` (markdown) added.
     """
-    from dlassign.analysis.hessian.operators import _takes
+    from dlassign.analysis.hessian.operators import inference_kwargs
     from dlassign.training.evaluation import restore_run
 
     run, state, _ = restore_run(run_dir)
@@ -355,7 +355,7 @@ def checkpoint_section(run_dir: str, num_examples: int = 256, lanczos_order: int
     images = jnp.asarray(run.dataset.normalizer(train.images[rows], jnp.float32))
     labels = np.asarray(train.labels[rows], np.int32)
     fixed = {k: v for k, v in state.variables.items() if k != "params"}
-    kwargs = {"train": False} if _takes(run.model, "train") else {}
+    kwargs = inference_kwargs(run.model)
 
     def apply_fn(params, x):
         return run.model.apply({"params": params, **fixed}, x, **kwargs)

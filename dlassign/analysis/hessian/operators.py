@@ -78,7 +78,7 @@ def model_batch_loss(model, variables: dict, loss: str | Callable,
     fixed = {k: v for k, v in variables.items() if k != "params"}
     model, _ = placement(model, hessian=True)
     if apply_kwargs is None:
-        apply_kwargs = {"train": False} if _takes(model, "train") else {}
+        apply_kwargs = inference_kwargs(model)
 
     def batch_loss(params, batch):
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
@@ -108,11 +108,14 @@ def model_batch_loss(model, variables: dict, loss: str | Callable,
     return batch_loss
 
 
-def _takes(model, name: str) -> bool:
+def inference_kwargs(model) -> dict:
+    """The keyword arguments of `model.apply` for inference: {"train": False} where the module
+    takes `train` (BatchNorm's running statistics, no dropout), else none."""
     try:
-        return name in inspect.signature(type(model).__call__).parameters
+        takes = "train" in inspect.signature(type(model).__call__).parameters
     except (TypeError, ValueError):
-        return False
+        takes = False
+    return {"train": False} if takes else {}
 
 
 def _describe(tree) -> str:

@@ -45,16 +45,16 @@ def lanczos(matvec: MatVec, dim: int, order: int, rng: jax.Array, dtype=None
     Returns:
       tridiag float64[m, m] and the basis V dtype[m, P] (H ~ V^T T V on the Krylov space).
     """
-    tridiag, basis, _ = _lanczos(matvec, dim, order, rng, _dtype(matvec, dtype))
+    tridiag, basis, _ = lanczos_run(matvec, dim, order, rng, _dtype(matvec, dtype))
     return tridiag, basis
 
 
-def _lanczos(matvec: MatVec, dim: int, order: int, rng: jax.Array, dtype,
-             stop: Callable[[np.ndarray, float], bool] | None = None,
-             start: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+def lanczos_run(matvec: MatVec, dim: int, order: int, rng: jax.Array, dtype,
+                stop: Callable[[np.ndarray, float], bool] | None = None,
+                start: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """`lanczos` from `start` (default: a random vector), stopping early where `stop(T, beta)`
     (T the tridiagonal matrix so far, beta the norm of the next Lanczos vector) says so; also
-    returns that last beta."""
+    returns that last beta, which bounds each Ritz pair's residual (beta |s_m|) for free."""
     order = min(order, dim)
     basis = jnp.zeros((order, dim), dtype)
     tridiag = np.zeros((order, order))
@@ -181,7 +181,7 @@ def lanczos_eigenpairs(matvec: MatVec, dim: int, k: int, rng: jax.Array, tol: fl
         estimate = np.abs(beta * vectors[-1, chosen])
         return bool(np.all(estimate <= 0.5 * tol * np.maximum(np.abs(values[chosen]), 1e-30)))
 
-    tridiag, basis, _ = _lanczos(matvec, dim, max_order, rng, dtype, stop, start)
+    tridiag, basis, _ = lanczos_run(matvec, dim, max_order, rng, dtype, stop, start)
     if not np.isfinite(tridiag).all():  # a product overflowed (e.g. diverged parameters)
         nan = np.full(k, np.nan)
         return Eigenpairs(nan, np.full((k, dim), np.nan), nan, np.zeros(k, bool), tol,
