@@ -115,10 +115,10 @@ class Checkpointer:
         self.metric = best
         kept = {"max_to_keep": keep}
         if best is not None:
-            policies = ocp.checkpoint_managers
-            kept = {"best_fn": _rank(best), "best_mode": "max", "preservation_policy":
+            policies, rank = ocp.checkpoint_managers, _rank(best)
+            kept = {"best_fn": rank, "best_mode": "max", "preservation_policy":
                     policies.AnyPreservationPolicy([policies.LatestN(n=keep), policies.BestN(
-                        get_metric_fn=_rank(best), n=1, keep_checkpoints_without_metrics=False)])}
+                        get_metric_fn=rank, n=1, keep_checkpoints_without_metrics=False)])}
         # Orbax's clean-up of interrupted saves, for the owner only: a reader must leave a live
         # run's temporaries (test_evaluate_during_a_save_leaves_the_live_run_alone)
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
@@ -136,8 +136,10 @@ class Checkpointer:
         step = int(step)
         metrics = None
         if self.metric is not None:  # every step gets metrics: Orbax warns of a step without
-            metrics = {"step": step} if score is None else {"step": step, self.metric: score}
-            meta = dict(meta, **{k: v for k, v in metrics.items() if k != "step"})
+            metrics = {"step": step}
+            if score is not None:
+                metrics[self.metric] = score
+                meta = dict(meta, **{self.metric: score})
         meta = finite_or_none(dict(meta, step=step))
         json.dumps(meta, allow_nan=False)  # raises here, before any file is written
         faults.during_checkpoint_write(step, self.directory)

@@ -13,16 +13,6 @@ from absl import logging
 from dlassign.runtime import parallel
 from dlassign.training.setup import Run, compile_steps
 
-_hits = threading.local()  # the compile time saved by cache hits on this thread
-
-
-def _on_duration(event: str, seconds: float, **_) -> None:
-    if event == "/jax/compilation_cache/compile_time_saved_sec" and hasattr(_hits, "saved"):
-        _hits.saved += seconds
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_duration)
-
 
 def _abstract_batch(run: Run, rows: int, mask: bool = False, slots: int = 1) -> dict:
     """The shapes, dtypes and shardings of a training (or, with `mask`, evaluation) batch of
@@ -77,11 +67,21 @@ class CompileAhead:
             t.start()
 
     def _compile_train(self, slots: int) -> None:
-        started, _hits.saved = time.perf_counter(), 0.0
+        started, saved, here = time.perf_counter(), [], threading.get_ident()
+
+        def on_hit(event: str, seconds: float, **_) -> None:  # this thread's cache hits
+            if event == "/jax/compilation_cache/compile_time_saved_sec" and (
+                    threading.get_ident() == here):
+                saved.append(seconds)
+
         batch = _abstract_batch(self._run, self._run.config.batch_size, slots=slots)
-        self.train_step.lower(self._abstract_state, batch,
-                              jax.ShapeDtypeStruct((), np.int32)).compile()
-        self.train_seconds = time.perf_counter() - started + _hits.saved
+        jax.monitoring.register_event_duration_secs_listener(on_hit)
+        try:
+            self.train_step.lower(self._abstract_state, batch,
+                                  jax.ShapeDtypeStruct((), np.int32)).compile()
+        finally:
+            jax.monitoring.unregister_event_duration_listener(on_hit)
+        self.train_seconds = time.perf_counter() - started + sum(saved)
 
     def several(self, slots: int):
         """Compiles the train step for `slots` steps per call: on a started background thread
