@@ -159,14 +159,17 @@ def dense_class_means(params, x, labels, loss):
         rows = labels == c
         for k in range(C):
             total = sum(w[i, k] * jac[i].T @ d[i, k] for i in np.flatnonzero(rows))
-            cols.append(total / np.sqrt(n * w[rows, k].sum()))
+            cols.append(total / np.sqrt(n * w[rows, k].sum()) if rows.any()
+                        else np.zeros(x0.size))
     return np.stack(cols, axis=1)  # [P, C^2]
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "square"])
-def test_class_mean_gram_is_its_dense_construction_and_lies_below_g(loss):
+@pytest.mark.parametrize("counts", [(8, 8, 8), (13, 0, 11)])  # padded classes, an empty one
+def test_class_mean_gram_is_its_dense_construction_and_lies_below_g(loss, counts):
     with jax.enable_x64(True):
-        params, x, labels = mlp_problem(seed=3)
+        params, x, _ = mlp_problem(seed=3)
+        labels = np.random.default_rng(0).permutation(np.repeat(np.arange(C), counts))
         gram = gn.class_mean_gram(mlp_apply, params, x, labels, loss, C)
         a = dense_class_means(params, x, labels, loss)
         np.testing.assert_allclose(gram, a.T @ a, atol=1e-10)

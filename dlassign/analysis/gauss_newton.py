@@ -203,31 +203,42 @@ def class_mean_gram(output_fn, params, images: jax.Array, labels: np.ndarray, lo
     by k, each group's second moment is its weighted mean's outer product plus its spread, so
     G = A A^T + (a PSD remainder) with one column per (c, k), index c * C + k:
     a_ck = sum_{i in c} w_ik g_ik / sqrt(N W_ck), W_ck = sum_{i in c} w_ik. The nonzero
-    eigenvalues of A A^T are those of A^T A, and lie below G's one by one (Weyl). Each class's
-    columns are one vmapped vjp over that class's examples.
+    eigenvalues of A A^T are those of A^T A, and lie below G's one by one (Weyl).
+
+    One program (`_class_columns`) for all classes: each class's examples padded to the largest
+    class's count, the padding weighted zero, so no per-class shapes are compiled op by op.
     """
     labels = np.asarray(labels)
     n = labels.shape[0]
-    columns = []
-    for c in range(num_classes):
-        rows = np.flatnonzero(labels == c)
-        if rows.size == 0:
-            columns.append(None)
-            continue
-        x = images[rows]
-        logits, vjp = jax.vjp(lambda p, x=x: output_fn(p, x), params)
+    rows = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    width = max(1, max(r.size for r in rows))
+    index = np.zeros((num_classes, width), np.int64)
+    mask = np.zeros((num_classes, width), bool)
+    for c, r in enumerate(rows):
+        index[c, :r.size], mask[c, :r.size] = r, True
+    flat, weight = _class_columns(output_fn, loss, params, jnp.asarray(images)[index],
+                                  jnp.asarray(mask))
+    flat, weight = np.asarray(flat, np.float64), np.asarray(weight, np.float64)  # [C, C, P]
+    # an empty class has zero columns (its sums are zero)
+    a = (flat / np.sqrt(n * np.maximum(weight, 1e-300))[..., None]).reshape(-1, flat.shape[-1])
+    return a @ a.T  # [C^2, C^2]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _class_columns(output_fn, loss: str, params, images: jax.Array, mask: jax.Array):
+    """For each class c (a row of `images` float[C, M, ...], `mask` bool[C, M] marking its
+    examples): sum_i w_ik g_ik for every k, float[C, P], and W_ck, float[C]; the classes one
+    after another (`lax.map`), so memory holds one class's C vjps, as a loop over classes."""
+    def one_class(inputs):
+        x, m = inputs
+        logits, vjp = jax.vjp(lambda p: output_fn(p, x), params)
         w, d = output_factors(loss, logits)
+        w = jnp.where(m[:, None], w, 0)
         # cotangent for column k: w_ik d_ik on each example i of the class
-        cotangents = jnp.einsum("ik,ikj->kij", w, d)
-        grads = jax.vmap(vjp)(cotangents)[0]
-        flat = jax.vmap(lambda g: ravel_pytree(g)[0])(grads)  # [C, P]
-        weight = np.asarray(jnp.sum(w, axis=0), np.float64)  # W_ck
-        columns.append(np.asarray(flat, np.float64) / np.sqrt(n * np.maximum(weight, 1e-300))
-                       [:, None])
-    dim = next(col.shape[1] for col in columns if col is not None)
-    a = np.concatenate([col if col is not None else np.zeros((num_classes, dim))
-                        for col in columns])  # [C^2, P]
-    return a @ a.T
+        grads = jax.vmap(vjp)(jnp.einsum("ik,ikj->kij", w, d))[0]
+        return jax.vmap(lambda g: ravel_pytree(g)[0])(grads), jnp.sum(w, axis=0)
+
+    return jax.lax.map(one_class, (images, mask))
 
 
 def gram_parts(gram: np.ndarray, num_classes: int) -> dict:
