@@ -142,7 +142,8 @@ def test_analysis_programs_export_for_the_accelerators(platform, cpu_kernels):
     texts = [
         _export(operators._batch_hvp, batch_loss, params, vec, batch, scalar, platform=platform),
         _export(spectrum._power_step, basis, vec, vec, platform=platform),  # power iteration
-        _export(spectrum._orthogonalise, basis, vec, platform=platform),  # Lanczos
+        _export(spectrum._lanczos_step, basis, jax.ShapeDtypeStruct((), jnp.int32), vec, vec,
+                vec, scalar, platform=platform),  # Lanczos
         _export(landscape._chunk_sums, batch_loss, params, basis,
                 jax.ShapeDtypeStruct((8, 3), jnp.float32), batch, platform=platform),
         _export(landscape._direction_program(), params, jax.random.PRNGKey(0),

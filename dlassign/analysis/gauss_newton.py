@@ -30,7 +30,7 @@ from absl import logging
 from jax.flatten_util import ravel_pytree
 
 from dlassign.analysis.hessian import Curvature
-from dlassign.analysis.hessian.spectrum import lanczos_run, ritz, smooth_density
+from dlassign.analysis.hessian.spectrum import lanczos_run, ritz, ritz_vector, smooth_density
 from dlassign.data import prepare, stratified_subset
 from dlassign.errors import ConfigError, one_of
 from dlassign.models import get_model
@@ -88,10 +88,8 @@ def _measured(matrix: Curvature, vectors: np.ndarray, basis: np.ndarray) -> tupl
     """Ritz vectors from T's eigenvectors, and each pair's Rayleigh quotient and relative
     residual ||M y - lambda y|| / |lambda| measured with one product each."""
     values, residuals, ritz_vectors = [], [], []
-    basis = jnp.asarray(basis)
     for s in vectors.T:
-        y = jnp.asarray(s, basis.dtype) @ basis
-        y = y / jnp.linalg.norm(y)
+        y = ritz_vector(s, basis, basis.dtype)
         value, residual = _pair(y, matrix.matvec(y))
         values.append(float(value))
         residuals.append(float(residual))
@@ -286,15 +284,21 @@ def measure(apply_fn, params, images: jax.Array, labels: np.ndarray, loss: str,
     out = split_spectrum(curvature, order, top_k, tol, seed, measured_k=measured_k)
     for matrix in ("hessian", "gauss_newton"):
         out[matrix]["outliers"] = count_outliers(out[matrix]["top"])
-    logits = apply_fn(params, images)
-    out["loss"] = float(jnp.mean(per_example(logits, labels_j)))
-    out["accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == labels_j))
+    out["loss"], out["accuracy"] = map(float, _loss_and_accuracy(apply_fn, loss, params, images,
+                                                                 labels_j))
     if loss in FACTORED:
         gram = class_mean_gram(apply_fn, params, images, labels, loss, num_classes)
         parts = gram_parts(gram, num_classes)
         out["class_means"] = dict(parts, outliers=count_outliers(parts["all"][:top_k]))
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss_and_accuracy(apply_fn, loss: str, params, images: jax.Array, labels: jax.Array):
+    logits = apply_fn(params, images)
+    return (jnp.mean(per_example_loss(loss)(logits, labels)),
+            jnp.mean(jnp.argmax(logits, -1) == labels))
 
 
 def summary_sentences(m: dict, loss: str, num_classes: int) -> list[str]:

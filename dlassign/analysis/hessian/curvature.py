@@ -131,8 +131,13 @@ class Curvature:
         self.num_examples = _shared["count"]
         self.products = 0  # matrix-vector products over the whole data so far
         loss, unravel, matrix = _shared["loss"], self.unravel, _matrix
-        # one program per object: the loss and the matrix are fixed, the batch is an argument
-        self._part = jax.jit(lambda x, v, b: _batch_product(matrix, loss, unravel, x, v, b))
+        # one program per matrix, shared by the objects of one loss and point (the siblings):
+        # the loss and the matrix are fixed, the batch is an argument
+        programs = _shared.setdefault("programs", {})
+        if matrix not in programs:
+            programs[matrix] = jax.jit(
+                lambda x, v, b: _batch_product(matrix, loss, unravel, x, v, b))
+        self._part = programs[matrix]
 
     @classmethod
     def from_outputs(cls, output_fn: Callable, output_loss: Callable, params, batches, *,

@@ -56,21 +56,24 @@ def lanczos_run(matvec: MatVec, dim: int, order: int, rng: jax.Array, dtype,
     (T the tridiagonal matrix so far, beta the norm of the next Lanczos vector) says so; also
     returns that last beta, which bounds each Ritz pair's residual (beta |s_m|) for free."""
     order = min(order, dim)
-    basis = jnp.zeros((order, dim), dtype)
+    # Each step is one program (`_lanczos_step`) on a basis of `_basis_rows(order)` rows, the
+    # unused ones zero: runs of nearby orders share it instead of compiling their own.
+    basis = jnp.zeros((_basis_rows(order, dim), dim), dtype)
     tridiag = np.zeros((order, order))
-    keys = jax.random.split(rng, order + 1)
-    v = jax.random.normal(keys[0], (dim,), dtype) if start is None else jnp.asarray(start, dtype)
+    v = (jax.random.normal(jax.random.fold_in(rng, 0), (dim,), dtype) if start is None
+         else jnp.asarray(start, dtype))
     v = v / jnp.linalg.norm(v)
     beta, v_prev = 0.0, jnp.zeros((dim,), dtype)
     scale = 0.0
     size = order
     for i in range(order):
-        basis = basis.at[i].set(v)
-        w = matvec(v) - beta * v_prev
-        alpha = float(jnp.vdot(w, v))
+        hv = matvec(v)
+        if i == 0:  # every argument placed as the products are: one program, not one per kind
+            basis, v, v_prev = _placed_like(hv, basis, v, v_prev)
+        basis, w, alpha, norm = _lanczos_step(basis, np.int32(i), v, hv, v_prev,
+                                              jnp.asarray(beta, dtype))
+        alpha, beta = float(alpha), float(norm)
         tridiag[i, i] = alpha
-        w = _orthogonalise(basis, w - alpha * v)
-        beta = float(jnp.linalg.norm(w))
         scale = max(scale, abs(alpha), beta)
         if i + 1 == order:
             break
@@ -80,12 +83,47 @@ def lanczos_run(matvec: MatVec, dim: int, order: int, rng: jax.Array, dtype,
             break
         if beta <= 1e3 * jnp.finfo(dtype).eps * max(scale, 1e-30):
             # Invariant subspace found: continue from a fresh orthogonal direction.
-            w = _orthogonalise(basis, jax.random.normal(keys[i + 1], (dim,), dtype))
+            w = _orthogonalise(basis, jax.random.normal(jax.random.fold_in(rng, i + 1), (dim,),
+                                                        dtype))
             v_prev, v, beta = v, w / jnp.linalg.norm(w), 0.0
             continue
         tridiag[i, i + 1] = tridiag[i + 1, i] = beta
         v_prev, v = v, w / beta
-    return tridiag[:size, :size], np.asarray(basis[:size]), beta
+    return tridiag[:size, :size], np.asarray(basis)[:size], beta
+
+
+def _placed_like(hv: jax.Array, basis: jax.Array, *vectors: jax.Array):
+    """`basis` and `vectors` on the devices of a product `hv`, the basis's rows as `hv`."""
+    sharding = hv.sharding
+    rows = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+        None, *sharding.spec)) if isinstance(sharding, jax.sharding.NamedSharding) else sharding)
+    return jax.device_put(basis, rows), *(jax.device_put(v, sharding) for v in vectors)
+
+
+def _basis_rows(order: int, dim: int) -> int:
+    """The rows a Lanczos run of `order` steps allocates: `order` rounded up to a multiple of 16
+    (at most `dim`)."""
+    return min(-(-order // 16) * 16, dim)
+
+
+@jax.jit
+def _lanczos_step(basis: jax.Array, i: jax.Array, v: jax.Array, hv: jax.Array,
+                  v_prev: jax.Array, beta: jax.Array):
+    """Row i of the basis set to v; alpha = v.(Hv - beta v_prev) and the next direction
+    w = Hv - beta v_prev - alpha v off the basis, with its norm."""
+    basis = basis.at[i].set(v)
+    w = hv - beta * v_prev
+    alpha = jnp.vdot(w, v)
+    w = _orthogonalise(basis, w - alpha * v)
+    return basis, w, alpha, jnp.linalg.norm(w)
+
+
+def ritz_vector(coefficients: np.ndarray, basis: np.ndarray, dtype) -> jax.Array:
+    """The unit vector sum_j s_j V_j from an eigenvector s of T and the basis V, on the host
+    (where `lanczos_run` leaves V), so no program is compiled per Krylov size."""
+    basis = np.asarray(basis)
+    y = np.asarray(coefficients, basis.dtype) @ basis
+    return jnp.asarray(y / np.linalg.norm(y), dtype)
 
 
 def _dtype(matvec: MatVec, dtype):
@@ -189,10 +227,8 @@ def lanczos_eigenpairs(matvec: MatVec, dim: int, k: int, rng: jax.Array, tol: fl
     values, vectors = np.linalg.eigh(tridiag)
     chosen = _select(values, k, which)
     out_values, out_vectors, residuals = [], [], []
-    basis = jnp.asarray(basis)
     for i in chosen:
-        v = jnp.asarray(vectors[:, i], dtype) @ basis
-        v = v / jnp.linalg.norm(v)
+        v = ritz_vector(vectors[:, i], basis, dtype)
         hv = matvec(v)
         value, residual = _pair(v, hv)
         out_values.append(float(value))
