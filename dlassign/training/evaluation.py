@@ -19,7 +19,14 @@ from dlassign.runtime.checkpoint import Checkpointer
 from dlassign.runtime.files import write_json, write_text
 from dlassign.training import loop
 from dlassign.training.metrics import classification_metrics, prediction_collapse
-from dlassign.training.setup import Run, abstract_tree, compile_steps, make_state, setup
+from dlassign.training.setup import (
+    Run,
+    abstract_state,
+    abstract_tree,
+    compile_steps,
+    make_state,
+    setup,
+)
 from dlassign.training.train_state import TrainState
 
 
@@ -131,15 +138,17 @@ def restore_run(workdir: str, step: int | None = None, overrides: dict | None = 
             config.update_from_flattened_dict(overrides)
         _fit_mesh_to_this_machine(config)
         run = setup(config, dataset)
-        state = make_state(run)
-        if first_meta.get("kind") == "variables":  # an experiments.port_weights output
+        if first_meta.get("kind") == "variables":  # an experiments.port_weights output:
+            state = make_state(run)  # weights only, the rest of the state starts fresh
             abstract = {k: v for k, v in abstract_tree(state).items()
                         if k in ("params", "batch_stats")}
             tree, meta = ckpt.restore(step or steps[-1], abstract)
-        elif step is None:
-            tree, meta = ckpt.restore_latest(abstract_tree(state), config.to_dict())
-        else:
-            tree, meta = ckpt.restore(step, abstract_tree(state))
+        else:  # the whole state is restored: into its shapes and shardings, no initialiser
+            state = abstract_state(run)
+            if step is None:
+                tree, meta = ckpt.restore_latest(abstract_tree(state), config.to_dict())
+            else:
+                tree, meta = ckpt.restore(step, abstract_tree(state))
     return run, state.replace(**tree), meta
 
 

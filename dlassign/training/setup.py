@@ -96,6 +96,22 @@ def make_state(run: Run, variables: dict | None = None, before_init=None) -> Tra
 
     `before_init`, when given, is called with the state's shapes, dtypes and shardings
     (`jax.ShapeDtypeStruct` leaves, the same static fields) before the initialiser compiles."""
+    make, rng, abstract, shardings = _initialiser(run, variables)
+    if before_init is not None:
+        before_init(_placed(abstract, shardings))
+    return jax.jit(make, out_shardings=shardings,
+                   compiler_options=init_compiler_options())(variables, rng)
+
+
+def abstract_state(run: Run) -> TrainState:
+    """The train state `make_state` would create, as `jax.ShapeDtypeStruct` leaves with their
+    shardings (the same static fields): a target to restore a checkpoint into, with no
+    initialiser compiled or run and no second copy of the state in memory."""
+    _, _, abstract, shardings = _initialiser(run, None)
+    return _placed(abstract, shardings)
+
+
+def _initialiser(run: Run, variables: dict | None):
     tx, rng = make_tx(run), jax.random.PRNGKey(run.config.seed)
     # the key is an argument, not a constant: one compiled program (and cache entry) per
     # architecture and shape, whatever the seed
@@ -103,11 +119,12 @@ def make_state(run: Run, variables: dict | None = None, before_init=None) -> Tra
     abstract = jax.eval_shape(make, variables, rng)
     shardings = parallel.state_shardings(run.mesh, abstract, run.config.mesh.get("shard_params",
                                                                                 False))
-    if before_init is not None:
-        before_init(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                 abstract, shardings))
-    return jax.jit(make, out_shardings=shardings,
-                   compiler_options=init_compiler_options())(variables, rng)
+    return make, rng, abstract, shardings
+
+
+def _placed(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
 
 
 def state_tree(state: TrainState) -> dict:
