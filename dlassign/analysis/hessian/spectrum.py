@@ -56,8 +56,8 @@ def lanczos_run(matvec: MatVec, dim: int, order: int, rng: jax.Array, dtype,
     (T the tridiagonal matrix so far, beta the norm of the next Lanczos vector) says so; also
     returns that last beta, which bounds each Ritz pair's residual (beta |s_m|) for free."""
     order = min(order, dim)
-    # Each step is one program (`_lanczos_step`) on a basis of `_basis_rows(order)` rows, the
-    # unused ones zero: runs of nearby orders share it instead of compiling their own.
+    # Each step is one program (`_lanczos_step`) on a basis of `_basis_rows` rows, the unused
+    # ones zero: runs of nearby orders share it instead of compiling their own.
     basis = jnp.zeros((_basis_rows(order, dim), dim), dtype)
     tridiag = np.zeros((order, order))
     v = (jax.random.normal(jax.random.fold_in(rng, 0), (dim,), dtype) if start is None
@@ -101,9 +101,11 @@ def _placed_like(hv: jax.Array, basis: jax.Array, *vectors: jax.Array):
 
 
 def _basis_rows(order: int, dim: int) -> int:
-    """The rows a Lanczos run of `order` steps allocates: `order` rounded up to a multiple of 16
-    (at most `dim`)."""
-    return min(-(-order // 16) * 16, dim)
+    """The rows a Lanczos run of `order` steps allocates (at most `dim`): `order` rounded up to a
+    power of two up to 16, to a multiple of 16 beyond, so a few shapes serve every order and a
+    large model's basis grows by less than 16 rows."""
+    rows = 1 << (order - 1).bit_length() if order <= 16 else -(-order // 16) * 16
+    return min(rows, dim)
 
 
 @jax.jit
