@@ -102,6 +102,15 @@ def test_lanczos_extremes_converge_before_full_order(small_problem):
         assert weights.sum() == pytest.approx(1.0)
 
 
+def test_lanczos_takes_a_matvec_that_returns_numpy(small_problem):
+    p = small_problem
+    with jax.enable_x64(True):
+        on_host, _ = lanczos(lambda v: p["h"] @ np.asarray(v), p["dim"], 20,
+                             jax.random.PRNGKey(3), jnp.float64)
+        on_device, _ = lanczos(p["matvec"], p["dim"], 20, jax.random.PRNGKey(3), jnp.float64)
+        np.testing.assert_allclose(on_host, on_device, rtol=1e-8, atol=1e-10)
+
+
 def test_power_iteration_top_k(small_problem):
     p = small_problem
     with jax.enable_x64(True):

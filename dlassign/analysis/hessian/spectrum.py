@@ -67,7 +67,7 @@ def lanczos_run(matvec: MatVec, dim: int, order: int, rng: jax.Array, dtype,
     scale = 0.0
     size = order
     for i in range(order):
-        hv = matvec(v)
+        hv = jnp.asarray(matvec(v))  # a host operator's NumPy product too
         if i == 0:  # every argument placed as the products are: one program, not one per kind
             basis, v, v_prev = _placed_like(hv, basis, v, v_prev)
         basis, w, alpha, norm = _lanczos_step(basis, np.int32(i), v, hv, v_prev,
