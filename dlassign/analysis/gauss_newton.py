@@ -30,7 +30,13 @@ from absl import logging
 from jax.flatten_util import ravel_pytree
 
 from dlassign.analysis.hessian import Curvature
-from dlassign.analysis.hessian.spectrum import lanczos_run, ritz, ritz_vector, smooth_density
+from dlassign.analysis.hessian.spectrum import (
+    lanczos_run,
+    rayleigh_pair,
+    ritz,
+    ritz_vector,
+    smooth_density,
+)
 from dlassign.data import prepare, stratified_subset
 from dlassign.errors import ConfigError, one_of
 from dlassign.models import get_model
@@ -77,12 +83,6 @@ def output_factors(name: str, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
 # ----------------------------------------------------------------------------- spectra
 
 
-@jax.jit
-def _pair(v: jax.Array, mv: jax.Array) -> tuple[jax.Array, jax.Array]:
-    value = jnp.vdot(v, mv)
-    return value, jnp.linalg.norm(mv - value * v) / jnp.maximum(jnp.abs(value), 1e-30)
-
-
 def _measured(matrix: Curvature, vectors: np.ndarray, basis: np.ndarray) -> tuple[list, list,
                                                                                   list]:
     """Ritz vectors from T's eigenvectors, and each pair's Rayleigh quotient and relative
@@ -90,7 +90,7 @@ def _measured(matrix: Curvature, vectors: np.ndarray, basis: np.ndarray) -> tupl
     values, residuals, ritz_vectors = [], [], []
     for s in vectors.T:
         y = ritz_vector(s, basis, basis.dtype)
-        value, residual = _pair(y, matrix.matvec(y))
+        value, residual = rayleigh_pair(y, matrix.matvec(y))
         values.append(float(value))
         residuals.append(float(residual))
         ritz_vectors.append(y)
@@ -214,15 +214,15 @@ def class_mean_gram(output_fn, params, images: jax.Array, labels: np.ndarray, lo
     mask = np.zeros((num_classes, width), bool)
     for c, r in enumerate(rows):
         index[c, :r.size], mask[c, :r.size] = r, True
-    flat, weight = _class_columns(output_fn, loss, params, jnp.asarray(images)[index],
-                                  jnp.asarray(mask))
+    # compiled per call (the closure differs each time), so no module-level cache keeps it
+    columns = jax.jit(functools.partial(_class_columns, output_fn, loss))
+    flat, weight = columns(params, jnp.asarray(images)[index], jnp.asarray(mask))
     flat, weight = np.asarray(flat, np.float64), np.asarray(weight, np.float64)  # [C, C, P]
     # an empty class has zero columns (its sums are zero)
     a = (flat / np.sqrt(n * np.maximum(weight, 1e-300))[..., None]).reshape(-1, flat.shape[-1])
     return a @ a.T  # [C^2, C^2]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _class_columns(output_fn, loss: str, params, images: jax.Array, mask: jax.Array):
     """For each class c (a row of `images` float[C, M, ...], `mask` bool[C, M] marking its
     examples): sum_i w_ik g_ik for every k, float[C, P], and W_ck, float[C]; the classes one
@@ -284,8 +284,8 @@ def measure(apply_fn, params, images: jax.Array, labels: np.ndarray, loss: str,
     out = split_spectrum(curvature, order, top_k, tol, seed, measured_k=measured_k)
     for matrix in ("hessian", "gauss_newton"):
         out[matrix]["outliers"] = count_outliers(out[matrix]["top"])
-    out["loss"], out["accuracy"] = map(float, _loss_and_accuracy(apply_fn, loss, params, images,
-                                                                 labels_j))
+    scores = jax.jit(functools.partial(_loss_and_accuracy, apply_fn, loss))
+    out["loss"], out["accuracy"] = map(float, scores(params, images, labels_j))
     if loss in FACTORED:
         gram = class_mean_gram(apply_fn, params, images, labels, loss, num_classes)
         parts = gram_parts(gram, num_classes)
@@ -294,7 +294,6 @@ def measure(apply_fn, params, images: jax.Array, labels: np.ndarray, loss: str,
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _loss_and_accuracy(apply_fn, loss: str, params, images: jax.Array, labels: jax.Array):
     logits = apply_fn(params, images)
     return (jnp.mean(per_example_loss(loss)(logits, labels)),

@@ -29,7 +29,10 @@ def _digits() -> tuple[np.ndarray, ...]:
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = d.target.astype(np.int32)
-    return (images, labels, *stratified_split(labels, test_fraction=TEST_FRACTION, seed=0))
+    arrays = (images, labels, *stratified_split(labels, test_fraction=TEST_FRACTION, seed=0))
+    for a in arrays:  # shared by every caller in the process
+        a.setflags(write=False)
+    return arrays
 
 
 DATASETS = (DatasetSpec("digits", 10, (8, 8, 1), local_files="(embedded, none needed)",

@@ -232,7 +232,7 @@ def lanczos_eigenpairs(matvec: MatVec, dim: int, k: int, rng: jax.Array, tol: fl
     for i in chosen:
         v = ritz_vector(vectors[:, i], basis, dtype)
         hv = matvec(v)
-        value, residual = _pair(v, hv)
+        value, residual = rayleigh_pair(v, hv)
         out_values.append(float(value))
         residuals.append(float(residual))
         out_vectors.append(v)
@@ -243,7 +243,7 @@ def lanczos_eigenpairs(matvec: MatVec, dim: int, k: int, rng: jax.Array, tol: fl
 
 
 @jax.jit
-def _pair(v: jax.Array, hv: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rayleigh_pair(v: jax.Array, hv: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The Rayleigh quotient of unit v and its relative residual ||Hv - lambda v|| / |lambda|."""
     value = jnp.vdot(v, hv)
     return value, jnp.linalg.norm(hv - value * v) / jnp.maximum(jnp.abs(value), 1e-30)
@@ -426,7 +426,7 @@ def _power_step(basis: jax.Array, v: jax.Array, hv: jax.Array
     """One power step off the rows of `basis`, in one program: the Rayleigh quotient v.Hv, the
     pair's relative residual ||Hv - lambda v|| / |lambda| (of H itself, not the deflated
     operator) and the next vector, Hv off `basis` normalised."""
-    value, residual = _pair(v, hv)
+    value, residual = rayleigh_pair(v, hv)
     hv = _orthogonalise(basis, hv)
     return value, residual, hv / jnp.linalg.norm(hv)
 
