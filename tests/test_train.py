@@ -342,8 +342,37 @@ def test_a_cells_initial_state_is_its_own_state_bitwise(vmapped, caplog):
 
 @pytest.mark.parametrize("sequential", [True, False])
 def test_a_grids_cells_share_programs_and_score_as_their_configs_alone(sequential, caplog):
-    """Cells that differ in activation share one train and one eval program, cells of other
-    widths compile their own, and a cell scores exactly as its config trained alone."""
+    """Cells that differ in activation share one train and one eval program and score exactly
+    as their configs trained alone; share=False compiles a program per cell."""
+    import logging
+
+    from dlassign.training.tune import SharedPrograms
+
+    data = synthetic_dataset(n_train=240)
+    folds = stratified_kfold(data.train.labels, 3, seed=0)
+    configs = [tiny_config({"num_epochs": 2, "model.activation": a}) for a in ("relu", "tanh")]
+    shared = SharedPrograms([setup(c, data) for c in configs], sequential)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        in_grid = [cross_validate(c, data, folds, sequential=sequential, programs=shared.cell(i))
+                   for i, c in enumerate(configs)]
+    assert _compiled(caplog, "grid_train_step") == 1
+    assert _compiled(caplog, "grid_eval_step") == 1
+    caplog.clear()
+    apart = SharedPrograms([setup(c, data) for c in configs], sequential, share=False)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        cross_validate(configs[1], data, folds, sequential=sequential, programs=apart.cell(1))
+        cross_validate(configs[0], data, folds, sequential=sequential, programs=apart.cell(0))
+    assert _compiled(caplog, "grid_train_step") == 2  # share=False: a program per cell
+    for i in (0, 1):
+        alone = cross_validate(configs[i], data, folds, sequential=sequential)
+        assert in_grid[i]["fold_losses"] == alone["fold_losses"]
+        assert in_grid[i]["fold_accuracies"] == alone["fold_accuracies"]
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_cells_of_several_widths_share_programs_padded_and_score_as_alone(sequential, caplog):
+    """Narrower cells run zero-padded in the widest model, one program for the grid; their
+    scores are their own configs' up to rounding (the padded matmuls sum in another order)."""
     import logging
 
     from dlassign.training.tune import SharedPrograms
@@ -351,23 +380,69 @@ def test_a_grids_cells_share_programs_and_score_as_their_configs_alone(sequentia
     data = synthetic_dataset(n_train=240)
     folds = stratified_kfold(data.train.labels, 3, seed=0)
     configs = [tiny_config({"num_epochs": 2, "model.hidden_sizes": w, "model.activation": a})
-               for w in ((16,), (32,)) for a in ("relu", "tanh")]
+               for w in ((16,), (32,)) for a in ("relu", "sigmoid")]
     shared = SharedPrograms([setup(c, data) for c in configs], sequential)
+    assert shared.groups == [[0, 1, 2, 3]]
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         in_grid = [cross_validate(c, data, folds, sequential=sequential, programs=shared.cell(i))
                    for i, c in enumerate(configs)]
-    assert _compiled(caplog, "grid_train_step") == 2  # one per width
-    assert _compiled(caplog, "grid_eval_step") == 2
-    caplog.clear()
-    apart = SharedPrograms([setup(c, data) for c in configs], sequential, share=False)
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        cross_validate(configs[1], data, folds, sequential=sequential, programs=apart.cell(1))
-        cross_validate(configs[0], data, folds, sequential=sequential, programs=apart.cell(0))
-    assert _compiled(caplog, "grid_train_step") == 2  # share=False: a program per cell
-    for i in (1, 2):  # tanh second in its group, relu first in the other
+    assert _compiled(caplog, "grid_train_step") == 1
+    assert _compiled(caplog, "grid_eval_step") == 1
+    for i in (0, 1):  # the narrow ones; sigmoid(0) = 0.5, so only the mask keeps padding out
         alone = cross_validate(configs[i], data, folds, sequential=sequential)
-        assert in_grid[i]["fold_losses"] == alone["fold_losses"]
-        assert in_grid[i]["fold_accuracies"] == alone["fold_accuracies"]
+        np.testing.assert_allclose(in_grid[i]["fold_losses"], alone["fold_losses"], rtol=1e-5)
+        np.testing.assert_allclose(in_grid[i]["fold_accuracies"], alone["fold_accuracies"],
+                                   atol=1 / 80 + 1e-9)  # one validation example of 80
+
+
+def test_padded_units_add_nothing_and_get_no_gradient():
+    """A narrow cell's variables outside its own sizes, whatever they hold, change nothing it
+    computes and get a zero gradient (sigmoid(0) = 0.5: the mask, not zero weights, does it)."""
+    from dlassign.training.tune import SharedPrograms, _abstract_variables
+
+    data = synthetic_dataset(n_train=64)
+    runs = [setup(tiny_config({"model.hidden_sizes": w, "model.activation": "sigmoid"}), data)
+            for w in ((8,), (32,))]
+    shared = SharedPrograms(runs, sequential=True)
+    assert shared.groups == [[0, 1]]
+    group, _ = shared._cells[0]
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 16))
+    wide = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype),
+                        group.padding.widest)  # random padding, not zeros
+    out = lambda v: group.apply(v, x, index=0, train=False)
+    grads = jax.grad(lambda v: jax.numpy.sum(out(v) ** 2))(wide)["params"]
+    hidden, bias, last = (grads["dense0"]["kernel"], grads["dense0"]["bias"],
+                          grads["head"]["kernel"])
+    assert hidden.shape == (64, 32) and last.shape == (32, 4)
+    assert np.all(hidden[:, 8:] == 0) and np.all(bias[8:] == 0) and np.all(last[8:] == 0)
+    assert np.all(hidden[:, :8] != 0) and np.all(last[:8] != 0)
+    own = jax.tree.map(lambda a, o: a[tuple(slice(0, n) for n in o.shape)], wide,
+                       _abstract_variables(runs[0]))
+    np.testing.assert_allclose(out(wide), runs[0].model.apply(own, x, train=False),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out(wide), out(group.padding.mask(wide, 0)))
+
+
+def test_cells_whose_padding_would_compute_otherwise_keep_their_own_programs():
+    """The probe check: a CNN's last convolution feeds a flatten, so its channels cannot be
+    padded at the end (the flattened order moves), nor can dropout (its mask is drawn over the
+    padded shape); the first convolution's channels can."""
+    from dlassign.training.tune import SharedPrograms
+
+    data = synthetic_dataset(n_train=64)
+
+    def groups(overrides):
+        configs = [tiny_config({"model.name": "cnn", "model.padding": "same", **o})
+                   for o in overrides]
+        for c in configs:
+            del c.model["hidden_sizes"]
+        return SharedPrograms([setup(c, data) for c in configs], sequential=True).groups
+
+    assert groups([{"model.conv_features": f} for f in ((4, 8), (4, 16), (8, 16))]) == [
+        [1, 2], [0]]
+    assert groups([{"model.dense_width": w, "model.dropout": d}
+                   for w in (16, 32) for d in (0.0, 0.5)]) == [[0, 2, 3], [1]]
 
 
 def test_tune_keeps_no_programs_between_grid_searches():

@@ -138,25 +138,37 @@ STEP_METRICS = ("loss", "accuracy", "grad_norm")
 class SharedPrograms:
     """The compiled steps of one grid search: made by `tune()` for its cells, dropped with it.
 
-    Cells whose runs differ only in model fields that leave the train state's shapes alone (an
-    activation, a dropout rate) form a group with one train and one eval program, the cell's
-    model chosen inside by an index argument (`lax.switch` over the group's models): the group
-    compiles them once instead of once per cell, which is most of a short cell's cold time. The
-    shared steps run somewhat slower than a cell's own (docs/performance.md): this pays for
-    cells of seconds, as in the main job's grids, not for cells that train for minutes. Cells
-    of other widths or depths get programs of their own; a cell's initial state is its own
-    model's, compiled once per distinct program.
+    Cells whose models have the same parameter structure form a group with one train and one
+    eval program, the cell's model chosen inside by an index argument (`lax.switch` over the
+    group's distinct models): cells that differ in an activation, and in a width where padding
+    is exact (`_Padding`): a narrower cell runs in its model's widest variant, its variables
+    zero-padded to the widest shapes and the padding masked to zero in every forward pass, so
+    padded units add nothing and get no gradient. Before a narrower cell joins, its own model
+    and the padded one are compared on a random probe batch in inference and training mode; a
+    cell they disagree on (a width that moves a flattened layout or a normalisation's groups, a
+    dropout mask drawn over the padded shape) keeps programs of its own shapes. Compiling once
+    per group instead of once per cell is most of a short cell's cold time; the shared steps
+    run somewhat slower than a cell's own (docs/performance.md), which pays for cells of
+    seconds, as in the main job's grids, not for cells that train for minutes. A cell's initial
+    state is its own model's (padded), compiled once per distinct program.
     """
 
     def __init__(self, runs: Sequence[Run], sequential: bool, share: bool = True):
-        groups: dict[tuple, list[int]] = {}
+        abstract = [_abstract_variables(run) for run in runs]
+        families: dict[tuple, list[int]] = {}
         for i, run in enumerate(runs):  # share=False: a group per cell
-            groups.setdefault(_group_key(run) if share else (i,), []).append(i)
+            families.setdefault(_family_key(run, abstract[i]) if share else (i,), []).append(i)
         self._cells: dict[int, tuple[_Group, int]] = {}
         self._compiled_inits: dict[tuple, object] = {}
-        for members in groups.values():
-            group = _Group([runs[i] for i in members], sequential, self._compiled_inits)
-            self._cells.update({i: (group, j) for j, i in enumerate(members)})
+        self.groups: list[list[int]] = []  # the runs that share programs, by index
+        for family in families.values():
+            for members, models, padding in _by_width([runs[i] for i in family],
+                                                      [abstract[i] for i in family],
+                                                      sequential, self._compiled_inits):
+                group = _Group([runs[family[j]] for j in members], sequential,
+                               self._compiled_inits, models, padding)
+                self._cells.update({family[j]: (group, k) for k, j in enumerate(members)})
+                self.groups.append([family[j] for j in members])
 
     def cell(self, i: int) -> CellPrograms:
         """The programs of `runs[i]`."""
@@ -164,19 +176,143 @@ class SharedPrograms:
         return group.cell(j)
 
 
-def _group_key(run: Run) -> tuple:
+def _abstract_variables(run: Run):
+    """The shapes and dtypes of `run`'s model variables (an abstract trace, no compute)."""
+    return jax.eval_shape(lambda rng: init_variables(run.model, rng, (1, *run.input_shape[1:])),
+                          jax.random.PRNGKey(0))
+
+
+def _shapes(abstract) -> tuple:
+    return tuple(a.shape for a in jax.tree.leaves(abstract))
+
+
+def _family_key(run: Run, abstract) -> tuple:
     """What a group's cells have in common: the whole config but the model's own fields, the
-    mesh, and the train state's shapes (from an abstract trace, no compute)."""
+    mesh, and the variables' structure, dtypes and ranks (their sizes may differ)."""
     config = run.config.to_dict()
     model = config.pop("model")
     config.pop("tune", None)
-    shapes = jax.eval_shape(lambda rng: init_variables(run.model, rng,
-                                                       (1, *run.input_shape[1:])),
-                            jax.random.PRNGKey(0))
     return (json.dumps(config, sort_keys=True, default=str), model["name"],
             tuple(d.id for d in run.mesh.devices.flat), run.mesh.axis_names,
-            jax.tree.structure(shapes),
-            tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(shapes)))
+            jax.tree.structure(abstract),
+            tuple((a.ndim, str(a.dtype)) for a in jax.tree.leaves(abstract)))
+
+
+def _by_width(runs: list[Run], abstract: list, sequential: bool, compiled_inits: dict):
+    """A family's groups, each (member indices, the model each member applies, `_Padding` or
+    None): one group over every width where padding to the widest is exact, a group per set of
+    equal shapes for the rest."""
+    shapes = [_shapes(a) for a in abstract]
+    apart = lambda ix: [([i for i in ix if shapes[i] == s], None, None)
+                        for s in dict.fromkeys(shapes[i] for i in ix)]
+    everyone = list(range(len(runs)))
+    if len(set(shapes)) == 1:
+        return [(everyone, None, None)]
+    covers = lambda s, t: all(m >= n for a, b in zip(s, t) for m, n in zip(a, b))
+    widest = next((i for i in everyone if all(covers(shapes[i], t) for t in shapes)), None)
+    if widest is None:
+        return apart(everyone)
+    wide = _widened(runs, shapes, widest)
+    fits = [i for i in everyone if wide[i] is not None]
+    while len(fits) > 1:
+        padding = _Padding.of([abstract[i] for i in fits], abstract[widest])
+        group = _Group([runs[i] for i in fits], sequential, compiled_inits,
+                       [wide[i] for i in fits], padding)
+        wrong = [i for k, i in enumerate(fits) if shapes[i] != shapes[widest]
+                 and not group.agrees(k)]
+        if not wrong:
+            rest = [i for i in everyone if i not in fits]
+            return [(fits, [wide[i] for i in fits], padding), *apart(rest)]
+        logging.info("grid cells %s keep programs of their own widths: padded to the widest, "
+                     "their models compute otherwise", [runs[i].config.model.to_dict()
+                                                        for i in wrong])
+        fits = [i for i in fits if i not in wrong]
+    return apart(everyone)
+
+
+def _widened(runs: list[Run], shapes: list[tuple], widest: int) -> list:
+    """Each run's model with the widest run's value of every field that sets a variable's size
+    (found by tracing the widest model with each other value), or None where that model's
+    shapes are not the widest's."""
+    key = lambda config: json.dumps(config.to_dict(), sort_keys=True, default=str)
+    base = runs[widest].config
+    built = {key(run.config): (run.model, s) for run, s in zip(runs, shapes)}
+
+    def model_of(config):  # one setup per distinct config
+        if key(config) not in built:
+            try:
+                run = setup(config, runs[widest].dataset)
+                built[key(config)] = (run.model, _shapes(_abstract_variables(run)))
+            except (DlassignError, ValueError):  # a combination its fields do not allow
+                built[key(config)] = (None, None)
+        return built[key(config)]
+
+    differs = lambda run, f: run.config.model.get(f) != base.model.get(f)
+    fields = sorted({f for run in runs for f in run.config.model if differs(run, f)})
+    sizing = [f for f in fields if any(
+        model_of(apply_overrides(base, {f"model.{f}": run.config.model[f]}))[1] != shapes[widest]
+        for run in runs if differs(run, f))]
+    out = []
+    for run in runs:
+        model, own = model_of(apply_overrides(
+            run.config, {f"model.{f}": base.model[f] for f in sizing if differs(run, f)}))
+        out.append(model if own == shapes[widest] else None)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Padding:
+    """How a group's cells of several widths run in their models' widest variants: `sizes`, for
+    each variable leaf (by its path) that some cell has narrower, every cell's own size per
+    axis [cells, ndim]; `widest`, the abstract variables of the widest shapes."""
+
+    sizes: dict[str, np.ndarray]
+    widest: object
+
+    @classmethod
+    def of(cls, abstract: list, widest) -> _Padding:
+        flat = [jax.tree_util.tree_flatten_with_path(a)[0] for a in abstract]
+        sizes = {}
+        for k, (path, wide) in enumerate(jax.tree_util.tree_flatten_with_path(widest)[0]):
+            table = np.array([leaves[k][1].shape for leaves in flat], np.int32).reshape(
+                len(flat), wide.ndim)
+            if (table != np.array(wide.shape)).any():
+                sizes[jax.tree_util.keystr(path)] = table
+        return cls(sizes, widest)
+
+    def mask(self, variables, index):
+        """`variables` with everything outside cell `index`'s own sizes set to zero (where its
+        gradient is zero too)."""
+        def one(path, a):
+            table = self.sizes.get(jax.tree_util.keystr(path))
+            if table is None:
+                return a
+            own = jnp.asarray(table)[index]
+            keep = functools.reduce(jnp.logical_and, [
+                jax.lax.broadcasted_iota(jnp.int32, a.shape, d) < own[d] for d in range(a.ndim)])
+            return jnp.where(keep, a, jnp.zeros((), a.dtype))
+
+        return jax.tree_util.tree_map_with_path(one, variables)
+
+    def pad(self, variables: dict) -> dict:
+        """A cell's own variables zero-padded at the end of each axis to the widest shapes."""
+        pad = lambda a, w: jnp.pad(a, [(0, n - m) for m, n in zip(a.shape, w.shape)])
+        return {col: jax.tree.map(pad, tree, self.widest[col]) if tree else tree
+                for col, tree in variables.items()}
+
+
+def _probe_forward(apply):
+    """`(variables, x) -> (logits in inference, logits in training)`, as the steps call it."""
+    def forward(variables, x):
+        rngs = {"dropout": jax.random.PRNGKey(0)}
+        inference = apply(variables, x, train=False)
+        if "batch_stats" in variables:
+            training, _ = apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+        else:
+            training = apply(variables, x, train=True, rngs=rngs)
+        return inference, training
+
+    return forward
 
 
 @dataclasses.dataclass
@@ -193,13 +329,18 @@ class CellPrograms:
 
 
 class _Group:
-    """The programs of cells that differ only in their models' fields (`SharedPrograms`)."""
+    """The programs of cells that share them (`SharedPrograms`): `models[j]` is what cell j
+    applies (its own model, or its widest variant with `padding`)."""
 
-    def __init__(self, runs: list[Run], sequential: bool, compiled_inits: dict):
+    def __init__(self, runs: list[Run], sequential: bool, compiled_inits: dict,
+                 models: list | None = None, padding: _Padding | None = None):
         run = runs[0]
-        self.runs, self.models, self.sequential = runs, tuple(r.model for r in runs), sequential
+        self.runs, self.sequential, self.padding = runs, sequential, padding
+        self.models = tuple(models or [r.model for r in runs])
+        self._distinct = list(dict.fromkeys(self.models))  # a switch branch each
+        self._branch = np.array([self._distinct.index(m) for m in self.models], np.int32)
         self.tx = make_tx(run)  # one object: the state's optimizer is part of a program's key
-        self._compiled_inits = compiled_inits
+        self._compiled_inits, self._probe = compiled_inits, None
         train_step, eval_step = make_train_step(run.step_config), make_eval_step(run.step_config)
         if sequential:
             train, evaluate = stacked_or_single(train_step), eval_step
@@ -210,11 +351,15 @@ class _Group:
         self._evaluate = jax.jit(self._choosing(evaluate, "grid_eval_step"))
 
     def apply(self, variables, *args, index, **kwargs):
-        """`models[index].apply`; an index traced as a program's argument makes the group's
-        models one program, which runs the chosen one's operations alone."""
-        if len(self.models) == 1:
-            return self.models[0].apply(variables, *args, **kwargs)
-        return jax.lax.switch(index, [functools.partial(m.apply, **kwargs) for m in self.models],
+        """`models[index].apply` (on variables masked to cell `index`'s sizes); an index traced
+        as a program's argument makes the group's models one program, which runs the chosen
+        one's operations alone."""
+        if self.padding is not None:
+            variables = self.padding.mask(variables, index)
+        if len(self._distinct) == 1:
+            return self._distinct[0].apply(variables, *args, **kwargs)
+        return jax.lax.switch(jnp.asarray(self._branch)[index],
+                              [functools.partial(m.apply, **kwargs) for m in self._distinct],
                               variables, *args)
 
     def _choosing(self, fn, name: str):
@@ -228,29 +373,66 @@ class _Group:
         call.__name__ = call.__qualname__ = name  # the program's name in logs and profiles
         return call
 
+    def agrees(self, j: int) -> bool:
+        """Whether cell j's padded run computes what its own model does: both forward passes on
+        one random probe batch, from random variables (the padding random too, which the mask
+        must hide). Normal weights scaled by their fan-in, other collections in [0.5, 1.5]."""
+        rng = np.random.default_rng(0)
+        run, sizes = self.runs[j], self.padding.sizes
+
+        def random(path, a):
+            if jax.tree_util.keystr(path).startswith("['params']"):
+                scale = 1 / np.sqrt(max(1, int(np.prod(a.shape[:-1]))))
+                return (scale * rng.standard_normal(a.shape)).astype(a.dtype)
+            return rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
+
+        def own_part(path, a):
+            table = sizes.get(jax.tree_util.keystr(path))
+            return a if table is None else a[tuple(slice(0, n) for n in table[j])]
+
+        wide = jax.tree_util.tree_map_with_path(random, self.padding.widest)
+        own = jax.tree_util.tree_map_with_path(own_part, wide)
+        x = rng.standard_normal((4, *run.input_shape[1:])).astype(np.float32)
+        expected = jax.jit(_probe_forward(run.model.apply))(own, x)
+        if self._probe is None:  # one program for the group's cells, the cell an argument
+            self._probe = jax.jit(lambda i, v, x: _probe_forward(
+                functools.partial(self.apply, index=i))(v, x))
+        got = self._probe(np.int32(j), wide, x)
+        tolerance = 1e-4 if run.config.get("dtype", "float32") == "float32" else 3e-2
+        return all(np.max(np.abs(np.float32(a) - np.float32(b)))
+                   <= tolerance * (np.max(np.abs(np.float32(a))) + 1e-6)
+                   for a, b in zip(expected, got))
+
     def cell(self, j: int) -> CellPrograms:
-        run, model, index = self.runs[j], self.models[j], np.int32(j)
+        run, index = self.runs[j], np.int32(j)
         # The programs see the group's apply_fn, the same for every cell (a static field of the
-        # state, hence part of the programs' trace key); the states outside keep the cell's own.
+        # state, hence part of the programs' trace key); the states outside apply the cell's.
+        own = (run.model.apply if self.padding is None
+               else functools.partial(self.apply, index=index))
+
         def train(state, batch, steps=None):
             new, metrics = self._train(index, state.replace(apply_fn=self.apply), batch, steps)
-            return new.replace(apply_fn=model.apply), metrics
+            return new.replace(apply_fn=own), metrics
 
         def evaluate(state, batch):
             return self._evaluate(index, state.replace(apply_fn=self.apply), batch)
 
         return CellPrograms(run, self.sequential, self.tx, train, evaluate,
-                            self._initializer(run, model))
+                            self._initializer(run, own))
 
-    def _initializer(self, run: Run, model):
-        """`rng -> TrainState`, the cell's own initial state replicated over its mesh, compiled
+    def _initializer(self, run: Run, apply_fn):
+        """`rng -> TrainState`, the cell's own initial state (padded to the group's widest
+        shapes, the optimizer state of the padded parameters) replicated over its mesh, compiled
         once per distinct program: cells whose models differ only in a parameter-free function
         (an activation) lower to the same program, the unused forward pass dropped."""
-        tx, compiled = self.tx, None
+        tx, compiled, padding = self.tx, None, self.padding
 
         def grid_initial_state(rng):
-            s = create_train_state(model, tx, rng, run.input_shape)
-            return s.step, s.params, s.batch_stats, s.opt_state, s.rng
+            s = create_train_state(run.model, tx, rng, run.input_shape)
+            if padding is None:
+                return s.step, s.params, s.batch_stats, s.opt_state, s.rng
+            padded = padding.pad({"params": s.params, "batch_stats": s.batch_stats})
+            return s.step, padded["params"], padded["batch_stats"], tx.init(padded["params"]), s.rng
 
         def state(rng) -> TrainState:
             nonlocal compiled
@@ -265,7 +447,7 @@ class _Group:
                 compiled = self._compiled_inits[key]
             step, params, batch_stats, opt_state, state_rng = compiled(rng)
             return TrainState(step=step, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, rng=state_rng, apply_fn=model.apply, tx=tx)
+                              opt_state=opt_state, rng=state_rng, apply_fn=apply_fn, tx=tx)
 
         return state
 
@@ -441,6 +623,7 @@ def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("grid of %d cells, %d to train", len(grid), len(todo))
     shared = SharedPrograms([setup(apply_overrides(config, grid[i]), dataset) for i in todo],
                             sequential, config.tune.get("share_programs", True))
+    logging.info("%d cells to train share %d sets of programs", len(todo), len(shared.groups))
     for i, overrides in enumerate(grid):
         key = json.dumps(overrides, sort_keys=True)
         if key in done:
