@@ -87,7 +87,7 @@ def writeup_tune(width_field: str, share_programs: bool = True) -> dict:
     """The write-up's grid (question 3) for `c.tune`: width {32, 64, 128} x activation {relu,
     tanh, sigmoid}, 3-fold stratified CV. `width_field` is 'hidden_sizes' (an MLP with one
     hidden layer of that width) or 'dense_width' (the CNN's dense layer). `share_programs`:
-    cells differing only in the activation share compiled programs (`tune.SharedPrograms`),
+    the cells share compiled programs, narrower widths padded (`tune.SharedPrograms`),
     which saves compiling for cells of seconds and costs step time in cells of minutes."""
     widths = [32, 64, 128]
     if width_field == "hidden_sizes":

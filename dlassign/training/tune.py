@@ -162,11 +162,9 @@ class SharedPrograms:
         self._compiled_inits: dict[tuple, object] = {}
         self.groups: list[list[int]] = []  # the runs that share programs, by index
         for family in families.values():
-            for members, models, padding in _by_width([runs[i] for i in family],
-                                                      [abstract[i] for i in family],
-                                                      sequential, self._compiled_inits):
-                group = _Group([runs[family[j]] for j in members], sequential,
-                               self._compiled_inits, models, padding)
+            for members, group in _by_width([runs[i] for i in family],
+                                            [abstract[i] for i in family],
+                                            sequential, self._compiled_inits):
                 self._cells.update({family[j]: (group, k) for k, j in enumerate(members)})
                 self.groups.append([family[j] for j in members])
 
@@ -199,30 +197,27 @@ def _family_key(run: Run, abstract) -> tuple:
 
 
 def _by_width(runs: list[Run], abstract: list, sequential: bool, compiled_inits: dict):
-    """A family's groups, each (member indices, the model each member applies, `_Padding` or
-    None): one group over every width where padding to the widest is exact, a group per set of
-    equal shapes for the rest."""
+    """A family's groups as (member indices, `_Group`): one over every width where padding to
+    the widest is exact, one per set of equal shapes for the rest."""
     shapes = [_shapes(a) for a in abstract]
-    apart = lambda ix: [([i for i in ix if shapes[i] == s], None, None)
+    group = lambda ix, *wide: (ix, _Group([runs[i] for i in ix], sequential, compiled_inits,
+                                          *wide))
+    apart = lambda ix: [group([i for i in ix if shapes[i] == s])
                         for s in dict.fromkeys(shapes[i] for i in ix)]
     everyone = list(range(len(runs)))
-    if len(set(shapes)) == 1:
-        return [(everyone, None, None)]
     covers = lambda s, t: all(m >= n for a, b in zip(s, t) for m, n in zip(a, b))
     widest = next((i for i in everyone if all(covers(shapes[i], t) for t in shapes)), None)
-    if widest is None:
+    if len(set(shapes)) == 1 or widest is None:
         return apart(everyone)
     wide = _widened(runs, shapes, widest)
     fits = [i for i in everyone if wide[i] is not None]
-    while len(fits) > 1:
-        padding = _Padding.of([abstract[i] for i in fits], abstract[widest])
-        group = _Group([runs[i] for i in fits], sequential, compiled_inits,
-                       [wide[i] for i in fits], padding)
+    while len({shapes[i] for i in fits}) > 1:  # some to pad
+        padded = group(fits, [wide[i] for i in fits],
+                       _Padding.of([abstract[i] for i in fits], abstract[widest]))
         wrong = [i for k, i in enumerate(fits) if shapes[i] != shapes[widest]
-                 and not group.agrees(k)]
+                 and not padded[1].agrees(k)]
         if not wrong:
-            rest = [i for i in everyone if i not in fits]
-            return [(fits, [wide[i] for i in fits], padding), *apart(rest)]
+            return [padded, *apart([i for i in everyone if i not in fits])]
         logging.info("grid cells %s keep programs of their own widths: padded to the widest, "
                      "their models compute otherwise", [runs[i].config.model.to_dict()
                                                         for i in wrong])
