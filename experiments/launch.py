@@ -127,9 +127,10 @@ def supervise(procs: list[subprocess.Popen], grace: float) -> int:
         elif failed and stop["since"] is None:
             i = failed[0]
             alive = [p for p in procs if p.poll() is None]
-            if alive:
-                print(f"launch: process {i} {_describe(statuses[i])}; stopping the other "
-                      f"{len(alive)}", file=sys.stderr, flush=True)
+            # named even when the others ended in the same poll (a peer's collective failed)
+            print(f"launch: process {i} {_describe(statuses[i])}"
+                  + (f"; stopping the other {len(alive)}" if alive else ""),
+                  file=sys.stderr, flush=True)
             for p in alive:
                 p.kill()
             for p in procs:
