@@ -618,7 +618,8 @@ def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("grid of %d cells, %d to train", len(grid), len(todo))
     shared = SharedPrograms([setup(apply_overrides(config, grid[i]), dataset) for i in todo],
                             sequential, config.tune.get("share_programs", True))
-    logging.info("%d cells to train share %d sets of programs", len(todo), len(shared.groups))
+    logging.info("%d cells to train, in %d group(s) of shared programs", len(todo),
+                 len(shared.groups))
     for i, overrides in enumerate(grid):
         key = json.dumps(overrides, sort_keys=True)
         if key in done:
