@@ -143,14 +143,16 @@ class SharedPrograms:
     group's distinct models): cells that differ in an activation, and in a width where padding
     is exact (`_Padding`): a narrower cell runs in its model's widest variant, its variables
     zero-padded to the widest shapes and the padding masked to zero in every forward pass, so
-    padded units add nothing and get no gradient. Before a narrower cell joins, its own model
-    and the padded one are compared on a random probe batch in inference and training mode; a
-    cell they disagree on (a width that moves a flattened layout or a normalisation's groups, a
-    dropout mask drawn over the padded shape) keeps programs of its own shapes. Compiling once
-    per group instead of once per cell is most of a short cell's cold time; the shared steps
-    run somewhat slower than a cell's own (docs/performance.md), which pays for cells of
-    seconds, as in the main job's grids, not for cells that train for minutes. A cell's initial
-    state is its own model's (padded), compiled once per distinct program.
+    padded units add nothing and get no gradient (and stay zero: the optimizers are
+    elementwise, clipped by a global norm, which zeros leave alone). Before a narrower cell
+    joins, its own model and the padded one are compared on a random probe batch in inference
+    and training mode; a cell they disagree on (a width that moves a flattened layout or a
+    normalisation's groups, a dropout mask drawn over the padded shape) keeps programs of its
+    own shapes. Compiling once per group instead of once per cell is most of a short cell's
+    cold time; the shared steps run somewhat slower than a cell's own (docs/performance.md),
+    which pays for cells of seconds, as in the main job's grids, not for cells that train for
+    minutes. A cell's initial state is its own model's (padded), compiled once per distinct
+    program.
     """
 
     def __init__(self, runs: Sequence[Run], sequential: bool, share: bool = True):
