@@ -374,27 +374,30 @@ class _Group:
         """Whether cell j's padded run computes what its own model does: both forward passes on
         one random probe batch, from random variables (the padding random too, which the mask
         must hide). Normal weights scaled by their fan-in, other collections in [0.5, 1.5]."""
-        rng = np.random.default_rng(0)
         run, sizes = self.runs[j], self.padding.sizes
+        if self._probe is None:  # one program and one probe for the group's cells
+            rng = np.random.default_rng(0)
 
-        def random(path, a):
-            if jax.tree_util.keystr(path).startswith("['params']"):
-                scale = 1 / np.sqrt(max(1, int(np.prod(a.shape[:-1]))))
-                return (scale * rng.standard_normal(a.shape)).astype(a.dtype)
-            return rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
+            def random(path, a):
+                if jax.tree_util.keystr(path).startswith("['params']"):
+                    scale = 1 / np.sqrt(max(1, int(np.prod(a.shape[:-1]))))
+                    return (scale * rng.standard_normal(a.shape)).astype(a.dtype)
+                return rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
+
+            program = jax.jit(lambda i, v, x: _probe_forward(
+                functools.partial(self.apply, index=i))(v, x))
+            wide = jax.tree_util.tree_map_with_path(random, self.padding.widest)
+            x = rng.standard_normal((4, *run.input_shape[1:])).astype(np.float32)
+            self._probe = program, wide, x
+        program, wide, x = self._probe
 
         def own_part(path, a):
             table = sizes.get(jax.tree_util.keystr(path))
             return a if table is None else a[tuple(slice(0, n) for n in table[j])]
 
-        wide = jax.tree_util.tree_map_with_path(random, self.padding.widest)
         own = jax.tree_util.tree_map_with_path(own_part, wide)
-        x = rng.standard_normal((4, *run.input_shape[1:])).astype(np.float32)
         expected = jax.jit(_probe_forward(run.model.apply))(own, x)
-        if self._probe is None:  # one program for the group's cells, the cell an argument
-            self._probe = jax.jit(lambda i, v, x: _probe_forward(
-                functools.partial(self.apply, index=i))(v, x))
-        got = self._probe(np.int32(j), wide, x)
+        got = program(np.int32(j), wide, x)
         tolerance = 1e-4 if run.config.get("dtype", "float32") == "float32" else 3e-2
         return all(np.max(np.abs(np.float32(a) - np.float32(b)))
                    <= tolerance * (np.max(np.abs(np.float32(a))) + 1e-6)
