@@ -237,39 +237,3 @@ def test_a_cache_hit_counts_the_compile_time_the_cache_recorded(monkeypatch):
     make_state(run, before_init=lambda a: ahead.append(compile_ahead.CompileAhead(run, a)))
     ahead[-1].join()
     assert 7.0 <= ahead[-1].train_seconds < 20
-
-
-def test_the_several_step_call_is_compiled_ahead_only_where_the_pacer_may_try_it():
-    assert loop.several_may_pay(936, 4.0, 5.0)  # the MNIST CNN's two epochs
-    assert not loop.several_may_pay(32, 10.0, 5.0)  # VGG-16 on 2,000 images
-    assert not loop.several_may_pay(10**6, 1.0, 0.1)  # 8 short steps would not fit a call
-    assert loop.several_may_pay(10**6, 1.0)
-
-
-@pytest.mark.parametrize("case", ["long", "short", "fixed"])
-def test_compile_ahead_compiles_the_several_step_call_before_a_long_run_starts(
-        monkeypatch, case):
-    from dlassign.training import compile_ahead
-    from dlassign.training.setup import make_state, setup
-
-    compiled = []
-    real = compile_ahead.CompileAhead._compile_train
-
-    def counted(self, slots):
-        seconds = real(self, slots)
-        compiled.append(slots)
-        return 100.0 if case == "short" else seconds  # a compile no short run repays
-
-    monkeypatch.setattr(compile_ahead.CompileAhead, "_compile_train", counted)
-    if case != "short":
-        monkeypatch.setattr(loop, "PAYBACK", 0.0)  # any run repays any compile
-    run = setup(tiny_config({"steps_per_call": 4 if case == "fixed" else 0}),
-                synthetic_dataset())
-    ahead = []
-    make_state(run, before_init=lambda a: ahead.append(compile_ahead.CompileAhead(run, a)))
-    ahead[0].join()
-    first = 4 if case == "fixed" else 1
-    # on the CPU the first steps wait for it: it is compiled when join returns
-    assert compiled == ([first, AUTO_MOST_STEPS] if case == "long" else [first])
-    ahead[0].several(AUTO_MOST_STEPS).join()  # the Pacer's ask: compiled once, not again
-    assert compiled == [first, AUTO_MOST_STEPS]

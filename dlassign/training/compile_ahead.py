@@ -11,7 +11,6 @@ import numpy as np
 from absl import logging
 
 from dlassign.runtime import parallel
-from dlassign.training import loop
 from dlassign.training.setup import Run, compile_steps
 
 
@@ -37,13 +36,7 @@ class CompileAhead:
     programs compiled: the train step for the first calls' slots (one step each, or the
     config's fixed `steps_per_call`). `several(k)` compiles the train step for k steps per
     call when the run's `loop.Pacer` asks. The eval program's memory estimate is kept for
-    `check_memory`.
-
-    Where the steps per call are chosen and the run is long enough for the Pacer to try
-    several (`loop.several_may_pay`), the train thread goes on to compile that call. On a CPU
-    the run's first steps wait for it: compiled beside them, it shares their cores and both
-    ran about twice as slow (docs/performance.md); elsewhere it compiles beside them.
-    """
+    `check_memory`."""
 
     def __init__(self, run: Run, abstract_state):
         self.train_step, self.eval_step = compile_steps(run, abstract_state)
@@ -54,24 +47,13 @@ class CompileAhead:
         # JAX records whole seconds, so a call that compiles in under one counts as free.
         self.train_seconds = 0.0
         self._run, self._abstract_state = run, abstract_state
-        self._several = {}  # slots -> the thread compiling the train step for them
         eval_batch = _abstract_batch(run, run.config.eval_batch_size, mask=True)
-        chosen = not run.config.get("steps_per_call", 0)
         first_slots = run.config.get("steps_per_call", 0) or 1
-        shares_cores = run.mesh.devices.flat[0].platform == "cpu"
         logging.info("compiling the train step (%d per call) and the eval step", first_slots)
         self.started = time.perf_counter()  # when the compiling began
 
         def train():
-            self.train_seconds = self._compile_train(first_slots)
-            if chosen and loop.several_may_pay(run.total_steps, self.train_seconds,
-                                               run.config.get("max_call_seconds",
-                                                              float("inf"))):
-                logging.info("compiling the train step (%d per call) to try",
-                             loop.AUTO_MOST_STEPS)
-                thread = self._start(loop.AUTO_MOST_STEPS)
-                if shares_cores:
-                    thread.join()
+            self._compile_train(first_slots)
 
         def evaluate():
             self.memory = self.eval_step.lower(abstract_state, eval_batch).compile(
@@ -84,9 +66,7 @@ class CompileAhead:
         for t in self._threads:
             t.start()
 
-    def _compile_train(self, slots: int) -> float:
-        """Compiles the train step for `slots` per call; returns what that took, or took when
-        the compilation cache was filled."""
+    def _compile_train(self, slots: int) -> None:
         started, saved, here = time.perf_counter(), [], threading.get_ident()
 
         def on_hit(event: str, seconds: float, **_) -> None:  # this thread's cache hits
@@ -101,23 +81,15 @@ class CompileAhead:
                                   jax.ShapeDtypeStruct((), np.int32)).compile()
         finally:
             jax.monitoring.unregister_event_duration_listener(on_hit)
-        return time.perf_counter() - started + sum(saved)
+        self.train_seconds = time.perf_counter() - started + sum(saved)
 
-    def _start(self, slots: int) -> threading.Thread:
-        """The thread compiling the train step for `slots` per call, started once."""
-        if slots not in self._several:
-            self._several[slots] = threading.Thread(
-                target=_quietly(lambda: self._compile_train(slots)),
-                name=f"compile-train-{slots}")
-            self._several[slots].start()
-        return self._several[slots]
-
-    def several(self, slots: int) -> threading.Thread:
-        """Compiles the train step for `slots` steps per call: on a background thread
-        (returned; the one already started for `slots`, if any), or, in a run of several
-        processes, before returning (so that every process plans the same calls; the
-        returned thread has finished)."""
-        thread = self._start(slots)
+    def several(self, slots: int):
+        """Compiles the train step for `slots` steps per call: on a started background thread
+        (returned), or, in a run of several processes, before returning (so that every process
+        plans the same calls; the returned thread has finished)."""
+        thread = threading.Thread(target=_quietly(lambda: self._compile_train(slots)),
+                                  name=f"compile-train-{slots}")
+        thread.start()
         if jax.process_count() > 1:
             thread.join()
         return thread

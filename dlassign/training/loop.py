@@ -87,15 +87,6 @@ SEVERAL_BELOW_S = 0.05
 PAYBACK = 2.5
 
 
-def several_may_pay(steps: int, compile_seconds: float,
-                    max_call_seconds: float = float("inf")) -> bool:
-    """Whether `Pacer` may try `AUTO_MOST_STEPS` per call in a run of `steps` steps, before any
-    step is timed: steps just under `SEVERAL_BELOW_S`, the longest it tries several for, would
-    repay `PAYBACK` times `compile_seconds`, and that many of them fit in `max_call_seconds`."""
-    return (steps * SEVERAL_BELOW_S >= PAYBACK * compile_seconds
-            and AUTO_MOST_STEPS * SEVERAL_BELOW_S <= max_call_seconds)
-
-
 class Pacer:
     """How many steps each call runs, decided as the run goes, and the record that replays it.
 
